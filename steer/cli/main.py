@@ -1,0 +1,50 @@
+"""The `steer` command line: one subcommand per job, each a thin layer over the Python API.
+
+A user mistake (`SteerError`) prints one line ``steer: error: WHERE: WHAT`` and
+exits 2 with no traceback; argparse's own usage errors also exit 2. A bug in
+steer still shows its traceback: hiding it would help no one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from steer.errors import SteerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from steer.cli import generate, sae
+
+    parser = argparse.ArgumentParser(
+        prog="steer",
+        description="Compile SAE feature edits into exact hooks and deployable artifacts.",
+    )
+    parser.add_argument("--version", action="version", version=f"steer {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    generate.register(commands)
+    sae.register(commands)
+    return parser
+
+
+def _version() -> str:
+    from steer import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except SteerError as exc:
+        print(f"steer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("steer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Generate text with and without a Plan: chat templates, left-padded batches, seeds.
+
+`generate` opens one `steer.applied` context per call, so ``scope`` sees the
+batch's (padded) prompt as the prompt. Sampling uses the same seed for every
+call, so steered and unsteered runs differ only by the edit: an identity edit
+gives identical text. Never keeps hooks installed after it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steer.errors import SteerError
+from steer.lower.hooks import applied
+from steer.plan.ir import Plan
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    """How many tokens to generate (1..4096)."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples with this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (0, 1]."""
+    seed: int = 0
+    """Seed for sampling; the same for steered and unsteered runs."""
+
+    def __post_init__(self):
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise SteerError(f"max-new-tokens must be in 1..4096, got {self.max_new_tokens}", where="--max-new-tokens")
+        if self.temperature < 0:
+            raise SteerError(f"temperature must be ≥ 0, got {self.temperature}", where="--temperature")
+        if not 0 < self.top_p <= 1:
+            raise SteerError(f"top-p must be in (0, 1], got {self.top_p}", where="--top-p")
+
+
+def prompt_ids(tokenizer, prompts: list[str], *, chat: bool = True) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask``; the chat template when the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        add_special = False  # the template already holds them
+    else:
+        texts, add_special = list(prompts), True
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special))
+    finally:
+        tokenizer.padding_side = side
+
+
+def generate(model, tokenizer, prompts: list[str], plan: Plan | None = None, sampling: Sampling = Sampling(),
+             *, chat: bool = True) -> list[str]:
+    """The continuation of each prompt (new tokens only, special tokens dropped)."""
+    inputs = {k: v.to(model.device) for k, v in prompt_ids(tokenizer, prompts, chat=chat).items()}
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(sampling.seed)
+    with torch.no_grad():
+        if plan is None:
+            out = model.generate(**inputs, **kwargs)
+        else:
+            with applied(model, plan):
+                out = model.generate(**inputs, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)

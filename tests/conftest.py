@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-initialised models of each supported architecture,
+random SAEs built directly from tensors, and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TINY_ARCHS = ("llama", "gpt2", "gpt_neox", "gemma2")
+VOCAB = 96
+D = 32
+
+
+def tiny_model(arch: str, n_layers: int = 3, seed: int = 0):
+    from transformers import (
+        Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+        LlamaConfig, LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    # initializer_range 0.5: O(1) activations, so random SAE features fire on about half the tokens
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.5)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
+                                             num_attention_heads=4, num_key_value_heads=2, **common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=D, n_layer=n_layers, n_head=4, n_positions=128, **common))
+    elif arch == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
+                                                 num_attention_heads=4, max_position_embeddings=128, **common))
+    elif arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common))
+    else:
+        raise ValueError(arch)
+    model.generation_config.pad_token_id = 0
+    return model.eval().requires_grad_(False)
+
+
+def random_sae(d_in: int = D, d_sae: int = 24, architecture: str = "relu", seed: int = 1, **kwargs):
+    """An SAE whose features fire on roughly half the tokens of a tiny model's stream."""
+    from steer.sae import SAE
+
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+    W_dec = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
+    b_enc = 0.05 * torch.randn(d_sae, generator=g)
+    b_dec = 0.05 * torch.randn(d_in, generator=g)
+    extra = {}
+    if architecture == "jumprelu":
+        extra["threshold"] = 0.05 * torch.rand(d_sae, generator=g)
+    if architecture == "topk":
+        extra["k"] = kwargs.pop("k", 6)
+    return SAE(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec, architecture=architecture, **extra, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (converted once into ~/.cache/steer)."""
+    import steer
+
+    return steer.load_model("smollm2-135m-instruct")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
