@@ -12,10 +12,11 @@ One edit per line or per ``;``; blank lines and ``# comments`` are ignored::
              | scope all|prompt|generation
              | site SITE
 
-The clauses come in any order, each at most once. The amount clause of each
+Keywords are lower case. N and J are integers ≥ 0; the other numbers are decimals
+(``-2``, ``+4``, ``0.5``, ``1e-3``). The clauses come in any order, each at most once. The amount clause of each
 verb, and what it means (``Verb.amount_key`` / ``Verb.amount``):
 
-    scale F        by F       factor F ≥ 0
+    scale          by F       multiply the feature by F ≥ 0
     suppress       by P%      scale by 1 − P/100 (or by a fraction: by 0.8 = by 80%)
     ablate         —          scale by 0
     amplify        by Kx      scale by K (or by K)
@@ -39,8 +40,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from steer.errors import SpecError
 from steer.spec.edit import OPS, Condition, Edit

@@ -37,10 +37,11 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, DecimalException
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any
 
 import yaml
 
@@ -298,7 +299,8 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise SpecError(f"malformed YAML: {problem}", where=where) from None
     except yaml.reader.ReaderError as error:
         line = text.count("\n", 0, error.position) + 1
-        raise SpecError(f"malformed YAML: {error.reason} character {error.character!r}", where=f"{source}:{line}") from None
+        message = f"malformed YAML: {error.reason} character {error.character!r}"
+        raise SpecError(message, where=f"{source}:{line}") from None
     except yaml.YAMLError as error:
         raise SpecError(f"malformed YAML: {error}", where=source) from None
     except RecursionError:
@@ -348,7 +350,7 @@ def load_spec_text(text: str, source: str = "<text>", *, base_dir: str | None = 
 
     _check_keys(data, TOP_KEYS, where, "the spec")
     if "edits" not in data:
-        raise SpecError("a spec needs `edits`: a list of edits", where=f"{source}:{_line_of(data, None)}")
+        raise SpecError("a spec needs `edits`: a list of edits", where=f"{source}:{getattr(data, 'line', 1)}")
     fields = {key: _optional_str(data.get(key), key, where(key)) for key in ("name", "description", "model", "site")}
     sae = _read_sae(data.get("sae"), where("sae"), source)
     scope = data.get("scope", "all")
@@ -366,7 +368,8 @@ def _read_sae(value: object, where: str, source: str) -> tuple[str, ...]:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 line = value.item_lines[i] if isinstance(value, _Sequence) else 1
-                raise SpecError(f"each SAE must be a path or name (a string), got {show(item)}", where=f"{source}:{line}: sae[{i}]")
+                message = f"each SAE must be a path or name (a string), got {show(item)}"
+                raise SpecError(message, where=f"{source}:{line}: sae[{i}]")
         return tuple(value)
     raise SpecError(f"`sae` must be a path or name, or a list of them, got {_kind(value)}", where=where)
 
@@ -389,9 +392,8 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
 
     verbs_allowed = f"{', '.join(OPS)} (or {', '.join(SUGAR)})"
     if not isinstance(item, dict):
-        raise SpecError(
-            f"an edit is a mapping like `scale: 12` with `factor: 0.5`, got {_kind(item)}", where=f"{source}:{line}: {path}"
-        )
+        message = f"an edit is a mapping like `scale: 12` with `factor: 0.5`, got {_kind(item)}"
+        raise SpecError(message, where=f"{source}:{line}: {path}")
     verbs = [key for key in item if key in YAML_VERBS]
     if not verbs:
         unknown = [key for key in item if key not in MODIFIERS]
@@ -402,7 +404,7 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
         raise SpecError(f"one operation per edit, got `{verbs[0]}` and `{verbs[1]}`", where=where(verbs[1]))
     name = verbs[0]
     verb = YAML_VERBS[name]
-    _check_keys(item, allowed_keys(name), where, f"a {name} edit")
+    _check_keys(item, allowed_keys(name), where, f"this {name} edit")
 
     target = target_fields(item[name])
     if target is None or (verb.op in FEATURE_ONLY_OPS and "feature" not in target):
@@ -430,15 +432,19 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
             continue
         value = item[key]
         if key == "when" and isinstance(value, dict):
-            value = _read_condition(value, where("when"), lambda k: f"{source}:{_line_of(value, k)}: {path}.when.{k}")
+            value = _read_condition(value, source, f"{path}.when", where("when"))
         elif key == "site":
             value = _optional_str(value, "site", where("site"))
         stages.append(({key: value}, where(key)))
     return build_edit(name, stages)
 
 
-def _read_condition(value: dict, where: str, where_key: Callable[[object], str]) -> Condition:
-    """``{feature: J, above: T}``; whether J is a valid feature id is `Edit`'s to check."""
+def _read_condition(value: dict, source: str, path: str, where: str) -> Condition:
+    """``{feature: J, above: T}`` at ``path`` (``edits[I].when``); whether J is a valid feature id is `Edit`'s to check."""
+
+    def where_key(key: object) -> str:
+        return f"{source}:{_line_of(value, key)}: {path}.{key}"
+
     _check_keys(value, CONDITION_KEYS, where_key, "`when`")
     for key in CONDITION_KEYS:
         if key not in value:
