@@ -36,6 +36,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.run(args) or 0
     except SteerError as exc:
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steer: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and advisories drown the one answer a command prints."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":
