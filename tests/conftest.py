@@ -26,10 +26,10 @@ def tiny_model(arch: str, n_layers: int = 3, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
                                              num_attention_heads=4, num_key_value_heads=2, **common))
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=D, n_layer=n_layers, n_head=4, n_positions=128, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=D, n_layer=n_layers, n_head=4, n_positions=512, **common))
     elif arch == "gpt_neox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
-                                                 num_attention_heads=4, max_position_embeddings=128, **common))
+                                                 num_attention_heads=4, max_position_embeddings=512, **common))
     elif arch == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(hidden_size=D, intermediate_size=64, num_hidden_layers=n_layers,
                                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common))
@@ -74,3 +74,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer over VOCAB ids (0 pad, 1 bos, 2 eos, 3 unk, then characters)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,!?'-:"
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(chars[: VOCAB - 4])})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def save_tiny(arch: str, directory, n_layers: int = 3):
+    """A tiny model + tokenizer saved as a standard HF checkpoint; returns (model, tokenizer, directory)."""
+    model, tokenizer = tiny_model(arch, n_layers=n_layers), tiny_tokenizer()
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return model, tokenizer, str(directory)

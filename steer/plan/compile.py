@@ -49,7 +49,8 @@ def compile(spec, model: nn.Module, sae=None, *, tokenizer=None) -> Plan:  # noq
 
     by_site: dict[Site, list[tuple[int, Edit]]] = {}
     for index, edit in enumerate(spec.edits):
-        by_site.setdefault(_edit_site(index, edit, spec, saes, adapter, model), []).append((index, edit))
+        for site in _edit_sites(index, edit, spec, saes, adapter, model):
+            by_site.setdefault(site, []).append((index, edit))
 
     site_plans = tuple(
         _plan_site(site, by_site[site], saes.get(site), spec, d_model, calibration) for site in sorted(by_site)
@@ -86,6 +87,23 @@ def _saes_by_site(spec: Spec, sae, adapter: ArchitectureAdapter, model, d_model:
             raise SAEError(f"two SAEs read at site {site}; give one per site", where=where)
         saes[site] = s
     return saes
+
+
+WRITERS = "writers"
+"""Site set: every write to the residual stream — the embedding output (resid_pre.0) and
+attn_out.L, mlp_out.L of every layer. project_out there is what orthogonalising all
+writers does (Arditi et al.), so it lowers exactly into weights."""
+
+
+def _edit_sites(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapter, model) -> list[Site]:
+    name = edit.site or spec.site
+    if name != WRITERS:
+        return [_edit_site(index, edit, spec, saes, adapter, model)]
+    where = f"edits[{index}] ({edit.describe_target()})"
+    if _needs_sae(edit):
+        raise SpecError(f"site `{WRITERS}` takes a direction target, not an SAE feature (an SAE reads at one site)", where=where)
+    n = adapter.n_layers(model)
+    return [Site(0, "resid_pre")] + [Site(layer, kind) for layer in range(n) for kind in ("attn_out", "mlp_out")]
 
 
 def _edit_site(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapter, model) -> Site:

@@ -1,0 +1,142 @@
+"""Lower linear edits into a PEFT LoRA adapter (DESIGN §6, "adapter").
+
+``project_out`` (p, û) on a writer W is exactly rank 1: ``W − p·û ûᵀW = W + B A``
+with ``B = −p·û``, ``A = ûᵀW``, ``r = 1``, ``lora_alpha = 1`` (scaling 1); k edits
+on one module stack into rank k (``rank_pattern``/``alpha_pattern`` keep the
+scaling 1). Sites: ``attn_out.L``/``mlp_out.L`` → the writer; ``resid_pre.0`` →
+the token embedding (``lora_embedding_A/B``; and GPT-2's wpe). A writer with a
+bias that has a component along û is only approximated (LoRA carries no bias);
+``add`` has no adapter lowering for the same reason (vLLM serves no LoRA bias).
+
+The files follow PEFT's checkpoint layout — ``adapter_config.json`` (written by
+peft's own LoraConfig) and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` ``[r, in]``, ``….lora_B.weight``
+``[out, r]``, and for embeddings ``….lora_embedding_A`` ``[r, vocab]``,
+``….lora_embedding_B`` ``[d, r]`` — so ``PeftModel.from_pretrained`` and vLLM
+load it. Reads the writers' weights from the model; never changes the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from steer.lower.weights import EditLowering, LoweringError, Unlowerable
+from steer.models.adapters import Site, adapter_for
+from steer.plan.ir import Plan, SiteEdit
+
+BIAS_TOLERANCE = 1e-6
+
+
+def check_adapter(se: SiteEdit, site: Site, config: dict) -> str | None:
+    try:
+        _rule(se, site, adapter_for(config.get("model_type", "")))
+    except Unlowerable as exc:
+        return str(exc)
+    return None
+
+
+def _rule(se: SiteEdit, site: Site, arch) -> str | None:
+    """The module kind this edit lowers onto ("writer", "embedding", None for monitor)."""
+    if se.op == "monitor":
+        return None
+    if se.scope != "all" or se.when_slot is not None:
+        raise Unlowerable("it applies only at some tokens (scope/when): no weight delta does that")
+    if se.op == "add":
+        raise Unlowerable("LoRA carries no bias, so a constant `add` has no adapter lowering (use weights or cvec)")
+    if se.op != "project_out":
+        raise Unlowerable(f"{se.op} is nonlinear in x: no LoRA expresses it")
+    if arch.writers_renormalised:
+        raise Unlowerable(f"{arch.name} renormalises writer outputs: a low-rank writer change cannot remove a direction")
+    if site.kind == "resid_pre" and site.layer == 0:
+        return "embedding"
+    if site.kind in ("attn_out", "mlp_out"):
+        return "writer"
+    raise Unlowerable(f"project_out at {site} is not a change of one writer; use site `writers`")
+
+
+@dataclass
+class _Module:
+    kind: str  # "linear" | "conv1d" | "embedding"
+    A: list[torch.Tensor] = field(default_factory=list)  # rows (in,) / (vocab,)
+    B: list[torch.Tensor] = field(default_factory=list)  # columns (out,) / (d,)
+
+
+def lower_to_adapter(plan: Plan, model: nn.Module) -> tuple[dict[str, _Module], list[EditLowering]]:
+    arch = adapter_for(model)
+    config = model.config.to_dict()
+    modules: dict[str, _Module] = {}
+    lowerings: dict[int, EditLowering] = {}
+    failures = {}
+    for sp in plan.sites:
+        for se in sp.edits:
+            low = lowerings.setdefault(se.index, EditLowering(se.index, se.edit))
+            try:
+                kind = _rule(se, sp.site, arch)
+            except Unlowerable as exc:
+                failures.setdefault(se.index, (se.edit, str(exc)))
+                continue
+            if kind is None:
+                low.note = "changes no output; monitoring needs hooks"
+                continue
+            u, p = se.write.double(), se.amount
+            if kind == "embedding":
+                names = [arch.embedding] + ([arch.position_embedding] if arch.position_embedding else [])
+                for name in names:
+                    E = model.get_submodule(name).weight.detach().double()  # (vocab, d)
+                    m = modules.setdefault(name, _Module("embedding"))
+                    m.A.append(E @ u)
+                    m.B.append(-p * u)
+            else:
+                layer = sp.site.layer
+                relative = arch.attn_writer if sp.site.kind == "attn_out" else arch.mlp_writer
+                name = f"{arch.layers}.{layer}.{relative}"
+                writer = model.get_submodule(name)
+                W = writer.weight.detach().double()
+                m = modules.setdefault(name, _Module("conv1d" if arch.conv1d_writers else "linear"))
+                m.A.append(W @ u if arch.conv1d_writers else u @ W)
+                m.B.append(-p * u)
+                bias = getattr(writer, "bias", None)
+                if bias is not None and abs(float(bias.double() @ u)) > BIAS_TOLERANCE * max(1.0, float(bias.norm())):
+                    low.kind = "approximate"
+                    low.note = "LoRA cannot change the writer bias: its component along û remains"
+            low.sites.append(str(sp.site))
+            low.tensors.append(name)
+    if failures:
+        from steer.lower.targets import describe_failures
+
+        raise LoweringError(describe_failures("adapter", failures, plan, config), where="target adapter")
+    return modules, sorted(lowerings.values(), key=lambda l: l.index)
+
+
+def write_adapter(plan: Plan, model: nn.Module, directory: Path, base_model_name: str) -> list[EditLowering]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    modules, lowerings = lower_to_adapter(plan, model)
+    if not modules:
+        raise LoweringError("no edit changes the model's outputs, so there is nothing to put in an adapter", where="target adapter")
+    dtype = next(model.parameters()).dtype
+    tensors = {}
+    for name, m in sorted(modules.items()):
+        A = torch.stack(m.A).to(dtype).contiguous()        # (r, in) / (r, vocab)
+        B = torch.stack(m.B, dim=1).to(dtype).contiguous()  # (out, r) / (d, r)
+        prefix = f"base_model.model.{name}"
+        if m.kind == "embedding":
+            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
+    ranks = {name: len(m.A) for name, m in modules.items()}
+    config = LoraConfig(
+        r=1, lora_alpha=1, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=sorted(modules), rank_pattern={n: r for n, r in ranks.items() if r > 1},
+        alpha_pattern={n: r for n, r in ranks.items() if r > 1},
+        fan_in_fan_out=adapter_for(model).conv1d_writers, base_model_name_or_path=base_model_name,
+    )
+    config.save_pretrained(str(directory))
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return lowerings

@@ -1,0 +1,1 @@
+"""Verification: artifacts against the reference semantics (translation validation)."""

@@ -1,0 +1,97 @@
+"""`steer verify DIR`: re-check an exported artifact against its manifest and the hooked reference.
+
+1. Every file the manifest lists is re-hashed (a missing or tampered file is
+   named); weight files the manifest does not list are refused.
+2. The base model is loaded and its shards re-hashed against the manifest.
+3. The reference plan is the embedded pack (or ``--spec``, compiled afresh);
+   the artifact is loaded as a plain transformers model (weights) or through
+   PEFT (adapter), and `fidelity.measure` compares them.
+4. The verdict fails if a hash differs, or if every edit was lowered exactly
+   and the artifact is not exact (KL ≥ 1e-6 or top-1 < 100%).
+Never writes into the artifact directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steer.errors import SteerError
+from steer.export.checkpoint import MANIFEST, PACK_DIR, _load_adapter, _load_merged, base_directory, base_shards, sha256_file
+from steer.lower.pack import load_pack
+from steer.verify.fidelity import Fidelity, measure
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+@dataclass
+class Verdict:
+    ok: bool = True
+    lines: list[str] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+
+    def fail(self, line: str) -> None:
+        self.ok = False
+        self.lines.append(f"FAIL {line}")
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise SteerError(f"no {MANIFEST}: not a steer artifact directory", where=str(directory))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SteerError(f"{MANIFEST} is not valid JSON: {exc}", where=str(path)) from None
+
+
+def check_hashes(directory: Path, manifest: dict, verdict: Verdict) -> None:
+    listed = manifest.get("files", {})
+    for name, digest in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file():
+            verdict.fail(f"{name}: listed in the manifest but missing")
+        elif sha256_file(path) != digest:
+            verdict.fail(f"{name}: sha256 differs from the manifest (the file was changed after export)")
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES and rel not in listed:
+            verdict.fail(f"{rel}: a weight file the manifest does not list")
+    if verdict.ok:
+        verdict.lines.append(f"ok   {len(listed)} files match their sha256 in the manifest")
+
+
+def verify_artifact(directory, spec=None) -> Verdict:
+    import steer
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verdict = Verdict()
+    check_hashes(directory, manifest, verdict)
+    target = manifest["target"]
+    base_name = manifest["base_model"]["name"]
+    if target in ("weights", "adapter"):
+        base_dir = base_directory(base_name)
+        for shard, digest in manifest["base_model"]["files"].items():
+            if not (base_dir / shard).is_file() or sha256_file(base_dir / shard) != digest:
+                verdict.fail(f"base model {base_name}: {shard} differs from the one the artifact was made from")
+    if not verdict.ok:
+        return verdict
+    model, tokenizer = steer.load_model(base_name)
+    plan = steer.compile(spec, model, tokenizer=tokenizer) if spec is not None else load_pack(directory / PACK_DIR)
+    if target == "weights":
+        artifact = _load_merged(directory)
+    elif target == "adapter":
+        artifact = _load_adapter(base_directory(base_name), directory)
+    else:
+        verdict.lines.append(f"note {target} artifacts are checked by hashes here"
+                             + ("; llama.cpp runs the control vector in the tests" if target == "cvec" else ""))
+        return verdict
+    verdict.fidelity = measure(model, plan, artifact, tokenizer)
+    verdict.lines.append(("ok   " if verdict.fidelity.is_exact() else "note ") + verdict.fidelity.describe())
+    all_exact = all(e["lowering"] == "exact" for e in manifest["edits"])
+    if all_exact and not verdict.fidelity.is_exact():
+        verdict.fail(f"every edit was lowered exactly, but the artifact is not exact (KL max {verdict.fidelity.kl_max:.3g} ≥ 1e-6 "
+                     f"or top-1 {100 * verdict.fidelity.top1:.2f}% < 100%)")
+    return verdict
