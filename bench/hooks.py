@@ -21,11 +21,18 @@ rounds in which every (batch size, configuration) is generated once, the
 configuration order rotating each round so machine noise hits all alike; the
 median tokens/s over rounds is reported (tokens/s = batch · new tokens / wall
 time of ``generate``, prefill included; ``min_new_tokens`` makes every run
-produce exactly ``--new-tokens``). Torch's default thread count is used.
-Afterwards it checks that sparse hooks and the splice produce the same greedy
-tokens, and times the site hooks alone per call.
+produce exactly ``--new-tokens``), with the median decode step (wall and
+process CPU time) beside it. Torch's default thread count is used unless
+``--threads`` says otherwise. Afterwards it checks that sparse hooks and the
+splice produce the same greedy tokens, times single decode steps of the three
+interleaved step by step (the finest interleaving, so the least noisy
+comparison), and times the site hooks alone per call.
 
-Run: ``python bench/hooks.py`` (full, ~10 min on 2 cores) or ``--quick``.
+On a shared machine whose cores are busy with other work, two OpenMP threads
+stall at every barrier and wall times mostly measure the neighbours; compare
+configurations there with ``--threads 1`` and the CPU-time rows.
+
+Run: ``python bench/hooks.py`` (full, ≤ ~10 min on 2 quiet cores) or ``--quick``.
 This script only measures: it never edits the model's weights, never writes
 outside a temp dir, and never changes steer's code paths.
 """
@@ -33,6 +40,7 @@ outside a temp dir, and never changes steer's code paths.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -75,14 +83,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--l0", type=float, default=64.0, help="target mean active features per token for the synthetic SAE (default: %(default)s)")
     p.add_argument("--features", type=int, default=4, help="number of features the edit suppresses (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic SAE (default: %(default)s)")
+    p.add_argument("--paired-steps", type=int, default=32,
+                   help="decode steps per configuration in the step-by-step interleaved comparison (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) first (default: torch's own default); on a shared, busy machine "
+                        "--threads 1 avoids OpenMP stalls and makes the CPU-time rows exact")
+    p.add_argument("--time-limit", type=float, default=540.0,
+                   help="seconds: start no new round that would likely end past this since start; ≥ 1 round always runs (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 round, 4-token warm-up")
     args = p.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.rounds, args.warmup_tokens = 16, 1, 4
+        args.new_tokens, args.rounds, args.warmup_tokens, args.paired_steps = 16, 1, 4, 8
     if not all(1 <= b <= len(PROMPTS) for b in args.batch_sizes):
         p.error(f"--batch-sizes must be in 1..{len(PROMPTS)}")
-    if args.new_tokens < 1 or args.rounds < 1 or args.features < 1:
-        p.error("--new-tokens, --rounds and --features must be ≥ 1")
+    if min(args.new_tokens, args.rounds, args.features, args.paired_steps) < 1:
+        p.error("--new-tokens, --rounds, --features and --paired-steps must be ≥ 1")
     return args
 
 
@@ -186,34 +201,59 @@ def spliced(model, hook: SpliceHook):
 
 # -- measuring -------------------------------------------------------------------
 
-def generate(model, tokenizer, inputs, new_tokens: int, context) -> tuple[torch.Tensor, float]:
-    """(new tokens ``(B, new_tokens)``, seconds) of one greedy generation inside ``context()``."""
+def generate(model, tokenizer, inputs, new_tokens: int, context) -> tuple[torch.Tensor, float, list[tuple[float, float]]]:
+    """One greedy generation inside ``context()``: (new tokens ``(B, N)``, seconds, (wall, CPU) seconds of each decode step).
+
+    Decode steps are timed between successive forward calls of the model's base
+    (a pre-hook that only reads the clocks, installed for every configuration);
+    the prefill and the first step are left out. CPU time is this process's
+    (all its threads), so it does not count time spent waiting for a core.
+    """
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
                   top_k=None, use_cache=True, pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-        start = time.perf_counter()
-        with context():
-            out = model.generate(**inputs, **kwargs)
-        seconds = time.perf_counter() - start
-    return out[:, inputs["input_ids"].shape[1]:], seconds
+    calls: list[tuple[float, float]] = []
+    base = model.get_submodule(adapter_for(model).base)
+    clock = base.register_forward_pre_hook(lambda *_: calls.append((time.perf_counter(), time.process_time())))
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            with context():
+                out = model.generate(**inputs, **kwargs)
+            end = (time.perf_counter(), time.process_time())
+    finally:
+        clock.remove()
+    calls.append(end)
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(calls[1:], calls[2:])]
+    return out[:, inputs["input_ids"].shape[1]:], end[0] - start, steps
 
 
-def measure(model, tokenizer, contexts, batches, args):
-    """``{(batch, config): [seconds per round]}`` and the last tokens generated by each."""
+def measure(model, tokenizer, contexts, batches, args, deadline: float):
+    """Per (batch, config): seconds of each round's run, all decode-step seconds; and the last tokens generated.
+
+    Stops after a round when the next one would likely end past ``deadline``
+    (a ``time.perf_counter()`` value); at least one round always runs.
+    """
     for b, inputs in batches.items():
         for name in CONFIGS:
             log(f"warm-up  batch {b} {name}")
             generate(model, tokenizer, inputs, args.warmup_tokens, contexts[name])
     times: dict[tuple[int, str], list[float]] = {}
+    steps: dict[tuple[int, str], list[tuple[float, float]]] = {}
     tokens: dict[tuple[int, str], torch.Tensor] = {}
     for r in range(args.rounds):
-        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+        started = time.perf_counter()
+        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]  # rotate: no config always runs first
         for b, inputs in batches.items():
             for name in order:
-                tokens[b, name], seconds = generate(model, tokenizer, inputs, args.new_tokens, contexts[name])
+                tokens[b, name], seconds, step_seconds = generate(model, tokenizer, inputs, args.new_tokens, contexts[name])
                 times.setdefault((b, name), []).append(seconds)
+                steps.setdefault((b, name), []).extend(step_seconds)
                 log(f"round {r + 1}/{args.rounds} batch {b} {name:<9} {b * args.new_tokens / seconds:7.2f} tok/s")
-    return times, tokens
+        now = time.perf_counter()
+        if r + 1 < args.rounds and now + (now - started) > deadline:
+            log(f"stopping after {r + 1} round(s): another would pass --time-limit")
+            break
+    return times, steps, tokens
 
 
 def teacher_forced_logits(model, inputs, new: torch.Tensor, context) -> torch.Tensor:
@@ -252,6 +292,51 @@ def check_equivalence(model, contexts, batches, tokens) -> list[str]:
 
 
 # -- the hooks alone -------------------------------------------------------------
+
+def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of ``n_steps`` KV-cached greedy decode steps per configuration, interleaved step by step.
+
+    Each configuration keeps its own cache and greedy trajectory; within each
+    step the three run back to back in rotating order, so load that comes and
+    goes hits them alike. Only the forward call inside the context is timed.
+    """
+    from transformers import DynamicCache
+
+    state = {}
+    with torch.no_grad():
+        for name in CONFIGS:  # prefill
+            cache, mask = DynamicCache(), inputs["attention_mask"]
+            with contexts[name]():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=mask, past_key_values=cache,
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True).logits
+            state[name] = (cache, mask, logits[:, -1:].argmax(-1))  # next token (B, 1)
+        seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
+        for step in range(n_steps):
+            for name in CONFIGS[step % 3:] + CONFIGS[:step % 3]:
+                cache, mask, token = state[name]
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                with contexts[name]():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    logits = model(input_ids=token, attention_mask=mask, past_key_values=cache,
+                                   position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits
+                    seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+                state[name] = (cache, mask, logits[:, -1:].argmax(-1))
+    return seconds
+
+
+def paired_report(paired: dict[int, dict[str, list[tuple[float, float]]]], n_steps: int) -> list[str]:
+    lines = [f"paired decode steps ({n_steps} per configuration, interleaved step by step; medians, ms):"]
+    for b, seconds in paired.items():
+        wall = {n: 1e3 * statistics.median(w for w, _ in v) for n, v in seconds.items()}
+        cpu = {n: 1e3 * statistics.median(c for _, c in v) for n, v in seconds.items()}
+        cells = "  ".join(f"{n} {wall[n]:.1f} wall / {cpu[n]:.1f} cpu" for n in CONFIGS)
+        lines.append(f"  batch {b}: {cells}")
+        lines.append(f"           steered/unsteered {wall['unsteered'] / wall['steered']:.3f} wall, "
+                     f"{cpu['unsteered'] / cpu['steered']:.3f} cpu;  splice/unsteered {wall['unsteered'] / wall['splice']:.3f} wall, "
+                     f"{cpu['unsteered'] / cpu['splice']:.3f} cpu;  steered/splice {wall['splice'] / wall['steered']:.3f} wall, "
+                     f"{cpu['splice'] / cpu['steered']:.3f} cpu  (throughput ratios)")
+    return lines
+
 
 def per_call_us(fn, x, repeats: int = 2000) -> float:
     with torch.no_grad():
@@ -308,32 +393,58 @@ def hook_micro(model, plan, splice: SpliceHook, batch_sizes, step_ms: dict[int, 
         with steer.applied(model, plan):
             pass
     lines.append(f"entering+leaving steer.applied: {(time.perf_counter() - start) / 50 * 1e3:.2f} ms per generate call")
-    lines.append("(calls = torch function calls per hook call; % step = per-call time / measured unsteered time per generated token)")
+    lines.append("(calls = torch function calls per hook call; % step = per-call time / median unsteered paired decode step)")
     return lines
 
 
 # -- the report ------------------------------------------------------------------
 
-def report(times, args) -> tuple[list[str], bool]:
-    lines = [f"{'batch':>5} {'config':<10} {'tok/s':>8} {'spread':>7}   ratios (median tok/s)"]
-    ok = True
+def report(times, steps, args) -> tuple[list[str], str]:
+    """The table and the one-line verdict (on median tok/s, as targeted).
+
+    Besides median and best tok/s it gives the median decode step, wall and
+    CPU, over all steps of all rounds: a burst of load on a shared machine moves
+    these much less than a whole run's wall time, and CPU time (with
+    ``--threads 1``) not at all.
+    """
+    rounds = min(len(v) for v in times.values())
+    lines = [f"{'batch':>5} {'config':<10} {'tok/s':>8} {'best':>8} {'spread':>7} {'step ms':>8} {'cpu ms':>8}",
+             f"      (tok/s: median of {rounds} round(s); spread: (best − worst)/median; step ms, cpu ms: median decode "
+             "step, wall and process CPU time)"]
+    ok, summary, worst_spread = True, [], 0.0
     for b in args.batch_sizes:
         tps = {name: [b * args.new_tokens / s for s in times[b, name]] for name in CONFIGS}
         med = {name: statistics.median(v) for name, v in tps.items()}
+        best = {name: max(v) for name, v in tps.items()}
+        wall = {name: statistics.median(w for w, _ in steps[b, name]) for name in CONFIGS}
+        cpu = {name: statistics.median(c for _, c in steps[b, name]) for name in CONFIGS}
         for name in CONFIGS:
             spread = (max(tps[name]) - min(tps[name])) / med[name]
-            lines.append(f"{b:>5} {name:<10} {med[name]:8.2f} {100 * spread:6.1f}%")
-        hooks_vs_plain, splice_vs_plain, hooks_vs_splice = (med["steered"] / med["unsteered"], med["splice"] / med["unsteered"],
-                                                            med["steered"] / med["splice"])
-        lines.append(f"{'':>5} {'':<10} {'':>8} {'':>7}   steered/unsteered {hooks_vs_plain:.3f}   "
-                     f"splice/unsteered {splice_vs_plain:.3f}   steered/splice {hooks_vs_splice:.3f}")
+            worst_spread = max(worst_spread, spread)
+            lines.append(f"{b:>5} {name:<10} {med[name]:8.2f} {best[name]:8.2f} {100 * spread:6.1f}% "
+                         f"{1e3 * wall[name]:8.1f} {1e3 * cpu[name]:8.1f}")
+        for label, rate in (("median tok/s", med), ("decode step, wall", {n: 1 / t for n, t in wall.items()}),
+                            ("decode step, CPU", {n: 1 / t for n, t in cpu.items()})):
+            lines.append(f"{'':>5} {'':<10} steered/unsteered {rate['steered'] / rate['unsteered']:.3f}   "
+                         f"splice/unsteered {rate['splice'] / rate['unsteered']:.3f}   "
+                         f"steered/splice {rate['steered'] / rate['splice']:.3f}   ({label})")
+        hooks_vs_plain, hooks_vs_splice = med["steered"] / med["unsteered"], med["steered"] / med["splice"]
         ok &= hooks_vs_plain >= 0.97 and hooks_vs_splice > 1.0
-    return lines, ok
+        summary.append(f"batch {b}: hooks {hooks_vs_plain:.3f}× unsteered, {hooks_vs_splice:.2f}× splice")
+    verdict = (f"verdict: {'PASS' if ok else 'FAIL'} (targets: sparse hooks ≥ 0.97× unsteered and faster than the full splice, "
+               f"every batch size; median tok/s) — {'; '.join(summary)}")
+    if rounds < 3:
+        verdict += f" [only {rounds} round(s): not a reliable verdict]"
+    if worst_spread > 0.05:
+        verdict += f" [noisy: a configuration's tok/s varied by {100 * worst_spread:.0f}% across rounds]"
+    return lines, verdict
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, tokenizer = steer.load_model(args.model)
     cfg = model.config
     log(f"model: {args.model} ({cfg.num_hidden_layers} layers, d={cfg.hidden_size}); torch threads {torch.get_num_threads()}")
@@ -359,18 +470,23 @@ def main(argv=None) -> int:
     contexts = {"unsteered": nullcontext, "steered": lambda: steer.applied(model, plan), "splice": lambda: spliced(model, splice)}
     batches = {b: prompt_ids(tokenizer, PROMPTS[:b]) for b in args.batch_sizes}
 
-    times, tokens = measure(model, tokenizer, contexts, batches, args)
-    table, ok = report(times, args)
+    load_before = os.getloadavg()[0]
+    times, steps, tokens = measure(model, tokenizer, contexts, batches, args, deadline=t0 + args.time_limit)
+    load_after = os.getloadavg()[0]
+    table, verdict = report(times, steps, args)
     log("checking sparse hooks ≡ splice")
     equivalence = check_equivalence(model, contexts, batches, tokens)
     largest = max(args.batch_sizes)
     generated = generated_activations(model, batches[largest], tokens[largest, "unsteered"])
-    step_ms = {b: 1e3 * statistics.median(times[b, "unsteered"]) / args.new_tokens for b in args.batch_sizes}
+    log("timing paired decode steps")
+    paired = {b: paired_steps(model, contexts, batches[b], args.paired_steps) for b in args.batch_sizes}
+    step_ms = {b: 1e3 * statistics.median(w for w, _ in paired[b]["unsteered"]) for b in args.batch_sizes}
     log("timing the hooks alone")
     micro = hook_micro(model, plan, splice, args.batch_sizes, step_ms)
 
     print(f"steer hook benchmark: {args.model}, site {SITE}, greedy, KV cache, {args.new_tokens} new tokens, "
-          f"{args.rounds} round(s), torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, "
+          f"1-min load average {load_before:.1f} before / {load_after:.1f} after timing")
     print(f"SAE: relu, d_sae={sae.d_sae}, saved + loaded via steer.sae.save_sae/steer.load_sae; L0 (active features per token):")
     print(f"     calibration (steer's text + the bench prompts): {l0_stats(sae, calibration)}")
     print(f"     held out (the unsteered generated tokens):     {l0_stats(sae, generated)}")
@@ -378,11 +494,11 @@ def main(argv=None) -> int:
     print()
     print("\n".join(table))
     print()
-    verdict = "PASS" if ok else "FAIL"
-    print(f"verdict: {verdict} — targets: sparse hooks ≥ 0.97× unsteered and faster than the full splice, at every batch size"
-          + ("" if args.rounds >= 3 else f" (only {args.rounds} round: not a reliable verdict)"))
+    print(verdict)
     print()
     print("\n".join(equivalence))
+    print()
+    print("\n".join(paired_report(paired, args.paired_steps)))
     print()
     print("\n".join(micro))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")

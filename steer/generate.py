@@ -56,6 +56,8 @@ def prompt_ids(tokenizer, prompts: list[str], *, chat: bool = True) -> dict[str,
 def generate(model, tokenizer, prompts: list[str], plan: Plan | None = None, sampling: Sampling = Sampling(),
              *, chat: bool = True) -> list[str]:
     """The continuation of each prompt (new tokens only, special tokens dropped)."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise SteerError("the prompt is empty", where="PROMPT")
     inputs = {k: v.to(model.device) for k, v in prompt_ids(tokenizer, prompts, chat=chat).items()}
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if sampling.temperature > 0:

@@ -36,6 +36,10 @@ def tiny_model(arch: str, n_layers: int = 3, seed: int = 0):
     else:
         raise ValueError(arch)
     model.generation_config.pad_token_id = 0
+    with torch.no_grad():  # trained checkpoints have non-zero biases; the zero init would hide bias handling
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
     return model.eval().requires_grad_(False)
 
 

@@ -11,18 +11,15 @@ path is a `ModelError`; the GGUF conversion leaves no half-written cache entry.
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-import steer
 from steer.errors import ModelError
 from steer.models import adapter_for, load_model
 from steer.models.adapters import Site
-from tests.conftest import TINY_ARCHS, VOCAB, tiny_model
+from tests.conftest import TINY_ARCHS, VOCAB, save_tiny, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[1, 17, 42, 5, 88, 23]])
 
@@ -31,25 +28,6 @@ IDS = torch.tensor([[1, 17, 42, 5, 88, 23]])
 def model_of(arch: str):
     """One tiny model per architecture for the whole module (3 layers: 0..2); read, never changed."""
     return tiny_model(arch)
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary (w4 … w95), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]")
-
-
-def save_tiny_checkpoint(directory: Path, arch: str = "llama"):
-    """A tiny random model and its tokenizer saved as a Hugging Face directory; returns the model."""
-    model = tiny_model(arch)
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return model
 
 
 # -- sites -----------------------------------------------------------------------
@@ -235,14 +213,14 @@ def _cache_entries(cache: Path) -> list[str]:
 
 
 def test_load_local_hf_directory_gives_the_same_model(tmp_path, cache):
-    original = save_tiny_checkpoint(tmp_path / "tiny")
+    original, original_tokenizer, _ = save_tiny("llama", tmp_path / "tiny")
     model, tokenizer = load_model(tmp_path / "tiny")
     assert type(model) is type(original)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, original(IDS).logits)
-    assert tokenizer("w17 w42 nonsense").input_ids == [17, 42, 3]
-    assert tokenizer.pad_token == "[PAD]"
+    assert tokenizer("Hello, world~").input_ids == original_tokenizer("Hello, world~").input_ids
+    assert tokenizer.pad_token == "<pad>"
     assert _cache_entries(cache) == []  # a plain checkpoint is used in place, never copied
 
 
@@ -310,7 +288,7 @@ def test_paths_that_do_not_exist_are_model_errors(name, cache):
 
 
 def test_unreadable_checkpoint_is_a_model_error(tmp_path, cache):
-    save_tiny_checkpoint(tmp_path / "tiny")
+    save_tiny("llama", tmp_path / "tiny")
     (tmp_path / "tiny" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="cannot load") as info:
         load_model(tmp_path / "tiny")
@@ -377,7 +355,7 @@ def _convert_and_check(path: Path, original, cache: Path) -> None:
     assert entry.startswith("gguf-tiny-") and (cache / "models" / entry / "steer_source.json").is_file()
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, original(IDS).logits)
-    assert tokenizer("w17 w42").input_ids == [17, 42]
+    assert tokenizer("Hello").input_ids == tiny_tokenizer()("Hello").input_ids
 
 
 def test_gguf_conversion_writes_one_cache_entry(fake_gguf, cache, capsys):

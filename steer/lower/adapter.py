@@ -84,6 +84,9 @@ def lower_to_adapter(plan: Plan, model: nn.Module) -> tuple[dict[str, _Module], 
                 continue
             u, p = se.write.double(), se.amount
             if kind == "embedding":
+                if config.get("tie_word_embeddings"):
+                    low.note = ("the token embedding is tied to the output layer: serve this adapter unmerged "
+                                "(merge_and_unload would change the output layer too; the weights target unties instead)")
                 names = [arch.embedding] + ([arch.position_embedding] if arch.position_embedding else [])
                 for name in names:
                     E = model.get_submodule(name).weight.detach().double()  # (vocab, d)

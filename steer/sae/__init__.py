@@ -70,6 +70,9 @@ def resolve_hub_name(name: str) -> Path:
     Not implemented yet: steer works from local paths only. This is the hook
     where online resolution (download into a cache, return its path) belongs.
     """
+    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".npz", ".json", ".safetensors"))
+    if looks_like_a_path:  # a hub id is `release` or `owner/repo`
+        raise SAEError("no such SAE file or directory", where=f"sae {name}")
     raise SAEError(
         f"{name!r} is not a local path, and loading SAEs by hub name (SAELens release id or Hugging Face repo) "
         "needs network access, which steer does not do yet; download the SAE and pass its local path"

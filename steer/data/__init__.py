@@ -1,0 +1,1 @@
+"""steer's bundled data (calibration text) and corpus readers for SAE training (`steer.data.corpus`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: SAE quality metrics (`steer.evaluate.sae_metrics`)."""

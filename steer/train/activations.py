@@ -1,0 +1,157 @@
+"""Activations at a site, for training: early-stopped model passes, a shuffling buffer, an on-disk cache.
+
+- `SiteReader` runs a model only as far as a site: `steer.models.capture`
+  records the site's tensor and a second hook on the same module raises a
+  private exception, so the blocks after the site never run (a 30-layer model
+  read at layer 10 costs about a third of a full pass). The caller's model is
+  never modified; both hooks are removed when the pass ends.
+- `stream_activations` turns token rows into activation rows ``(N, d)``,
+  leaving out the first ``skip_first`` positions of each row, and shards rows
+  over data-parallel processes (row i goes to process ``i % world``).
+- `ShuffleBuffer` mixes activations from many sequences before they reach the
+  SAE (fill to capacity, shuffle, hand out half).
+- `ActivationCache` keeps activations in a float32 memmap so that several
+  epochs cost one model pass; it records how much is filled, so an interrupted
+  fill resumes.
+
+Nothing here trains; nothing here writes outside the cache file it is given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from steer.models.adapters import Site, adapter_for
+from steer.models.capture import capture
+
+
+class _SiteReached(Exception):
+    """Raised by the stop hook once the site's activation is recorded (private: never escapes `SiteReader`)."""
+
+
+class SiteReader:
+    """``reader(input_ids) → (B, T, d)``: the activation at ``site``, running the model only up to it."""
+
+    def __init__(self, model: nn.Module, site: Site):
+        self.model, self.site = model, site
+        self.module, self.where = adapter_for(model).site_module(model, site)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        def stop(*_args, **_kwargs):
+            raise _SiteReached
+
+        with capture(self.model, [self.site]) as records:  # capture's hook is registered first, so it runs first
+            if self.where == "input":
+                handle = self.module.register_forward_pre_hook(stop)
+            else:
+                handle = self.module.register_forward_hook(stop)
+            try:
+                with torch.inference_mode():
+                    self.model(input_ids=input_ids, use_cache=False)
+            except _SiteReached:
+                pass
+            finally:
+                handle.remove()
+        (activation,) = records[self.site]
+        return activation
+
+
+def stream_activations(
+    rows: Iterable[torch.Tensor], reader: SiteReader, *, model_batch_size: int, skip_first: int,
+    rank: int = 0, world: int = 1, skip_rows: int = 0, device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(activations (n, d) float32 on cpu, rows consumed so far by this process)`` per model pass.
+
+    ``skip_rows``: rows of this process's shard to pass over without running the model (resume).
+    """
+    batch: list[torch.Tensor] = []
+    consumed = 0
+    for index, row in enumerate(rows):
+        if index % world != rank:
+            continue
+        consumed += 1
+        if consumed <= skip_rows:
+            continue
+        batch.append(row)
+        if len(batch) == model_batch_size:
+            yield _activations(reader, batch, skip_first, device), consumed
+            batch = []
+    if batch:
+        yield _activations(reader, batch, skip_first, device), consumed
+
+
+def _activations(reader: SiteReader, batch: list[torch.Tensor], skip_first: int, device) -> torch.Tensor:
+    ids = torch.stack(batch).to(device)                       # (B, T)
+    acts = reader(ids)[:, skip_first:]                        # (B, T - skip, d)
+    return acts.reshape(-1, acts.shape[-1]).float().cpu()
+
+
+class ShuffleBuffer:
+    """Mixes activations: filled to ``capacity``, shuffled, and half handed out per refill."""
+
+    def __init__(self, capacity: int, generator: torch.Generator):
+        self.capacity, self.generator = capacity, generator
+        self.held: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, activations: torch.Tensor) -> None:
+        self.held.append(activations)
+        self.size += activations.shape[0]
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.capacity
+
+    def drain(self, keep: int) -> torch.Tensor:
+        """All held rows but ``keep`` of them, shuffled; the kept ones stay for mixing with the next fill."""
+        everything = torch.cat(self.held) if len(self.held) > 1 else self.held[0]
+        everything = everything[torch.randperm(everything.shape[0], generator=self.generator)]
+        keep = min(keep, everything.shape[0])
+        out, rest = everything[keep:], everything[:keep]
+        self.held, self.size = ([rest] if keep else []), keep
+        return out
+
+
+class ActivationCache:
+    """A float32 ``(capacity, d)`` memmap plus a small JSON noting how many rows are filled."""
+
+    def __init__(self, path: Path, capacity: int, d: int):
+        self.path, self.capacity, self.d = Path(path), capacity, d
+        self.meta_path = self.path.with_suffix(".json")
+        meta = self._meta()
+        mode = "r+" if meta and meta.get("capacity") == capacity and meta.get("d") == d and self.path.exists() else "w+"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.array = np.lib.format.open_memmap(self.path, mode=mode, dtype=np.float32, shape=(capacity, d))
+        self.filled = int(meta.get("filled", 0)) if mode == "r+" else 0
+        self.rows_consumed = int(meta.get("rows_consumed", 0)) if mode == "r+" else 0
+
+    def _meta(self) -> dict:
+        try:
+            return json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def complete(self) -> bool:
+        return self.filled >= self.capacity
+
+    def append(self, activations: torch.Tensor, rows_consumed: int) -> None:
+        n = min(activations.shape[0], self.capacity - self.filled)
+        self.array[self.filled : self.filled + n] = activations[:n].numpy()
+        self.filled += n
+        self.rows_consumed = rows_consumed
+
+    def flush(self) -> None:
+        self.array.flush()
+        tmp = self.meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"capacity": self.capacity, "d": self.d, "filled": self.filled, "rows_consumed": self.rows_consumed}))
+        tmp.replace(self.meta_path)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.array[np.sort(indices.numpy())])

@@ -1,0 +1,269 @@
+"""hooks ≡ merged ≡ adapter ≡ reloaded-from-disk, over (operation × tiny Llama / GPT-2 / GPT-NeoX × target).
+
+The reference is the hooked model (itself checked against the DESIGN §5
+formulas in test_hooks.py). Artifacts are reloaded the way their users load
+them — plain `AutoModelForCausalLM.from_pretrained` (no trust_remote_code),
+`PeftModel.from_pretrained`, `steer.load_pack` — and their logits compared with
+the reference's here, independently of the exporter's own fidelity report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import steer
+from steer.export.checkpoint import export
+from steer.lower.pack import load_pack
+from steer.lower.weights import LoweringError
+from steer.verify.artifact import verify_artifact
+from tests.conftest import D, random_sae, save_tiny
+
+ARCHS = ("llama", "gpt2", "gpt_neox")
+IDS = torch.tensor([[1, 17, 42, 5, 88, 23, 61, 9, 34, 70, 12, 44]])
+
+# name → DSL ({p} is the direction file); all have exact weight lowerings
+WEIGHT_CASES = {
+    "add_resid_post": "add direction {p}:v by 2 site resid_post.1",
+    "add_attn_out": "add direction {p}:v by -1.5 site attn_out.2",
+    "add_mlp_out": "add direction {p}:v by 1 site mlp_out.0",
+    "add_resid_pre": "add direction {p}:v by 1 site resid_pre.2",
+    "add_embedding": "add direction {p}:v by 0.5 site resid_pre.0",
+    "add_feature": "add feature 4 by 1.5 site resid_post.1",
+    "project_out_writers": "project out direction {p}:u site writers",
+    "project_out_partial": "project out direction {p}:u by 40% site writers",
+    "project_out_one_writer": "project out direction {p}:u site mlp_out.1",
+    "simultaneous": "add direction {p}:v by 1 site mlp_out.1; project out direction {p}:u site mlp_out.1; monitor feature 3 site resid_post.1",
+}
+# project_out cases for the adapter; exact where the writers carry no bias along û
+ADAPTER_CASES = {
+    "project_out_writers": "project out direction {p}:u site writers",
+    "project_out_partial": "project out direction {p}:u by 40% site writers",
+    "project_out_embedding": "project out direction {p}:u site resid_pre.0",
+    "project_out_two_on_one_writer": "project out direction {p}:u site attn_out.1; project out direction {p}:v by 50% site attn_out.1",
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dirs") / "dirs.safetensors"
+    g = torch.Generator().manual_seed(3)
+    save_file({"v": torch.randn(D, generator=g), "u": torch.randn(D, generator=g)}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request, tmp_path_factory):
+    model, tokenizer, directory = save_tiny(request.param, tmp_path_factory.mktemp(f"base-{request.param}"))
+    return request.param, model, tokenizer, directory
+
+
+def hooked_logits(model, plan):
+    with torch.no_grad(), steer.applied(model, plan):
+        return model(IDS).logits
+
+
+def reload_merged(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def compile_case(dsl, model, tokenizer, dirs):
+    return steer.compile(dsl.format(p=dirs), model, random_sae(site="resid_post.1"), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+def test_weights_export_reloads_equal_to_hooks(base, case, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    plan = compile_case(WEIGHT_CASES[case], model, tokenizer, dirs)
+    manifest = export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
+    assert all(e["lowering"] == "exact" for e in manifest["edits"])
+    reference = hooked_logits(model, plan)
+    with torch.no_grad():
+        clean = model(IDS).logits
+        merged = reload_merged(tmp_path / "out")(IDS).logits
+    torch.testing.assert_close(merged, reference, atol=2e-5, rtol=1e-5)
+    assert torch.equal(merged.argmax(-1), reference.argmax(-1))
+    assert (reference - clean).abs().max() > 1e-3, "the case does not change the model"
+    assert manifest["fidelity"]["kl_max"] < 1e-6 and manifest["fidelity"]["top1"] == 1.0
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_CASES))
+def test_adapter_reloads_equal_to_hooks(base, case, dirs, tmp_path):
+    from peft import PeftModel
+
+    arch, model, tokenizer, directory = base
+    plan = compile_case(ADAPTER_CASES[case], model, tokenizer, dirs)
+    biased_writers = arch != "llama" and case != "project_out_embedding"
+    if biased_writers:  # GPT-2 / NeoX writers have biases LoRA cannot change: approximate, refused by default
+        with pytest.raises(LoweringError, match="approximate"):
+            export(plan, model, tokenizer, "adapter", tmp_path / "out", base=directory)
+        assert not (tmp_path / "out").exists()
+        manifest = export(plan, model, tokenizer, "adapter", tmp_path / "out", base=directory, allow_approximate=True)
+        assert {e["lowering"] for e in manifest["edits"]} == {"approximate"}
+        assert manifest["fidelity"]["kl_mean"] > 0
+        return
+    manifest = export(plan, model, tokenizer, "adapter", tmp_path / "out", base=directory)
+    assert all(e["lowering"] == "exact" for e in manifest["edits"])
+    reference = hooked_logits(model, plan)
+    peft_model = PeftModel.from_pretrained(reload_merged(directory), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        adapted = peft_model(IDS).logits
+        merged = peft_model.merge_and_unload()(IDS).logits
+    torch.testing.assert_close(adapted, reference, atol=2e-5, rtol=1e-5)
+    tied_embedding = model.config.tie_word_embeddings and "resid_pre.0" in str(manifest["edits"])
+    if tied_embedding:  # merging into the shared matrix changes the output layer too: the manifest must say so
+        assert any("serve this adapter unmerged" in e["note"] for e in manifest["edits"])
+    else:
+        torch.testing.assert_close(merged, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dsl", [
+    "scale feature 3 by 0.2 site resid_post.1; clamp feature 5 to 2 when active site resid_post.1",
+    "add feature 4 by 1 when feature 9 above 0.1 site resid_post.1; cap direction {p}:u at 0.1 site resid_pre.1",
+    "project out direction {p}:u site writers; add direction {p}:v by 2 site resid_post.1 scope generation",
+])
+def test_pack_reloads_to_the_same_hooks(base, dsl, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    plan = compile_case(dsl, model, tokenizer, dirs)
+    export(plan, model, tokenizer, "pack", tmp_path / "out", base=directory)
+    reloaded = load_pack(tmp_path / "out" / "steer_pack")
+    assert torch.equal(hooked_logits(model, reloaded), hooked_logits(model, plan))
+    with steer.applied(model, plan):
+        a = model.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)
+    with steer.applied(model, reloaded):
+        b = model.generate(IDS[:, :5], max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_pack_ships_only_the_rows_it_uses(base, dirs, tmp_path):
+    from safetensors import safe_open
+
+    arch, model, tokenizer, directory = base
+    plan = compile_case("suppress feature 3 by 80%; suppress feature 7 by 80%; monitor feature 11", model, tokenizer, dirs)
+    export(plan, model, tokenizer, "pack", tmp_path / "out", base=directory)
+    with safe_open(str(tmp_path / "out" / "steer_pack" / "tensors.safetensors"), "pt") as f:
+        assert f.get_slice("sites.0.sae.W_enc").get_shape() == [D, 3]
+        assert f.get_slice("sites.0.sae.W_dec").get_shape() == [3, D]
+
+
+@pytest.mark.parametrize("target,dsl,takers", [
+    ("weights", "scale feature 3 by 0.5 site resid_post.1", "pack"),
+    ("weights", "add direction {p}:v by 1 site resid_post.1 scope generation", "pack"),
+    ("weights", "project out direction {p}:u site resid_post.1", "pack"),
+    ("adapter", "add direction {p}:v by 1 site resid_post.1", "weights, cvec, pack"),
+    ("cvec", "project out direction {p}:u site writers", "weights, adapter, pack"),
+])
+def test_unlowerable_edit_is_an_error_naming_edit_and_targets(base, target, dsl, takers, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    if arch != "llama":
+        pytest.skip("one architecture suffices for the message")
+    plan = compile_case(dsl, model, tokenizer, dirs)
+    with pytest.raises(LoweringError) as info:
+        export(plan, model, tokenizer, target, tmp_path / "out", base=directory)
+    message = str(info.value)
+    assert "edits[0]" in message and f"targets that take it: {takers}" in message
+    assert not (tmp_path / "out").exists()
+
+
+def _tree_hashes(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_export_is_reproducible_and_never_touches_the_base(base, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    before = _tree_hashes(Path(directory))
+    plan = compile_case(WEIGHT_CASES["simultaneous"], model, tokenizer, dirs)
+    export(plan, model, tokenizer, "weights", tmp_path / "a", base=directory)
+    export(plan, model, tokenizer, "weights", tmp_path / "b", base=directory)
+    assert _tree_hashes(tmp_path / "a") == _tree_hashes(tmp_path / "b")
+    assert _tree_hashes(Path(directory)) == before
+    with pytest.raises(steer.SteerError, match="already exists"):
+        export(plan, model, tokenizer, "weights", tmp_path / "a", base=directory)
+    export(plan, model, tokenizer, "weights", tmp_path / "a", base=directory, overwrite=True)
+    assert _tree_hashes(tmp_path / "a") == _tree_hashes(tmp_path / "b")
+
+
+def test_export_failing_midway_leaves_nothing(base, dirs, tmp_path, monkeypatch):
+    import steer.export.checkpoint as checkpoint
+
+    arch, model, tokenizer, directory = base
+    before = _tree_hashes(Path(directory))
+    plan = compile_case(WEIGHT_CASES["project_out_writers"], model, tokenizer, dirs)
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
+    assert sorted(os.listdir(tmp_path)) == []
+    assert _tree_hashes(Path(directory)) == before
+
+
+def test_export_interrupted_by_sigint_leaves_nothing(base, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    if arch != "llama":
+        pytest.skip("one architecture suffices")
+    before = _tree_hashes(Path(directory))
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import time, steer, steer.export.checkpoint as checkpoint
+        model, tokenizer = steer.load_model({directory!r})
+        plan = steer.compile("project out direction {dirs}:u site writers", model, tokenizer=tokenizer)
+        real = checkpoint.save_file
+        def slow(*a, **k):
+            real(*a, **k)
+            print("writing", flush=True)
+            time.sleep(60)
+        checkpoint.save_file = slow
+        checkpoint.export(plan, model, tokenizer, "weights", {str(out)!r}, base={directory!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert partial, "the export should be writing into a temp directory"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(os.listdir(tmp_path)) == []
+    assert _tree_hashes(Path(directory)) == before
+
+
+def test_verify_passes_then_names_a_tampered_shard(base, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    plan = compile_case(WEIGHT_CASES["project_out_writers"], model, tokenizer, dirs)
+    export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
+    verdict = verify_artifact(tmp_path / "out")
+    assert verdict.ok, verdict.lines
+    assert verdict.fidelity.is_exact()
+    shard = tmp_path / "out" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    verdict = verify_artifact(tmp_path / "out")
+    assert not verdict.ok
+    assert any("model.safetensors" in line and "sha256" in line for line in verdict.lines)
+
+
+def test_verify_fails_when_the_artifact_is_not_what_the_spec_says(base, dirs, tmp_path):
+    arch, model, tokenizer, directory = base
+    if arch != "llama":
+        pytest.skip("one architecture suffices")
+    plan = compile_case("add direction {p}:v by 2 site resid_post.1", model, tokenizer, dirs)
+    export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
+    verdict = verify_artifact(tmp_path / "out", spec=f"add direction {dirs}:v by 2.5 site resid_post.1")
+    assert not verdict.ok
+    assert any("not exact" in line for line in verdict.lines)

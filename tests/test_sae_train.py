@@ -1,0 +1,256 @@
+"""SAE training (`steer.train`), evaluation (`steer.evaluate.sae_metrics`) and `steer sae train|eval`.
+
+Real training runs throughout, on planted synthetic activations or on a tiny
+random Llama with a character-level tokenizer; nothing of the trainer is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import steer
+from steer.cli.main import main as steer_main
+from steer.train import TrainConfig, TrainError, load_recipe, train_sae
+from tests.conftest import VOCAB, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the river town people evening stone wall bread flour water salt dough committee budget project year "
+         "music child garden train station letter window market morning rain light city north south quiet "
+         "runs sits makes reads writes opens walks falls rises meets closes grows").split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors train faster on one thread, and a loaded 2-core machine makes two threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- fixtures: planted activations, a tiny model with a tokenizer, a text corpus -------------------------
+
+
+def planted(n: int = 40_000, d: int = 32, n_true: int = 64, k: int = 3, seed: int = 0):
+    """Activations that are k-sparse positive combinations of ``n_true`` unit directions, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_true, d, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    chosen = torch.stack([torch.randperm(n_true, generator=g)[:k] for _ in range(n)])  # (n, k)
+    coefficients = torch.rand(n, k, generator=g) + 0.5
+    x = torch.einsum("nk,nkd->nd", coefficients, directions[chosen]) + 0.3
+    return x, directions
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    paragraphs = []
+    for _ in range(400):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "." for _ in range(4)]
+        paragraphs.append(" ".join(sentences))
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, corpus_file) -> Path:
+    """A tiny random Llama saved with a character-level tokenizer (ids < VOCAB)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(corpus_file.read_text()))
+    assert len(chars) + 4 <= VOCAB
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", n_layers=3).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_config(corpus: Path, **changes) -> TrainConfig:
+    base = dict(model="tiny", site="resid_post.1", corpus=str(corpus), width=64, k=4, tokens=8192, batch_size=512,
+                context_size=32, buffer_size=2048, model_batch_size=16, stats_tokens=2048, dead_tokens=4096,
+                checkpoint_every=4, lr=3e-3, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steer.cli.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+# -- the trainer ----------------------------------------------------------------------------------------
+
+
+def test_recovers_planted_directions(tmp_path):
+    x, directions = planted()
+    config = TrainConfig(width=128, k=3, tokens=250_000, batch_size=1024, lr=3e-3, dead_tokens=20_000,
+                         stats_tokens=8192, checkpoint_every=10_000, device="cpu")
+    result = train_sae(config, tmp_path / "sae", activations=x, progress=False)
+    best = (directions @ result.sae.W_dec.T).max(dim=1).values  # best cosine per planted direction (decoder rows are unit)
+    assert (best >= 0.9).float().mean() >= 0.9, best
+    assert result.tokens_seen == config.steps * config.batch_size
+
+
+def test_saved_sae_is_bit_identical_and_saelens_v6(tmp_path, tiny_dir, corpus_file):
+    model, tokenizer = steer.load_model(tiny_dir)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = train_sae(tiny_config(corpus_file), tmp_path / "sae", model=model, tokenizer=tokenizer, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the caller's model is untouched
+    assert not list(model.model.layers[1]._forward_hooks) and not list(model.model.layers[1]._forward_pre_hooks)
+
+    loaded = steer.load_sae(result.path)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(loaded, name), getattr(result.sae, name)), name
+    for name, values in result.sae.feature_stats.items():
+        assert torch.equal(loaded.feature_stats[name], values), name
+    assert (loaded.architecture, loaded.k, loaded.site) == ("topk", 4, "resid_post.1")
+
+    cfg = json.loads((result.path / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["rescale_acts_by_decoder_norm"] is False
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (32, 64, "float32", "none")
+    assert cfg["apply_b_dec_to_input"] is True and cfg["reshape_activations"] == "none"
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["model_name"] == "tiny"
+    assert int(meta["sae_lens_version"].split(".")[0]) >= 6 and meta["context_size"] == 32
+    assert meta["steer_training"]["tokens_seen"] == 8192
+    with safe_open(result.path / "sae_weights.safetensors", "pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"W_enc": [32, 64], "W_dec": [64, 32], "b_enc": [64], "b_dec": [32]}
+    with safe_open(result.path / "sparsity.safetensors", "pt") as f:
+        assert list(f.keys()) == ["sparsity"] and list(f.get_slice("sparsity").get_shape()) == [64]
+    with safe_open(result.path / "feature_stats.safetensors", "pt") as f:
+        assert {"density", "max", "p99"} <= set(f.keys())
+    # decoder rows are unit-norm in the model's space; p99 is positive exactly where a feature fires
+    assert torch.allclose(loaded.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    stats = loaded.feature_stats
+    assert torch.equal(stats["p99"] > 0, stats["density"] > 0) and bool((stats["p99"] <= stats["max"]).all())
+
+
+def _interrupt_at(step: int):
+    def callback(info):
+        if info.step == step:
+            raise KeyboardInterrupt
+    return callback
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    x, _ = planted(n=20_000)
+    config = TrainConfig(width=96, k=3, tokens=40_960, batch_size=1024, lr=3e-3, dead_tokens=8192,
+                         stats_tokens=4096, checkpoint_every=5, device="cpu")
+    straight = train_sae(config, tmp_path / "straight", activations=x, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(config, tmp_path / "resumed", activations=x, progress=False, callback=_interrupt_at(13))
+    assert (tmp_path / ".resumed.train" / "checkpoint.pt").is_file()
+    seen = []
+    resumed = train_sae(config, tmp_path / "resumed", activations=x, progress=False, callback=lambda i: seen.append(i.step))
+    assert seen[0] == 14 and seen[-1] == config.steps                 # it continued, it did not start over
+    assert resumed.tokens_seen == straight.tokens_seen == config.steps * config.batch_size
+    assert torch.equal(resumed.sae.W_dec, straight.sae.W_dec)         # from an activation tensor, resume is exact
+    assert not (tmp_path / ".resumed.train").exists()
+
+
+def test_interrupted_streaming_run_resumes_to_the_same_tokens_seen(tmp_path, tiny_dir, corpus_file):
+    model, tokenizer = steer.load_model(tiny_dir)
+    config = tiny_config(corpus_file, tokens=6144)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(config, tmp_path / "sae", model=model, tokenizer=tokenizer, progress=False, callback=_interrupt_at(5))
+    resumed = train_sae(config, tmp_path / "sae", model=model, tokenizer=tokenizer, progress=False)
+    assert resumed.tokens_seen == 6144
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["steer_training"]["tokens_seen"] == 6144 and cfg["metadata"]["steer_training"]["steps"] == 12
+
+
+def test_batchtopk_saves_as_jumprelu_whose_threshold_keeps_k(tmp_path):
+    x, _ = planted(n=30_000, k=4)
+    config = TrainConfig(architecture="batchtopk", width=128, k=4, tokens=150_000, batch_size=1024, lr=3e-3,
+                         dead_tokens=20_000, stats_tokens=16_384, checkpoint_every=10_000, device="cpu")
+    result = train_sae(config, tmp_path / "sae", activations=x, progress=False)
+    loaded = steer.load_sae(result.path)
+    assert loaded.architecture == "jumprelu" and loaded.threshold is not None
+    assert torch.equal(loaded.threshold, torch.full((128,), float(loaded.threshold[0])))  # one learned θ
+    assert json.loads((result.path / "cfg.json").read_text())["architecture"] == "jumprelu"
+    l0 = float((loaded.encode(x) > 0).sum(-1).float().mean())
+    assert abs(l0 - 4) <= 0.6, l0
+
+
+def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("width: 64\nk: 4\nwidht: 3\n")
+    with pytest.raises(TrainError, match=r"r\.yaml.*unknown field 'widht'; allowed: model, site"):
+        load_recipe(recipe)
+    recipe.write_text("width: 64\nk: 128\n")
+    with pytest.raises(TrainError, match="field 'k' is 128; it must be at most width"):
+        load_recipe(recipe)
+    recipe.write_text("architecture: relu\n")
+    with pytest.raises(TrainError, match="allowed: topk, batchtopk"):
+        load_recipe(recipe)
+    assert load_recipe(ROOT / "configs" / "smollm2-135m-resid_post.10.yaml", k=16).k == 16
+
+
+def test_recipes_in_configs_validate():
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert any("gpu" in r.name for r in recipes) and any(r.name == "smollm2-135m-resid_post.10.yaml" for r in recipes)
+    for recipe in recipes:
+        config = load_recipe(recipe)
+        assert config.model == "smollm2-135m-instruct" and config.k <= 64
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, *args: str) -> str:
+    code = steer_main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("steer: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_dir, corpus_file):
+    train = ("sae", "train", "--model", str(tiny_dir), "--site", "resid_post.1", "--batch-size", "256", "--tokens", "512")
+    (tmp_path / "empty").mkdir()
+    assert "empty corpus" in _one_line_error(capsys, *train, "--corpus", str(tmp_path / "empty"), "-o", str(tmp_path / "o"))
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    assert "is empty" in _one_line_error(capsys, *train, "--corpus", str(tmp_path / "blank.txt"), "-o", str(tmp_path / "o"))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    assert "not UTF-8" in _one_line_error(capsys, *train, "--corpus", str(tmp_path / "binary.txt"), "-o", str(tmp_path / "o"))
+    assert "no such file" in _one_line_error(capsys, *train, "--corpus", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"))
+    assert "3 layers" in _one_line_error(capsys, *train, "--corpus", str(corpus_file), "--site", "resid_post.7", "-o", str(tmp_path / "o"))
+    assert "unknown site" in _one_line_error(capsys, *train, "--corpus", str(corpus_file), "--site", "resid_middle.1", "-o", str(tmp_path / "o"))
+    assert "'width' is 0" in _one_line_error(capsys, *train, "--width", "0", "-o", str(tmp_path / "o"))
+    assert "'width' is -5" in _one_line_error(capsys, *train, "--width", "-5", "-o", str(tmp_path / "o"))
+    assert "at most width" in _one_line_error(capsys, *train, "--width", "8", "--k", "9", "-o", str(tmp_path / "o"))
+    assert "cannot read the recipe" in _one_line_error(capsys, "sae", "train", "--config", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_then_eval_end_to_end(tmp_path, tiny_dir, corpus_file):
+    out = tmp_path / "sae"
+    trained = cli("sae", "train", "--model", str(tiny_dir), "--site", "resid_post.1", "--width", "64", "--k", "4",
+                  "--corpus", str(corpus_file), "--tokens", "4096", "--batch-size", "512", "--context-size", "32",
+                  "--device", "cpu", "--quiet", "-o", str(out))
+    assert trained.returncode == 0, trained.stderr
+    assert "4,096 tokens seen" in trained.stdout
+    assert (out / "cfg.json").is_file() and not (tmp_path / ".sae.train").exists()
+    evaluated = cli("sae", "eval", str(out), "--tokens", "620", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    m = json.loads(evaluated.stdout)
+    assert m["model"] == str(tiny_dir) and m["site"] == "resid_post.1" and m["split"] == "held_out"
+    assert m["tokens"] >= 620 and 0 <= m["fvu"] < 1.5 and 0 < m["l0"] <= 4
+    assert m["ce_zero"] > 0 and m["delta_lm_loss"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
+    inspected = cli("sae", "inspect", str(out))
+    assert inspected.returncode == 0 and "topk" in inspected.stdout
