@@ -40,6 +40,7 @@ outside a temp dir, and never changes steer's code paths.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -267,6 +268,7 @@ def teacher_forced_logits(model, inputs, new: torch.Tensor, context) -> torch.Te
 
 
 def check_equivalence(model, contexts, batches, tokens) -> list[str]:
+    """Sparse hooks vs splice: same greedy tokens? Logit differences on the hooks' sequence, fed whole to both."""
     lines = []
     for b, inputs in batches.items():
         hooks, splice, plain = tokens[b, "steered"], tokens[b, "splice"], tokens[b, "unsteered"]
@@ -280,7 +282,9 @@ def check_equivalence(model, contexts, batches, tokens) -> list[str]:
             lines.append(f"batch {b}: sparse hooks ≡ splice: identical greedy tokens ({hooks.numel()}); "
                          f"max |Δlogit| hooks vs splice {diff:.2e} (teacher-forced)")
         else:
-            row, step = (hooks != splice).nonzero()[0].tolist()
+            differ = hooks != splice  # (B, N)
+            step = int(differ.any(dim=0).int().argmax())  # the earliest new token where any row differs
+            row = int(differ[:, step].int().argmax())
             top = ref[row, step].topk(2).values
             d_here = (ref[row, step] - alt[row, step]).abs().max()
             lines.append(f"batch {b}: sparse hooks vs splice DIFFER first at row {row}, new token {step} "
@@ -302,12 +306,13 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
     """
     from transformers import DynamicCache
 
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
     state = {}
     with torch.no_grad():
         for name in CONFIGS:  # prefill
             cache, mask = DynamicCache(), inputs["attention_mask"]
             with contexts[name]():
-                logits = model(input_ids=inputs["input_ids"], attention_mask=mask, past_key_values=cache,
+                logits = model(input_ids=inputs["input_ids"], attention_mask=mask, **{cache_arg: cache},
                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True).logits
             state[name] = (cache, mask, logits[:, -1:].argmax(-1))  # next token (B, 1)
         seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
@@ -317,7 +322,7 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 with contexts[name]():
                     wall, cpu = time.perf_counter(), time.process_time()
-                    logits = model(input_ids=token, attention_mask=mask, past_key_values=cache,
+                    logits = model(input_ids=token, attention_mask=mask, **{cache_arg: cache},
                                    position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits
                     seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
                 state[name] = (cache, mask, logits[:, -1:].argmax(-1))
@@ -325,16 +330,21 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
 
 
 def paired_report(paired: dict[int, dict[str, list[tuple[float, float]]]], n_steps: int) -> list[str]:
-    lines = [f"paired decode steps ({n_steps} per configuration, interleaved step by step; medians, ms):"]
+    """Medians of the per-step throughput ratios (each step's three timings taken back to back), and a verdict on them."""
+    lines = [f"paired decode steps ({n_steps} per configuration, interleaved step by step): median ms; ratios are "
+             "medians over steps of each step's throughput ratio"]
+    ok = True
+    pairs = (("steered", "unsteered"), ("splice", "unsteered"), ("steered", "splice"))
     for b, seconds in paired.items():
-        wall = {n: 1e3 * statistics.median(w for w, _ in v) for n, v in seconds.items()}
-        cpu = {n: 1e3 * statistics.median(c for _, c in v) for n, v in seconds.items()}
-        cells = "  ".join(f"{n} {wall[n]:.1f} wall / {cpu[n]:.1f} cpu" for n in CONFIGS)
+        cells = "  ".join(f"{n} {1e3 * statistics.median(w for w, _ in seconds[n]):.1f} wall / "
+                          f"{1e3 * statistics.median(c for _, c in seconds[n]):.1f} cpu" for n in CONFIGS)
         lines.append(f"  batch {b}: {cells}")
-        lines.append(f"           steered/unsteered {wall['unsteered'] / wall['steered']:.3f} wall, "
-                     f"{cpu['unsteered'] / cpu['steered']:.3f} cpu;  splice/unsteered {wall['unsteered'] / wall['splice']:.3f} wall, "
-                     f"{cpu['unsteered'] / cpu['splice']:.3f} cpu;  steered/splice {wall['splice'] / wall['steered']:.3f} wall, "
-                     f"{cpu['splice'] / cpu['steered']:.3f} cpu  (throughput ratios)")
+        ratio = {(x, y, clock): statistics.median(ty[k] / tx[k] for tx, ty in zip(seconds[x], seconds[y]))
+                 for x, y in pairs for clock, k in (("wall", 0), ("cpu", 1))}
+        lines.append("           " + ";  ".join(f"{x}/{y} {ratio[x, y, 'wall']:.3f} wall, {ratio[x, y, 'cpu']:.3f} cpu"
+                                                for x, y in pairs))
+        ok &= ratio["steered", "unsteered", "wall"] >= 0.97 and ratio["steered", "splice", "wall"] > 1.0
+    lines.append(f"  paired-step verdict (wall): {'PASS' if ok else 'FAIL'} against the same targets")
     return lines
 
 
@@ -379,13 +389,14 @@ def hook_micro(model, plan, splice: SpliceHook, batch_sizes, step_ms: dict[int, 
         return x + (torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * factor) @ write
 
     lines = [f"{'per call at (B,1,576)':<34}" + "".join(f"{f'B={b} µs':>10}{'calls':>7}{'% step':>8}" for b in batch_sizes)]
-    for label, fn in (("steer SiteHook.on_output", lambda x: hook.on_output(None, (), x)),
-                      ("same delta, one fused expression", fused),
-                      ("full-SAE splice hook", lambda x: splice(None, (), x))):
+    cost = {}
+    for key, label, fn in (("steer", "steer SiteHook.on_output", lambda x: hook.on_output(None, (), x)),
+                           ("fused", "same delta, one fused expression", fused),
+                           ("splice", "full-SAE splice hook", lambda x: splice(None, (), x))):
         cells = ""
         for b in batch_sizes:
             x = torch.randn(b, 1, plan.hidden_size)
-            us = per_call_us(fn, x, repeats=2000 if "splice" not in label else 50)
+            us = cost[key, b] = per_call_us(fn, x, repeats=2000 if key != "splice" else 50)
             cells += f"{us:10.0f}{torch_calls(fn, x):7d}{100 * us / 1e3 / step_ms[b]:7.2f}%"
         lines.append(f"{label:<34}{cells}")
     start = time.perf_counter()
@@ -393,6 +404,9 @@ def hook_micro(model, plan, splice: SpliceHook, batch_sizes, step_ms: dict[int, 
         with steer.applied(model, plan):
             pass
     lines.append(f"entering+leaving steer.applied: {(time.perf_counter() - start) / 50 * 1e3:.2f} ms per generate call")
+    lines.append("predicted from these per-call costs (one hook call per decode step): "
+                 + ";  ".join(f"batch {b}: steered/unsteered {step_ms[b] / (step_ms[b] + cost['steer', b] / 1e3):.4f}, "
+                              f"splice/unsteered {step_ms[b] / (step_ms[b] + cost['splice', b] / 1e3):.3f}" for b in batch_sizes))
     lines.append("(calls = torch function calls per hook call; % step = per-call time / median unsteered paired decode step)")
     return lines
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import steer
 from steer.export.checkpoint import export
 from steer.lower.pack import load_pack
-from steer.lower.weights import LoweringError
+from steer.lower.targets import LoweringError
 from steer.verify.artifact import verify_artifact
 from tests.conftest import D, random_sae, save_tiny
 
@@ -66,6 +66,13 @@ def dirs(tmp_path_factory):
 def base(request, tmp_path_factory):
     model, tokenizer, directory = save_tiny(request.param, tmp_path_factory.mktemp(f"base-{request.param}"))
     return request.param, model, tokenizer, directory
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory):
+    """For checks where one architecture suffices (messages, interruption)."""
+    model, tokenizer, directory = save_tiny("llama", tmp_path_factory.mktemp("base-llama-only"))
+    return "llama", model, tokenizer, directory
 
 
 def hooked_logits(model, plan):
@@ -165,10 +172,8 @@ def test_pack_ships_only_the_rows_it_uses(base, dirs, tmp_path):
     ("adapter", "add direction {p}:v by 1 site resid_post.1", "weights, cvec, pack"),
     ("cvec", "project out direction {p}:u site writers", "weights, adapter, pack"),
 ])
-def test_unlowerable_edit_is_an_error_naming_edit_and_targets(base, target, dsl, takers, dirs, tmp_path):
-    arch, model, tokenizer, directory = base
-    if arch != "llama":
-        pytest.skip("one architecture suffices for the message")
+def test_unlowerable_edit_is_an_error_naming_edit_and_targets(llama_base, target, dsl, takers, dirs, tmp_path):
+    arch, model, tokenizer, directory = llama_base
     plan = compile_case(dsl, model, tokenizer, dirs)
     with pytest.raises(LoweringError) as info:
         export(plan, model, tokenizer, target, tmp_path / "out", base=directory)
@@ -213,10 +218,8 @@ def test_export_failing_midway_leaves_nothing(base, dirs, tmp_path, monkeypatch)
     assert _tree_hashes(Path(directory)) == before
 
 
-def test_export_interrupted_by_sigint_leaves_nothing(base, dirs, tmp_path):
-    arch, model, tokenizer, directory = base
-    if arch != "llama":
-        pytest.skip("one architecture suffices")
+def test_export_interrupted_by_sigint_leaves_nothing(llama_base, dirs, tmp_path):
+    arch, model, tokenizer, directory = llama_base
     before = _tree_hashes(Path(directory))
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
@@ -258,10 +261,8 @@ def test_verify_passes_then_names_a_tampered_shard(base, dirs, tmp_path):
     assert any("model.safetensors" in line and "sha256" in line for line in verdict.lines)
 
 
-def test_verify_fails_when_the_artifact_is_not_what_the_spec_says(base, dirs, tmp_path):
-    arch, model, tokenizer, directory = base
-    if arch != "llama":
-        pytest.skip("one architecture suffices")
+def test_verify_fails_when_the_artifact_is_not_what_the_spec_says(llama_base, dirs, tmp_path):
+    arch, model, tokenizer, directory = llama_base
     plan = compile_case("add direction {p}:v by 2 site resid_post.1", model, tokenizer, dirs)
     export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
     verdict = verify_artifact(tmp_path / "out", spec=f"add direction {dirs}:v by 2.5 site resid_post.1")

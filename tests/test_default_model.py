@@ -97,3 +97,66 @@ def test_norm_units_are_multiples_of_the_mean_residual_norm(default_model):
     v = load_file(str(direction))["weddings"]
     expected = 0.25 * mean_norm / v.norm()
     assert plan.sites[0].edits[0].amount == pytest.approx(float(expected), rel=1e-5)
+
+
+EXACT_SPEC = (f"steer direction {EDITS / 'directions' / 'smollm2-135m-instruct.safetensors'}:weddings by 0.3 units norm site resid_post.10; "
+              f"project out direction {EDITS / 'directions' / 'smollm2-135m-instruct.safetensors'}:weddings by 50% site writers")
+
+
+def _kl_and_top1(reference, artifact, tokenizer, texts):
+    kls, agree = [], []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        ref_logp = torch.log_softmax(reference(ids).double(), -1)
+        art_logp = torch.log_softmax(artifact(ids).double(), -1)
+        kls.append((ref_logp.exp() * (ref_logp - art_logp)).sum(-1).flatten())
+        agree.append((ref_logp.argmax(-1) == art_logp.argmax(-1)).flatten())
+    return torch.cat(kls), torch.cat(agree)
+
+
+def test_weights_export_reloads_in_plain_transformers_exactly(default_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = default_model
+    out = tmp_path / "export"
+    result = steer_cli("export", EXACT_SPEC, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias"] is True and config["tie_word_embeddings"] is False
+    assert "auto_map" not in config  # nothing custom: plain transformers classes
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    plan = steer.compile(EXACT_SPEC, model, tokenizer=tokenizer)
+
+    def hooked(ids):
+        with steer.applied(model, plan):
+            return model(ids).logits
+
+    texts = [t for t in resources.files("steer.data").joinpath("calibration.txt").read_text().splitlines() if t][:8]
+    with torch.no_grad():
+        kl, top1 = _kl_and_top1(hooked, lambda ids: merged(ids).logits, tokenizer, texts)
+        clean_kl, _ = _kl_and_top1(hooked, lambda ids: model(ids).logits, tokenizer, texts)
+    assert kl.max() < 1e-6, f"max KL {kl.max():.3g}"
+    assert bool(top1.all())
+    assert clean_kl.mean() > 1e-2, "the spec should change the model measurably"
+    verified = steer_cli("verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "verified" in verified.stdout
+
+
+def test_peft_adapter_equals_hooks_for_project_out(default_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from steer.export.checkpoint import base_directory, export
+
+    model, tokenizer = default_model
+    spec = f"project out direction {EDITS / 'directions' / 'smollm2-135m-instruct.safetensors'}:weddings site writers"
+    plan = steer.compile(spec, model, tokenizer=tokenizer)
+    export(plan, model, tokenizer, "adapter", tmp_path / "adapter", base="smollm2-135m-instruct")
+    base = AutoModelForCausalLM.from_pretrained(str(base_directory("smollm2-135m-instruct")), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = tokenizer(PROMPT + " I went hiking and then cooked dinner.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        with steer.applied(model, plan):
+            reference = model(ids).logits
+        torch.testing.assert_close(adapted(ids).logits, reference, atol=1e-4, rtol=1e-5)

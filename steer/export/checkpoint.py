@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from steer.errors import SteerError
 from steer.export.atomic import atomic_directory
 from steer.lower.pack import write_pack
-from steer.lower.weights import EditLowering, LoweringError, WeightPatch, lower_to_weights
+from steer.lower.targets import EditLowering, LoweringError
+from steer.lower.weights import WeightPatch, lower_to_weights
 from steer.models.adapters import adapter_for
 from steer.models.loading import resolve_checkpoint
 from steer.plan.ir import Plan

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steer.lower.weights import EditLowering, LoweringError, Unlowerable
+from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
 from steer.models.adapters import Site, adapter_for
 from steer.plan.ir import Plan, SiteEdit
 
@@ -69,50 +69,38 @@ def lower_to_adapter(plan: Plan, model: nn.Module) -> tuple[dict[str, _Module], 
     arch = adapter_for(model)
     config = model.config.to_dict()
     modules: dict[str, _Module] = {}
-    lowerings: dict[int, EditLowering] = {}
-    failures = {}
-    for sp in plan.sites:
-        for se in sp.edits:
-            low = lowerings.setdefault(se.index, EditLowering(se.index, se.edit))
-            try:
-                kind = _rule(se, sp.site, arch)
-            except Unlowerable as exc:
-                failures.setdefault(se.index, (se.edit, str(exc)))
-                continue
-            if kind is None:
-                low.note = "changes no output; monitoring needs hooks"
-                continue
-            u, p = se.write.double(), se.amount
-            if kind == "embedding":
-                if config.get("tie_word_embeddings"):
-                    low.note = ("the token embedding is tied to the output layer: serve this adapter unmerged "
-                                "(merge_and_unload would change the output layer too; the weights target unties instead)")
-                names = [arch.embedding] + ([arch.position_embedding] if arch.position_embedding else [])
-                for name in names:
-                    E = model.get_submodule(name).weight.detach().double()  # (vocab, d)
-                    m = modules.setdefault(name, _Module("embedding"))
-                    m.A.append(E @ u)
-                    m.B.append(-p * u)
-            else:
-                layer = sp.site.layer
-                relative = arch.attn_writer if sp.site.kind == "attn_out" else arch.mlp_writer
-                name = f"{arch.layers}.{layer}.{relative}"
-                writer = model.get_submodule(name)
-                W = writer.weight.detach().double()
-                m = modules.setdefault(name, _Module("conv1d" if arch.conv1d_writers else "linear"))
-                m.A.append(W @ u if arch.conv1d_writers else u @ W)
-                m.B.append(-p * u)
-                bias = getattr(writer, "bias", None)
-                if bias is not None and abs(float(bias.double() @ u)) > BIAS_TOLERANCE * max(1.0, float(bias.norm())):
-                    low.kind = "approximate"
-                    low.note = "LoRA cannot change the writer bias: its component along û remains"
-            low.sites.append(str(sp.site))
-            low.tensors.append(name)
-    if failures:
-        from steer.lower.targets import describe_failures
 
-        raise LoweringError(describe_failures("adapter", failures, plan, config), where="target adapter")
-    return modules, sorted(lowerings.values(), key=lambda l: l.index)
+    def rule(se: SiteEdit, site: Site, low: EditLowering) -> list[str] | None:
+        kind = _rule(se, site, arch)
+        if kind is None:
+            return None
+        u, p = se.write.double(), se.amount
+        if kind == "embedding":
+            if config.get("tie_word_embeddings"):
+                low.note = ("the token embedding is tied to the output layer: serve this adapter unmerged "
+                            "(merge_and_unload would change the output layer too; the weights target unties instead)")
+            names = [arch.embedding] + ([arch.position_embedding] if arch.position_embedding else [])
+            for name in names:
+                E = model.get_submodule(name).weight.detach().double()  # (vocab, d)
+                m = modules.setdefault(name, _Module("embedding"))
+                m.A.append(E @ u)
+                m.B.append(-p * u)
+            return names
+        relative = arch.attn_writer if site.kind == "attn_out" else arch.mlp_writer
+        name = f"{arch.layers}.{site.layer}.{relative}"
+        writer = model.get_submodule(name)
+        W = writer.weight.detach().double()
+        m = modules.setdefault(name, _Module("conv1d" if arch.conv1d_writers else "linear"))
+        m.A.append(W @ u if arch.conv1d_writers else u @ W)
+        m.B.append(-p * u)
+        bias = getattr(writer, "bias", None)
+        if bias is not None and abs(float(bias.double() @ u)) > BIAS_TOLERANCE * max(1.0, float(bias.norm())):
+            low.kind = "approximate"
+            low.note = "LoRA cannot change the writer bias: its component along û remains"
+        return [name]
+
+    lowerings = lower_each(plan, "adapter", config, rule)
+    return modules, lowerings
 
 
 def write_adapter(plan: Plan, model: nn.Module, directory: Path, base_model_name: str) -> list[EditLowering]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steer.lower.weights import EditLowering, LoweringError, Unlowerable
+from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
 from steer.models.adapters import Site, adapter_for
 from steer.plan.ir import Plan, SiteEdit
 
@@ -54,26 +54,15 @@ def write_cvec(plan: Plan, path: Path, model_type: str) -> list[EditLowering]:
 
     arch = adapter_for(model_type)
     directions: dict[int, torch.Tensor] = {}
-    lowerings: dict[int, EditLowering] = {}
-    failures = {}
-    for sp in plan.sites:
-        for se in sp.edits:
-            low = lowerings.setdefault(se.index, EditLowering(se.index, se.edit))
-            try:
-                layer = _layer(se, sp.site, arch)
-            except Unlowerable as exc:
-                failures.setdefault(se.index, (se.edit, str(exc)))
-                continue
-            if layer is None:
-                low.note = "changes no output; monitoring needs hooks"
-                continue
-            directions[layer] = directions.get(layer, torch.zeros(plan.hidden_size, dtype=torch.float64)) + se.amount * se.write.double()
-            low.sites.append(str(sp.site))
-            low.tensors.append(f"direction.{layer}")
-    if failures:
-        from steer.lower.targets import describe_failures
 
-        raise LoweringError(describe_failures("cvec", failures, plan, {"model_type": model_type}), where="target cvec")
+    def rule(se: SiteEdit, site: Site, _low: EditLowering) -> list[str] | None:
+        layer = _layer(se, site, arch)
+        if layer is None:
+            return None
+        directions[layer] = directions.get(layer, torch.zeros(plan.hidden_size, dtype=torch.float64)) + se.amount * se.write.double()
+        return [f"direction.{layer}"]
+
+    lowerings = lower_each(plan, "cvec", {"model_type": model_type}, rule)
     if not directions:
         raise LoweringError("no edit adds anything, so the control vector would be empty", where="target cvec")
     writer = gguf.GGUFWriter(str(path), "controlvector")
@@ -85,4 +74,4 @@ def write_cvec(plan: Plan, path: Path, model_type: str) -> list[EditLowering]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return sorted(lowerings.values(), key=lambda l: l.index)
+    return lowerings

@@ -7,7 +7,63 @@ with its reason and the targets that would take it (hooks and pack take all).
 
 from __future__ import annotations
 
-from steer.plan.ir import Plan
+from dataclasses import dataclass, field
+from typing import Callable
+
+from steer.errors import SteerError
+from steer.models.adapters import Site
+from steer.plan.ir import Plan, SiteEdit
+from steer.spec.edit import Edit
+
+
+class LoweringError(SteerError):
+    """An edit that the chosen target cannot express (or only approximately, when that is refused)."""
+
+
+class Unlowerable(Exception):
+    """Raised by a target's per-edit rule: why this edit has no lowering there."""
+
+
+@dataclass
+class EditLowering:
+    """How one edit of the spec was lowered, across all its sites."""
+
+    index: int
+    edit: Edit
+    kind: str = "exact"
+    """exact | approximate."""
+    sites: list[str] = field(default_factory=list)
+    tensors: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+Rule = Callable[[SiteEdit, Site, EditLowering], "list[str] | None"]
+
+
+def lower_each(plan: Plan, target: str, config: dict, rule: Rule) -> list[EditLowering]:
+    """Apply ``rule`` to every site edit; every `Unlowerable` is gathered into one `LoweringError`.
+
+    ``rule`` returns the names of what it changed, or None when the edit changes
+    no output (monitor); it may set ``kind``/``note`` on the edit's lowering.
+    """
+    lowerings: dict[int, EditLowering] = {}
+    failures: dict[int, tuple[Edit, str]] = {}
+    for sp in plan.sites:
+        for se in sp.edits:
+            low = lowerings.setdefault(se.index, EditLowering(se.index, se.edit))
+            try:
+                changed = rule(se, sp.site, low)
+            except Unlowerable as exc:
+                failures.setdefault(se.index, (se.edit, str(exc)))
+                continue
+            if changed is None:
+                low.note = low.note or "changes no output; monitoring needs hooks"
+                continue
+            low.sites.append(str(sp.site))
+            low.tensors.extend(t for t in changed if t not in low.tensors)
+    if failures:
+        raise LoweringError(describe_failures(target, failures, plan, config), where=f"target {target}")
+    return [lowerings[i] for i in sorted(lowerings)]
 
 
 def _checks():

@@ -34,18 +34,9 @@ from typing import Callable
 
 import torch
 
-from steer.errors import SteerError
+from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each  # noqa: F401 (re-exported)
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for
 from steer.plan.ir import Plan, SiteEdit
-from steer.spec.edit import Edit
-
-
-class LoweringError(SteerError):
-    """An edit that the chosen target cannot express."""
-
-
-class Unlowerable(Exception):
-    """Raised by a per-edit lowering rule: the reason this edit has no lowering here."""
 
 
 @dataclass(frozen=True)
@@ -67,17 +58,6 @@ class NewTensor:
 
 
 @dataclass
-class EditLowering:
-    index: int
-    edit: Edit
-    kind: str = "exact"
-    """exact | approximate."""
-    sites: list[str] = field(default_factory=list)
-    tensors: list[str] = field(default_factory=list)
-    note: str = ""
-
-
-@dataclass
 class WeightPatch:
     deltas: list[Delta]
     new_tensors: list[NewTensor]
@@ -92,28 +72,9 @@ class WeightPatch:
 
 def lower_to_weights(plan: Plan, config: dict) -> WeightPatch:
     """The weight patch for ``plan``; `LoweringError` listing every edit that has none."""
-    adapter = adapter_for(config.get("model_type", ""))
-    builder = _PatchBuilder(adapter, config)
-    lowerings: dict[int, EditLowering] = {}
-    failures: dict[int, tuple[Edit, str]] = {}
-    for site_plan in plan.sites:
-        for se in site_plan.edits:
-            low = lowerings.setdefault(se.index, EditLowering(se.index, se.edit))
-            try:
-                tensors = builder.lower(se, site_plan.site)
-            except Unlowerable as exc:
-                failures.setdefault(se.index, (se.edit, str(exc)))
-                continue
-            low.sites.append(str(site_plan.site))
-            low.tensors.extend(t for t in tensors if t not in low.tensors)
-    if failures:
-        from steer.lower.targets import describe_failures
-
-        raise LoweringError(describe_failures("weights", failures, plan, config), where="target weights")
-    for low in lowerings.values():
-        if low.edit.op == "monitor":
-            low.note = "changes no output; monitoring needs hooks"
-    return WeightPatch(builder.deltas, builder.new_tensors, builder.config, sorted(lowerings.values(), key=lambda l: l.index), builder.notes)
+    builder = _PatchBuilder(adapter_for(config.get("model_type", "")), config)
+    lowerings = lower_each(plan, "weights", config, lambda se, site, _low: builder.lower(se, site))
+    return WeightPatch(builder.deltas, builder.new_tensors, builder.config, lowerings, builder.notes)
 
 
 def check_weights(se: SiteEdit, site: Site, config: dict) -> str | None:
@@ -134,9 +95,9 @@ class _PatchBuilder:
         self.notes: list[str] = []
 
     # -- per edit ----------------------------------------------------------------
-    def lower(self, se: SiteEdit, site: Site) -> list[str]:
+    def lower(self, se: SiteEdit, site: Site) -> list[str] | None:
         if se.op == "monitor":
-            return []
+            return None
         if se.scope != "all" or se.when_slot is not None:
             raise Unlowerable("it applies only at some tokens (scope/when): no weight change does that")
         if se.op not in ("add", "project_out"):

@@ -45,6 +45,31 @@ class StepOutput:
     """Smallest kept activation (the batchtopk threshold estimate for this batch)."""
 
 
+class _KeptPreActivation(torch.autograd.Function):
+    """``v_n = (x[t_n] − b_dec)·W_enc[:, f_n] + b_enc[f_n]`` for the kept (token, feature) pairs only.
+
+    The values come in already computed (from the no-grad dense pre-activation);
+    the backward pass touches only the kept pairs — ``B·k·d`` multiply-adds
+    instead of the dense ``B·W·d`` of autograd through ``x @ W_enc``.
+    """
+
+    @staticmethod
+    def forward(ctx, values, x, W_enc, b_enc, b_dec, tokens, features):
+        ctx.save_for_backward(x, W_enc, b_dec, tokens, features)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):                                             # grad (N,)
+        x, W_enc, b_dec, tokens, features = ctx.saved_tensors
+        width = W_enc.shape[1]
+        G = torch.sparse_coo_tensor(torch.stack([features, tokens]), grad, (width, x.shape[0]),
+                                    check_invariants=False)                # (W, B), N entries; indices in range by construction
+        grad_W_enc = torch.sparse.mm(G, x - b_dec).t().contiguous()      # (d, W)
+        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, features, grad)
+        grad_b_dec = -(W_enc @ grad_b_enc)
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+
+
 class TopKAutoencoder(nn.Module):
     def __init__(self, d_in: int, width: int, k: int, batch_topk: bool = False, *, generator: torch.Generator | None = None):
         super().__init__()
@@ -59,21 +84,28 @@ class TopKAutoencoder(nn.Module):
 
     # -- encode / decode ---------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)  # (B, W)
+        """``relu((x - b_dec) W_enc + b_enc)``, ``(B, W)``, without a gradient (the kept entries get one in `forward`)."""
+        with torch.no_grad():
+            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_()
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kept activations as flat ``(values, features, offsets)``: token b's are ``[offsets[b]:offsets[b+1]]``."""
+        """Kept entries as flat ``(tokens, features, offsets)``: token b's are ``[offsets[b]:offsets[b+1]]``."""
         B = pre.shape[0]
         if not self.batch_topk:
-            top = pre.topk(self.k, dim=-1, sorted=False)                # (B, k)
+            features = pre.topk(self.k, dim=-1, sorted=False).indices.reshape(-1)     # (B·k,)
+            tokens = torch.arange(B, device=pre.device).repeat_interleave(self.k)
             offsets = torch.arange(0, B * self.k + 1, self.k, device=pre.device)
-            return top.values.reshape(-1), top.indices.reshape(-1), offsets
-        flat = pre.reshape(-1).topk(min(self.k * B, pre.numel()), sorted=False)
-        tokens, features = flat.indices // self.width, flat.indices % self.width
-        order = torch.argsort(tokens, stable=True)
-        counts = torch.bincount(tokens, minlength=B)
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return flat.values[order], features[order], offsets
+            return tokens, features, offsets
+        flat = pre.reshape(-1).topk(min(self.k * B, pre.numel()), sorted=False).indices
+        flat = flat.sort().values                                                    # token-major order
+        tokens, features = flat // self.width, flat % self.width
+        offsets = torch.cat([tokens.new_zeros(1), torch.bincount(tokens, minlength=B).cumsum(0)])
+        return tokens, features, offsets
+
+    def kept_values(self, x: torch.Tensor, pre: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The kept pre-activations, with a sparse gradient into W_enc, b_enc and b_dec."""
+        values = _KeptPreActivation.apply(pre[tokens, features], x, self.W_enc, self.b_enc, self.b_dec, tokens, features)
+        return torch.relu(values)
 
     def decode(self, values: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         bags = F.embedding_bag(features, self.W_dec, offsets[:-1], mode="sum", per_sample_weights=values)  # (B, d)
@@ -82,8 +114,9 @@ class TopKAutoencoder(nn.Module):
     # -- one training forward ----------------------------------------------------
     def forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, auxk_alpha: float = 0.0) -> StepOutput:
         """Loss and metrics for a batch ``x (B, d)``; ``dead (W,)`` bool marks features fed by AuxK."""
-        pre = self.pre_activation(x)
-        values, features, offsets = self.select(pre)
+        pre = self.pre_activation(x)                                   # (B, W), no grad
+        tokens, features, offsets = self.select(pre)
+        values = self.kept_values(x, pre, tokens, features)            # (B·k,)
         x_hat = self.decode(values, features, offsets)
         total_variance = (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
         error = x - x_hat
@@ -92,20 +125,21 @@ class TopKAutoencoder(nn.Module):
         if auxk_alpha > 0 and dead is not None and bool(dead.any()):
             n_dead = int(dead.sum())
             k_aux = min(self.k_aux, n_dead)
-            dead_pre = torch.where(dead, pre, pre.new_zeros(()))   # (B, W)
-            top = dead_pre.topk(k_aux, dim=-1, sorted=False)
             B = x.shape[0]
-            aux_offsets = torch.arange(0, B * k_aux + 1, k_aux, device=x.device)
-            e_hat = F.embedding_bag(top.indices.reshape(-1), self.W_dec, aux_offsets[:-1], mode="sum",
-                                    per_sample_weights=top.values.reshape(-1))
+            aux_features = pre.masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)
+            aux_tokens = torch.arange(B, device=x.device).repeat_interleave(k_aux)
+            aux_values = self.kept_values(x, pre, aux_tokens, aux_features)
+            aux_offsets = torch.arange(0, B * k_aux, k_aux, device=x.device)
+            e_hat = F.embedding_bag(aux_features, self.W_dec, aux_offsets, mode="sum", per_sample_weights=aux_values)
             scale = min(1.0, n_dead / self.k_aux)
             auxk = scale * (e_hat - error.detach()).pow(2).sum() / total_variance
+        active = values.detach() > 0
         fired = torch.zeros(self.width, dtype=torch.bool, device=x.device)
-        fired[features[values > 0]] = True
+        fired[features[active]] = True
         return StepOutput(
             loss=fvu + auxk_alpha * auxk, fvu=fvu.detach(), auxk=auxk.detach(),
-            l0=float((values > 0).sum()) / x.shape[0], fired=fired,
-            min_kept=float(values.detach().min()) if values.numel() else 0.0,
+            l0=float(active.sum()) / x.shape[0], fired=fired,
+            min_kept=float(values.detach()[active].min()) if bool(active.any()) else 0.0,
         )
 
     # -- decoder constraint --------------------------------------------------------

@@ -63,11 +63,11 @@ class TensorSource:
         return {}
 
 
-def tensor_source(activations: torch.Tensor, config: TrainConfig) -> TensorSource:
+def tensor_source(activations: torch.Tensor, config: TrainConfig, rank: int = 0, world: int = 1) -> TensorSource:
     acts = activations.detach().float().cpu()
     if acts.dim() != 2:
         raise TrainError(f"activations must be (N, d_in), got shape {tuple(acts.shape)}")
-    return TensorSource(lambda idx: acts[idx], acts.shape[0], config)
+    return TensorSource(lambda idx: acts[idx], acts.shape[0], config, rank, world)
 
 
 class CachedSource(TensorSource):

@@ -138,7 +138,7 @@ def _prepare(config, work, accelerator, model, tokenizer, activations, resume, p
 
     site = model_name = None
     if activations is not None:
-        source = tensor_source(activations, config)
+        source = tensor_source(activations, config, rank, world)
         d_in = activations.shape[1]
     else:
         from steer.data.corpus import first_document, open_corpus
@@ -403,7 +403,9 @@ def _batchtopk_threshold(ae: TopKAutoencoder, batches, input_scale: float) -> fl
     """θ (in the scaled input space): the mean over batches of the smallest activation batchtopk keeps."""
     minima = []
     for x in batches:
-        values, _, _ = ae.select(ae.pre_activation(x.to(ae.W_dec.device) * input_scale))
+        pre = ae.pre_activation(x.to(ae.W_dec.device) * input_scale)
+        tokens, features, _ = ae.select(pre)
+        values = pre[tokens, features]
         positive = values[values > 0]
         if positive.numel():
             minima.append(float(positive.min()))

