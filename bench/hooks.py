@@ -61,6 +61,8 @@ from steer.sae import SAE, save_sae
 
 SITE = "resid_post.15"
 CONFIGS = ("unsteered", "steered", "splice")
+CONTROL = "unsteered again"
+"""A second unsteered configuration in the paired steps: unsteered/(unsteered again) is the noise floor (A/A)."""
 PROMPTS = [
     "Tell me about the history of Rome.",
     "How do I bake a loaf of sourdough bread?",
@@ -89,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) first (default: torch's own default); on a shared, busy machine "
                         "--threads 1 avoids OpenMP stalls and makes the CPU-time rows exact")
-    p.add_argument("--time-limit", type=float, default=540.0,
-                   help="seconds: start no new round that would likely end past this since start; ≥ 1 round always runs (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, default=560.0,
+                   help="seconds: start no new round if it and what follows the rounds would likely end past this since "
+                        "start; ≥ 1 round always runs (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 round, 4-token warm-up")
     args = p.parse_args(argv)
     if args.quick:
@@ -251,7 +254,9 @@ def measure(model, tokenizer, contexts, batches, args, deadline: float):
                 steps.setdefault((b, name), []).extend(step_seconds)
                 log(f"round {r + 1}/{args.rounds} batch {b} {name:<9} {b * args.new_tokens / seconds:7.2f} tok/s")
         now = time.perf_counter()
-        if r + 1 < args.rounds and now + (now - started) > deadline:
+        # what still follows the rounds: paired steps (4 configurations, the splice slower) and ~45 s of checks and per-call timing
+        tail = 1.5 * 4 * args.paired_steps * sum(statistics.median(w for w, _ in steps[b, "unsteered"]) for b in batches) + 45
+        if r + 1 < args.rounds and now + (now - started) + tail > deadline:
             log(f"stopping after {r + 1} round(s): another would pass --time-limit")
             break
     return times, steps, tokens
@@ -301,23 +306,27 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
     """(wall, CPU) seconds of ``n_steps`` KV-cached greedy decode steps per configuration, interleaved step by step.
 
     Each configuration keeps its own cache and greedy trajectory; within each
-    step the three run back to back in rotating order, so load that comes and
-    goes hits them alike. Only the forward call inside the context is timed.
+    step all run back to back in rotating order, so load that comes and goes
+    hits them alike. Only the forward call inside the context is timed. A
+    second unsteered run (CONTROL) measures how far apart two identical
+    configurations come out: the noise floor of these ratios.
     """
     from transformers import DynamicCache
 
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
+    contexts = {**contexts, CONTROL: contexts["unsteered"]}
+    names = (*CONFIGS, CONTROL)
     state = {}
     with torch.no_grad():
-        for name in CONFIGS:  # prefill
+        for name in names:  # prefill
             cache, mask = DynamicCache(), inputs["attention_mask"]
             with contexts[name]():
                 logits = model(input_ids=inputs["input_ids"], attention_mask=mask, **{cache_arg: cache},
                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True).logits
             state[name] = (cache, mask, logits[:, -1:].argmax(-1))  # next token (B, 1)
-        seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
+        seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for step in range(n_steps):
-            for name in CONFIGS[step % 3:] + CONFIGS[:step % 3]:
+            for name in names[step % len(names):] + names[:step % len(names)]:
                 cache, mask, token = state[name]
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 with contexts[name]():
@@ -330,11 +339,11 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
 
 
 def paired_report(paired: dict[int, dict[str, list[tuple[float, float]]]], n_steps: int) -> list[str]:
-    """Medians of the per-step throughput ratios (each step's three timings taken back to back), and a verdict on them."""
+    """Medians of the per-step throughput ratios (each step's timings taken back to back), and a verdict on them."""
     lines = [f"paired decode steps ({n_steps} per configuration, interleaved step by step): median ms; ratios are "
              "medians over steps of each step's throughput ratio"]
     ok = True
-    pairs = (("steered", "unsteered"), ("splice", "unsteered"), ("steered", "splice"))
+    pairs = (("steered", "unsteered"), ("splice", "unsteered"), ("steered", "splice"), ("unsteered", CONTROL))
     for b, seconds in paired.items():
         cells = "  ".join(f"{n} {1e3 * statistics.median(w for w, _ in seconds[n]):.1f} wall / "
                           f"{1e3 * statistics.median(c for _, c in seconds[n]):.1f} cpu" for n in CONFIGS)
@@ -344,7 +353,8 @@ def paired_report(paired: dict[int, dict[str, list[tuple[float, float]]]], n_ste
         lines.append("           " + ";  ".join(f"{x}/{y} {ratio[x, y, 'wall']:.3f} wall, {ratio[x, y, 'cpu']:.3f} cpu"
                                                 for x, y in pairs))
         ok &= ratio["steered", "unsteered", "wall"] >= 0.97 and ratio["steered", "splice", "wall"] > 1.0
-    lines.append(f"  paired-step verdict (wall): {'PASS' if ok else 'FAIL'} against the same targets")
+    lines.append(f"  paired-step verdict (wall): {'PASS' if ok else 'FAIL'} against the same targets; "
+                 f"unsteered/{CONTROL} is the A/A noise floor")
     return lines
 
 
@@ -488,16 +498,10 @@ def main(argv=None) -> int:
     times, steps, tokens = measure(model, tokenizer, contexts, batches, args, deadline=t0 + args.time_limit)
     load_after = os.getloadavg()[0]
     table, verdict = report(times, steps, args)
-    log("checking sparse hooks ≡ splice")
-    equivalence = check_equivalence(model, contexts, batches, tokens)
     largest = max(args.batch_sizes)
     generated = generated_activations(model, batches[largest], tokens[largest, "unsteered"])
-    log("timing paired decode steps")
-    paired = {b: paired_steps(model, contexts, batches[b], args.paired_steps) for b in args.batch_sizes}
-    step_ms = {b: 1e3 * statistics.median(w for w, _ in paired[b]["unsteered"]) for b in args.batch_sizes}
-    log("timing the hooks alone")
-    micro = hook_micro(model, plan, splice, args.batch_sizes, step_ms)
 
+    # printed as each part is done, so a run cut short still shows the main table
     print(f"steer hook benchmark: {args.model}, site {SITE}, greedy, KV cache, {args.new_tokens} new tokens, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before / {load_after:.1f} after timing")
@@ -509,12 +513,17 @@ def main(argv=None) -> int:
     print("\n".join(table))
     print()
     print(verdict)
-    print()
-    print("\n".join(equivalence))
-    print()
+    print(flush=True)
+    log("checking sparse hooks ≡ splice")
+    print("\n".join(check_equivalence(model, contexts, batches, tokens)))
+    print(flush=True)
+    log("timing paired decode steps")
+    paired = {b: paired_steps(model, contexts, batches[b], args.paired_steps) for b in args.batch_sizes}
     print("\n".join(paired_report(paired, args.paired_steps)))
-    print()
-    print("\n".join(micro))
+    print(flush=True)
+    log("timing the hooks alone")
+    step_ms = {b: 1e3 * statistics.median(w for w, _ in paired[b]["unsteered"]) for b in args.batch_sizes}
+    print("\n".join(hook_micro(model, plan, splice, args.batch_sizes, step_ms)))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
     return 0
 

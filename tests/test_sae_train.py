@@ -7,6 +7,7 @@ random Llama with a character-level tokenizer; nothing of the trainer is mocked.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def tiny_config(corpus: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steer.cli.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+def cli(*args: str, launcher: tuple[str, ...] = (sys.executable, "-m")) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    return subprocess.run([*launcher, "steer.cli.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
 
 
 # -- the trainer ----------------------------------------------------------------------------------------
@@ -238,11 +240,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_dir, corpus
     assert not (tmp_path / "o").exists()
 
 
+ACCELERATE_ONE_CPU_PROCESS = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m")
+
+
 def test_cli_train_then_eval_end_to_end(tmp_path, tiny_dir, corpus_file):
+    """`steer sae train` under `accelerate launch` (one CPU process here), then `steer sae eval` and `inspect`."""
     out = tmp_path / "sae"
     trained = cli("sae", "train", "--model", str(tiny_dir), "--site", "resid_post.1", "--width", "64", "--k", "4",
                   "--corpus", str(corpus_file), "--tokens", "4096", "--batch-size", "512", "--context-size", "32",
-                  "--device", "cpu", "--quiet", "-o", str(out))
+                  "--quiet", "-o", str(out), launcher=ACCELERATE_ONE_CPU_PROCESS)
     assert trained.returncode == 0, trained.stderr
     assert "4,096 tokens seen" in trained.stdout
     assert (out / "cfg.json").is_file() and not (tmp_path / ".sae.train").exists()
@@ -254,3 +261,37 @@ def test_cli_train_then_eval_end_to_end(tmp_path, tiny_dir, corpus_file):
     assert m["ce_zero"] > 0 and m["delta_lm_loss"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
     inspected = cli("sae", "inspect", str(out))
     assert inspected.returncode == 0 and "topk" in inspected.stdout
+
+
+# -- corpora and the default SAE's cache -------------------------------------------------------------------
+
+
+def test_corpus_readers_and_held_out_split(tmp_path, corpus_file):
+    from steer.data.corpus import CorpusError, open_corpus
+
+    (tmp_path / "docs").mkdir()
+    texts = [f"Document number {i} says something about {WORDS[i % len(WORDS)]}." for i in range(400)]
+    (tmp_path / "docs" / "a.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts[:200]) + "\n")
+    (tmp_path / "docs" / "b.txt").write_text("\n\n".join(texts[200:]))
+    (tmp_path / "docs" / ".hidden.txt").write_text("never read")
+    corpus = open_corpus(tmp_path / "docs", text_field="body")
+    assert [p.name for p in corpus.files] == ["a.jsonl", "b.txt"]
+    everything = list(corpus.documents("all"))
+    train, held = list(corpus.documents("train", 0.2)), list(corpus.documents("held_out", 0.2))
+    assert not set(train) & set(held) and sorted(train + held) == sorted(everything)
+    assert 0.1 < len([t for t in held if t in texts[:200]]) / 200 < 0.3        # JSONL: one document per line
+    assert all(len(doc) < 2500 for doc in everything if doc not in texts)      # text: ~2000-character documents
+    (tmp_path / "bad.jsonl").write_text('{"body": "fine"}\n{"text": "no body"}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: no 'body' field"):
+        list(open_corpus(tmp_path / "bad.jsonl", text_field="body").documents())
+
+
+def test_default_sae_returns_the_cached_sae_without_training(tmp_path, monkeypatch):
+    from steer.sae import save_sae
+    from steer.train import DEFAULT_RECIPE, default_sae, recipe_hash
+    from tests.conftest import random_sae
+
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
+    expected = tmp_path / "saes" / f"{DEFAULT_RECIPE.stem}-{recipe_hash(load_recipe(DEFAULT_RECIPE))}"
+    save_sae(random_sae(d_in=576, d_sae=8, site="resid_post.10"), expected)
+    assert default_sae(progress=False) == expected

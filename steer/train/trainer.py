@@ -51,6 +51,8 @@ from steer.train.sources import INIT_SAMPLE, CachedSource, StreamingSource, tens
 from steer.train.statistics import feature_statistics
 
 CHECKPOINT = "checkpoint.pt"
+RECIPE_HASH = "recipe_hash"
+"""File in the work directory naming the recipe whose checkpoint and activation cache it holds."""
 
 
 @dataclass
@@ -127,45 +129,20 @@ def _accelerator(config: TrainConfig):
 
 def _prepare(config, work, accelerator, model, tokenizer, activations, resume, progress) -> _Run:
     device = torch.device(config.device) if config.device not in (None, "cpu") else accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if config.batch_size % world:
         raise TrainError(f"batch_size {config.batch_size} is not divisible by the {world} data-parallel processes")
     checkpoint = _load_checkpoint(work, config) if resume else None
-    if checkpoint is None and accelerator.is_main_process and work.exists():
+    same_recipe = resume and _work_recipe(work) == recipe_hash(config)  # e.g. a cache filled before any checkpoint
+    if accelerator.is_main_process and work.exists() and checkpoint is None and not same_recipe:
         shutil.rmtree(work, ignore_errors=True)  # a stale or unwanted run: start clean
     accelerator.wait_for_everyone()
     work.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (work / RECIPE_HASH).write_text(recipe_hash(config))
 
-    site = model_name = None
-    if activations is not None:
-        source = tensor_source(activations, config, rank, world)
-        d_in = activations.shape[1]
-    else:
-        from steer.data.corpus import first_document, open_corpus
-        from steer.models import load_model
-        from steer.models.adapters import adapter_for, hidden_size, parse_site_name
-        from steer.train.activations import SiteReader
-
-        corpus = open_corpus(config.corpus, text_field=config.text_field)
-        first_document(corpus, "train", config.held_out)     # empty corpus: fail before loading the model
-        if parse_site_name(config.site) is None and "." not in config.site:
-            raise TrainError(f"unknown site {config.site!r}: use resid_pre.L, resid_post.L, attn_out.L or mlp_out.L", where="site")
-        if model is None:
-            model, tokenizer = load_model(config.model, device=str(device))
-        elif tokenizer is None:
-            raise TrainError("a model was given without its tokenizer")
-        parsed = adapter_for(model).parse_site(config.site, model)
-        site, model_name, d_in = str(parsed), config.model, hidden_size(model)
-        reader = SiteReader(model, parsed)
-        model_device = next(model.parameters()).device
-        if config.epochs > 1:
-            source = CachedSource(config, corpus, tokenizer, reader, d_in, work, rank=rank, world=world,
-                                  device=model_device, progress=progress and accelerator.is_main_process)
-        else:
-            state = (checkpoint or {}).get("source", {})
-            source = StreamingSource(config, corpus, tokenizer, reader, rank=rank, world=world, device=model_device,
-                                     rows_consumed=state.get("rows_consumed", 0), passes=state.get("passes", 0))
-
+    source, d_in, site, model_name = _open_source(config, work, accelerator, device, model, tokenizer, activations,
+                                                  checkpoint, progress)
     generator = torch.Generator().manual_seed(config.seed)
     autoencoder = TopKAutoencoder(d_in, config.width, config.k, config.architecture == "batchtopk", generator=generator)
     if checkpoint is None:
@@ -187,6 +164,35 @@ def _prepare(config, work, accelerator, model, tokenizer, activations, resume, p
             print(f"steer: resuming from step {run.step} of {config.steps} ({run.step * config.batch_size:,} tokens seen) "
                   f"in {work}", file=sys.stderr)
     return run
+
+
+def _open_source(config, work, accelerator, device, model, tokenizer, activations, checkpoint, progress):
+    """``(source, d_in, site, model_name)``: batches from a tensor, or from the model over the corpus."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if activations is not None:
+        return tensor_source(activations, config, rank, world), activations.shape[1], None, None
+    from steer.data.corpus import first_document, open_corpus
+    from steer.models import load_model
+    from steer.models.adapters import adapter_for, hidden_size
+    from steer.train.activations import SiteReader
+
+    corpus = open_corpus(config.corpus, text_field=config.text_field)
+    first_document(corpus, "train", config.held_out)     # an empty corpus fails before the model loads
+    if model is None:
+        model, tokenizer = load_model(config.model, device=str(device))
+    elif tokenizer is None:
+        raise TrainError("a model was given without its tokenizer")
+    site = adapter_for(model).parse_site(config.site, model)
+    reader = SiteReader(model, site)
+    model_device = next(model.parameters()).device
+    if config.epochs > 1:
+        source = CachedSource(config, corpus, tokenizer, reader, hidden_size(model), work, rank=rank, world=world,
+                              device=model_device, progress=progress and accelerator.is_main_process)
+    else:
+        state = (checkpoint or {}).get("source", {})
+        source = StreamingSource(config, corpus, tokenizer, reader, rank=rank, world=world, device=model_device,
+                                 rows_consumed=state.get("rows_consumed", 0), passes=state.get("passes", 0))
+    return source, hidden_size(model), str(site), config.model
 
 
 @torch.no_grad()
@@ -293,6 +299,8 @@ def _fit(run: _Run, accelerator, callback, progress: bool) -> None:
                     raise KeyboardInterrupt
                 if run.step % config.checkpoint_every == 0 and run.step < config.steps:
                     _save_checkpoint(run, accelerator)
+    except _Aborted:
+        raise  # mid-step: the state may be half-updated, so the last periodic checkpoint stands
     except KeyboardInterrupt:
         _save_checkpoint(run, accelerator)
         if show:
@@ -309,6 +317,10 @@ def _metrics(run: _Run, output: StepOutput) -> dict[str, float]:
             "lr": run.optimizer.param_groups[0]["lr"]}
 
 
+class _Aborted(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without writing a checkpoint."""
+
+
 @contextlib.contextmanager
 def _stop_on_ctrl_c():
     """The first SIGINT asks the loop to stop after the current step; a second one raises at once."""
@@ -319,7 +331,7 @@ def _stop_on_ctrl_c():
 
     def handler(signum, frame):
         if requested.is_set():
-            raise KeyboardInterrupt
+            raise _Aborted
         requested.set()
         print("\nsteer: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
 
@@ -352,6 +364,13 @@ def _save_checkpoint(run: _Run, accelerator) -> None:
 def _wall(run: _Run) -> float:
     """Training wall time so far, across resumed runs (model and SAE; not the final statistics)."""
     return run.wall_before + time.monotonic() - run.started
+
+
+def _work_recipe(work: Path) -> str | None:
+    try:
+        return (work / RECIPE_HASH).read_text().strip()
+    except OSError:
+        return None
 
 
 def _load_checkpoint(work: Path, config: TrainConfig) -> dict | None:

@@ -135,14 +135,15 @@ def control_vector_buffer(cvec: ControlVector, n_layer: int, n_embd: int) -> np.
 class LlamaCppModel:
     """A GGUF model in llama.cpp that returns next-token logits for every position."""
 
-    def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int | None = None):
+    def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int | None = None, f32_kv_cache: bool = True):
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self.path = Path(gguf_path) if gguf_path is not None else default_gguf()
         threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+        kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv_cache else {}
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+                                   n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
         self.n_embd = int(self.llm.n_embd())
         self.n_vocab = int(self.llm.n_vocab())

@@ -103,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import the main module
+    here = Path(__file__).resolve().parent  # steer/verify, first on sys.path: its modules must not shadow vLLM's imports
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.exit(main())
