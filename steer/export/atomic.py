@@ -21,12 +21,14 @@ from steer.errors import SteerError
 
 
 @contextmanager
-def atomic_directory(target, *, overwrite: bool = False, what: str = "output"):
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise SteerError(f"{what} directory already exists; pass --overwrite to replace it", where=str(target))
+def atomic_directory(target, *, overwrite: bool = False, what: str = "output", error=SteerError):
+    """An empty existing directory counts as free; ``error`` is the SteerError subclass to raise."""
+    target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
-        raise SteerError(f"{what} path exists and is not a directory", where=str(target))
+        raise error(f"{what} path exists and is not a directory", where=str(target))
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise error(f"{what} directory already exists and is not empty; pass --overwrite (overwrite=True) to replace it",
+                    where=str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     os.chmod(tmp, 0o755)
@@ -35,7 +37,11 @@ def atomic_directory(target, *, overwrite: bool = False, what: str = "output"):
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)

@@ -29,12 +29,12 @@ exporter applies the patch while streaming shards).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each  # noqa: F401 (re-exported)
+from steer.lower.targets import EditLowering, Unlowerable, lower_each
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for
 from steer.plan.ir import Plan, SiteEdit
 

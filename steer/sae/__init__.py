@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -70,8 +68,10 @@ def resolve_hub_name(name: str) -> Path:
     Not implemented yet: steer works from local paths only. This is the hook
     where online resolution (download into a cache, return its path) belongs.
     """
-    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".npz", ".json", ".safetensors"))
-    if looks_like_a_path:  # a hub id is `release` or `owner/repo`
+    first = name.split("/", 1)[0]
+    looks_like_a_path = name.startswith((".", "/", "~")) or name.endswith((".npz", ".json", ".safetensors")) or (
+        "/" in name and Path(first).is_dir())  # `saes/x` where ./saes exists: a local path that is missing
+    if looks_like_a_path:
         raise SAEError("no such SAE file or directory", where=f"sae {name}")
     raise SAEError(
         f"{name!r} is not a local path, and loading SAEs by hub name (SAELens release id or Hugging Face repo) "
@@ -126,32 +126,14 @@ def save_sae(sae: SAE, directory: str | os.PathLike, *, overwrite: bool = False,
     are written into a new directory beside the target and renamed into place,
     so a reader never sees a half-written SAE.
     """
+    from steer.export.atomic import atomic_directory
+
     target = Path(directory).expanduser().resolve()
-    if target.exists() and not target.is_dir():
-        raise SAEError("exists and is not a directory", where=str(target))
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise SAEError("directory is not empty; pass overwrite=True to replace it", where=str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
     try:
-        save_saelens(sae, staging, sparsity=sparsity)
-        if target.exists():
-            previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, previous)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                os.rename(previous, target)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.rename(staging, target)
+        with atomic_directory(target, overwrite=overwrite, what="SAE", error=SAEError) as staging:
+            save_saelens(sae, staging, sparsity=sparsity)
     except OSError as e:
         raise SAEError(f"cannot write the SAE: {e}", where=str(target)) from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.errors import SteerError
-from steer.export.checkpoint import MANIFEST, PACK_DIR, _load_adapter, _load_merged, base_directory, base_shards, sha256_file
+from steer.export.checkpoint import MANIFEST, PACK_DIR, _load_adapter, _load_merged, base_directory, sha256_file
 from steer.lower.pack import load_pack
 from steer.verify.fidelity import Fidelity, measure
 
