@@ -1,6 +1,6 @@
 """SAE training throughput (tokens/s) with and without the activation cache, and where the time goes.
 
-    python bench/sae_train.py [--model M] [--site S] [--width W] [--k K] [--tokens N] [--epochs E]
+    python bench/sae_train.py [--model M] [--site S] [--width W] [--k K] [--tokens N] [--epochs E] [--threads T]
 
 Measures, on the real trainer's parts:
 - the **model**: `SiteReader` passes (the model run only up to the site) over N
@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=24576, help="distinct tokens to time (default 24576)")
     parser.add_argument("--epochs", type=int, default=6, help="passes over the cache in the cached case (default 6)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (on a busy shared machine, try 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = steer.load_model(args.model)
     site = adapter_for(model).parse_site(args.site, model)

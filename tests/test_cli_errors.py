@@ -115,7 +115,7 @@ CASES = {
         ("nope.yaml", "no such spec file")),
     "sae_dir_missing": (
         lambda e: generate_args(e, "scale feature 1 by 0.5", sae=f"{e.root}/no-sae"),
-        ("/no-sae", "local path")),
+        ("/no-sae", "no such SAE file or directory")),
     "model_dir_missing": (
         lambda e: generate_args(e, "scale feature 1 by 0.5", model=f"{e.root}/no-model"),
         ("model", "no such model file or directory", "no-model")),
@@ -148,7 +148,7 @@ CASES = {
         ("--temperature", "≥ 0")),
     "sae_inspect_missing_path": (
         lambda e: ["sae", "inspect", f"{e.root}/no-sae"],
-        ("/no-sae", "local path")),
+        ("/no-sae", "no such SAE file or directory")),
     "sae_inspect_corrupt_cfg": (
         lambda e: ["sae", "inspect", f"{e.root}/corrupt_sae"],
         ("corrupt_sae/cfg.json", "not valid JSON")),

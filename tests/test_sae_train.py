@@ -176,6 +176,33 @@ def test_interrupted_streaming_run_resumes_to_the_same_tokens_seen(tmp_path, tin
     assert cfg["metadata"]["steer_training"]["tokens_seen"] == 6144 and cfg["metadata"]["steer_training"]["steps"] == 12
 
 
+def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path, tiny_dir, corpus_file):
+    """A real SIGINT to `steer sae train`: it stops after the current step, checkpoints, exits 130; rerun finishes."""
+    import signal
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_dir}\nsite: resid_post.1\nwidth: 64\nk: 4\ncontext_size: 32\nbatch_size: 512\n"
+                      "buffer_size: 4096\nstats_tokens: 2048\ncheckpoint_every: 100000\ntokens: 1000\n")
+    args = [sys.executable, "-m", "steer.cli.main", "sae", "train", "--config", str(recipe), "--corpus", str(corpus_file),
+            "--tokens", "256000", "-o", str(tmp_path / "sae")]  # flags override the recipe
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 300
+        while "training SAE" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    checkpoint = torch.load(tmp_path / ".sae.train" / "checkpoint.pt", weights_only=False)
+    assert 0 < checkpoint["step"] < 500 and "checkpoint saved" in log.read_text()
+    finished = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resuming from step {checkpoint['step']}" in finished.stderr and "256,000 tokens seen" in finished.stdout
+
+
 def test_batchtopk_saves_as_jumprelu_whose_threshold_keeps_k(tmp_path):
     x, _ = planted(n=30_000, k=4)
     config = TrainConfig(architecture="batchtopk", width=128, k=4, tokens=150_000, batch_size=1024, lr=3e-3,

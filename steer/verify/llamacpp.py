@@ -31,6 +31,9 @@ block N (0-based), which is steer's ``resid_post.N``, N ≥ 1. A direction for a
 block the model does not have (N ≥ n_layer) is silently dropped by llama.cpp;
 here it is an error.
 
+`measure_control_vector` is the check: llama.cpp with the control vector
+against the hooked reference (``steer.applied``) on the same token ids.
+
 Never writes files; never changes the GGUF model or the control-vector file.
 """
 
@@ -180,3 +183,88 @@ class LlamaCppModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# -- the check: llama.cpp + control vector against the hooked reference --------------------
+
+@dataclass(frozen=True)
+class ControlVectorFidelity:
+    """llama.cpp running a control vector, measured against the hooked reference, per token position."""
+
+    tokens: int
+    top1: float
+    """Top-1 agreement: llama.cpp with the control vector vs the hooked model."""
+    top1_unedited: float
+    """The baseline, what the GGUF's quantised kernels alone cost: llama.cpp vs the model, neither edited."""
+    top1_without_vector: float
+    """llama.cpp without the control vector vs the hooked model: what the edit changes."""
+    shift_correlation: float
+    """Pearson r between the log-prob shifts (llama.cpp: with − without the vector; reference: hooked − clean)."""
+    kl: float
+    """Mean KL(hooked ‖ llama.cpp with the vector), nats/token."""
+    kl_unedited: float
+    """Mean KL(model ‖ llama.cpp), neither edited, nats/token."""
+    kl_without_vector: float
+    """Mean KL(hooked ‖ llama.cpp without the vector), nats/token."""
+
+    def describe(self) -> str:
+        return (f"over {self.tokens} positions: top-1 agreement with the hooked model {100 * self.top1:.1f}% with the "
+                f"control vector, {100 * self.top1_without_vector:.1f}% without it (unedited baseline, llama.cpp vs the "
+                f"model: {100 * self.top1_unedited:.1f}%); log-prob shift correlation r = {self.shift_correlation:.4f}; "
+                f"mean KL(ref‖llama.cpp) {self.kl:.4f} with the vector, {self.kl_without_vector:.4f} without "
+                f"(unedited baseline {self.kl_unedited:.4f}) nats/token")
+
+
+def measure_control_vector(model, tokenizer, plan, cvec, *, texts=None, llama: LlamaCppModel | None = None
+                           ) -> ControlVectorFidelity:
+    """Run ``texts`` (default: steer's calibration text) through llama.cpp with and without ``cvec``
+    (a `ControlVector` or a file) and through ``model`` with and without ``plan``'s hooks."""
+    import torch
+
+    from steer.lower.hooks import applied
+    from steer.verify.fidelity import calibration_texts
+
+    cvec = cvec if isinstance(cvec, ControlVector) else read_control_vector(cvec)
+    texts = calibration_texts() if texts is None else texts
+    own = llama is None
+    llama = LlamaCppModel() if own else llama
+    agree = {"top1": 0, "top1_unedited": 0, "top1_without_vector": 0}
+    kl = {"kl": 0.0, "kl_unedited": 0.0, "kl_without_vector": 0.0}
+    moments = np.zeros(5)  # Σx, Σy, Σx², Σy², Σxy of the two log-prob shifts
+    count, tokens = 0, 0
+    try:
+        for text in texts:
+            ids = tokenizer(text).input_ids
+            with torch.no_grad():
+                batch = torch.tensor([ids], device=model.device)
+                clean = _log_probs(model(batch).logits[0])
+                with applied(model, plan):
+                    hooked = _log_probs(model(batch).logits[0])
+            llama.set_control_vector(None)
+            plain = _log_probs(llama.logits(ids))
+            llama.set_control_vector(cvec)
+            steered = _log_probs(llama.logits(ids))
+            for key, (ref, art) in {"top1": (hooked, steered), "top1_unedited": (clean, plain),
+                                    "top1_without_vector": (hooked, plain)}.items():
+                agree[key] += int((ref.argmax(-1) == art.argmax(-1)).sum())
+            for key, (ref, art) in {"kl": (hooked, steered), "kl_unedited": (clean, plain),
+                                    "kl_without_vector": (hooked, plain)}.items():
+                kl[key] += float((ref.exp() * (ref - art)).sum(-1).clamp(min=0).sum())
+            x, y = (hooked - clean).flatten(), (steered - plain).flatten()
+            moments += [float(x.sum()), float(y.sum()), float((x * x).sum()), float((y * y).sum()), float((x * y).sum())]
+            count += x.numel()
+            tokens += len(ids)
+    finally:
+        llama.set_control_vector(None)
+        if own:
+            llama.close()
+    sx, sy, sxx, syy, sxy = moments / count
+    r = (sxy - sx * sy) / max(1e-300, ((sxx - sx * sx) * (syy - sy * sy)) ** 0.5)
+    return ControlVectorFidelity(tokens=tokens, **{k: v / tokens for k, v in agree.items()}, shift_correlation=float(r),
+                                 **{k: v / tokens for k, v in kl.items()})
+
+
+def _log_probs(logits):
+    import torch
+
+    return torch.log_softmax(torch.as_tensor(logits).detach().cpu().double(), dim=-1)  # (T, V)

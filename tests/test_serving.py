@@ -1,0 +1,149 @@
+"""Exported artifacts of the real default model on unmodified inference stacks (DESIGN §6–7, §9):
+llama.cpp runs the control vector, vLLM serves the merged checkpoint, each against the hooked reference."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import steer
+from steer.discover.directions import mean_difference
+from steer.export.checkpoint import export
+from steer.models import DEFAULT_MODEL
+from steer.verify.llamacpp import (
+    ControlVector, LlamaCppModel, control_vector_buffer, measure_control_vector, read_control_vector,
+)
+from steer.verify.vllm_serve import generate_with_vllm, vllm_python, vllm_venv
+
+ROOT = Path(__file__).resolve().parents[1]
+DIRECTIONS = ROOT / "edits" / "directions" / "smollm2-135m-instruct.safetensors"
+CHAT_PROMPTS = (
+    "Tell me about your weekend.",
+    "What should I cook for dinner tonight?",
+    "Write a haiku about the sea.",
+    "How do I learn to play the guitar?",
+    "Describe your favourite city.",
+)
+NEW_TOKENS = 32
+
+
+# -- llama.cpp: the control vector ----------------------------------------------------------------
+
+@pytest.mark.default_model
+def test_llamacpp_runs_the_cvec_export_like_the_hooks(default_model, tmp_path):
+    """The bundled weddings edit (add at resid_post.10, 0.3 units norm) as a GGUF control vector, applied to
+    the packaged Q4_1 GGUF in llama.cpp, against the fp32 model under `steer.applied` on steer's calibration
+    text (same token ids). Q4_1 kernels alone already move some near-tied top-1 choices: that baseline is
+    measured and printed beside the figures."""
+    model, tokenizer = default_model
+    plan = steer.compile(str(ROOT / "edits" / "weddings.yaml"), model, tokenizer=tokenizer)
+    manifest = export(plan, model, tokenizer, "cvec", tmp_path / "cvec", base=DEFAULT_MODEL)
+    assert [e["lowering"] for e in manifest["edits"]] == ["exact"]
+
+    # The file, read by gguf's own reader, holds what the plan adds, at the block llama.cpp adds it to.
+    cvec = read_control_vector(tmp_path / "cvec" / "control_vector.gguf")
+    edit = plan.sites[0].edits[0]
+    assert cvec.model_hint == "llama" and list(cvec.directions) == [10]
+    np.testing.assert_allclose(cvec.directions[10], (edit.amount * edit.write).double().numpy(), rtol=1e-6, atol=1e-6)
+
+    with LlamaCppModel() as llama:
+        fidelity = measure_control_vector(model, tokenizer, plan, cvec, llama=llama)
+        # The same vector one block early or late: llama.cpp's layer indexing is what makes the shift match.
+        neighbours = {off: measure_control_vector(model, tokenizer, plan, ControlVector(cvec.model_hint, {10 + off: cvec.directions[10]}),
+                                                  llama=llama).shift_correlation for off in (-1, 1)}
+    print(f"\nllama.cpp + control vector vs hooks, {fidelity.describe()}; "
+          f"the vector at block 9 / 11 instead: r = {neighbours[-1]:.4f} / {neighbours[1]:.4f}")
+
+    assert fidelity.tokens >= 100
+    assert fidelity.top1 >= 0.95
+    assert fidelity.top1_without_vector <= fidelity.top1 - 0.2  # the edit really moves the top-1 choices
+    assert fidelity.shift_correlation >= 0.98
+    assert fidelity.kl <= 0.1 * fidelity.kl_without_vector  # the vector accounts for the shift, not noise
+    assert fidelity.shift_correlation > max(neighbours.values()) + 0.02
+
+
+def test_control_vector_reader_checks_what_llamacpp_checks(tmp_path):
+    import gguf
+
+    def write(path, arch, tensors):
+        writer = gguf.GGUFWriter(str(path), arch)
+        for name, values in tensors.items():
+            writer.add_tensor(name, values)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    v = np.arange(4, dtype=np.float32)
+    cvec = read_control_vector(write(tmp_path / "ok.gguf", "controlvector", {"direction.1": v, "direction.3": 2 * v}))
+    assert cvec.model_hint is None and sorted(cvec.directions) == [1, 3]
+    buffer = control_vector_buffer(cvec, n_layer=4, n_embd=4)  # layer 1 at [0], nothing for layer 0
+    np.testing.assert_array_equal(buffer, np.concatenate([v, np.zeros(4, np.float32), 2 * v]))
+    for name, arch, tensors, message in [
+        ("model.gguf", "llama", {"direction.1": v}, "not a control vector"),
+        ("zero.gguf", "controlvector", {"direction.0": v}, "N ≥ 1"),
+        ("f16.gguf", "controlvector", {"direction.1": v.astype(np.float16)}, "F32"),
+    ]:
+        with pytest.raises(steer.SteerError, match=message):
+            read_control_vector(write(tmp_path / name, arch, tensors))
+    with pytest.raises(steer.SteerError, match="past the model's last block"):
+        control_vector_buffer(cvec, n_layer=3, n_embd=4)
+
+
+# -- vLLM: the merged checkpoint --------------------------------------------------------------------
+
+def greedy_ids(model, prompt_ids: list[int], plan=None, new_tokens: int = NEW_TOKENS) -> list[int]:
+    """Exactly ``new_tokens`` greedy tokens (no stop at EOS, like vLLM's ``ignore_eos``), KV-cached."""
+    out, past, ids = [], None, torch.tensor([prompt_ids])
+    with torch.no_grad(), (steer.applied(model, plan) if plan is not None else nullcontext()):
+        for _ in range(new_tokens):
+            step = model(ids, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            out.append(int(step.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.mark.default_model
+@pytest.mark.vllm
+def test_vllm_serves_the_weights_export_like_the_hooks(default_model, tmp_path):
+    """One exact spec — `add` along the bundled weddings direction at resid_post.10 (→ Llama mlp_bias,
+    down_proj.bias) and `project out` a French-vs-English direction at every writer (→ orthogonalised
+    o_proj/down_proj and an untied, orthogonalised embedding) — exported as a merged checkpoint and served
+    by vLLM (own virtualenv, fp32, greedy): 5 chat prompts × 32 tokens equal the hooked reference's."""
+    if vllm_python() is None:
+        if os.environ.get("STEER_REQUIRE_VLLM"):
+            pytest.fail(f"STEER_REQUIRE_VLLM is set but vLLM's virtualenv is not built at {vllm_venv()} (.ci/vllm-venv)")
+        pytest.skip(f"vLLM's virtualenv is not built at {vllm_venv()}: run .ci/vllm-venv (DESIGN §9)")
+    model, tokenizer = default_model
+    french = mean_difference(model, tokenizer,
+                             ["Le chat dort sur le canapé pendant que la pluie tombe.", "Nous allons au marché tous les samedis matin."],
+                             ["The cat sleeps on the sofa while the rain falls.", "We go to the market every Saturday morning."],
+                             "resid_post.15")
+    save_file({"french": french.contiguous()}, str(tmp_path / "french.safetensors"))
+    spec = (f"steer direction {DIRECTIONS}:weddings by 0.3 units norm site resid_post.10; "
+            f"project out direction {tmp_path / 'french.safetensors'}:french site writers")
+    plan = steer.compile(spec, model, tokenizer=tokenizer)
+    manifest = export(plan, model, tokenizer, "weights", tmp_path / "export", base=DEFAULT_MODEL)
+    assert [e["lowering"] for e in manifest["edits"]] == ["exact", "exact"]
+
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]) for p in CHAT_PROMPTS]
+    reference = [greedy_ids(model, p, plan) for p in prompts]
+    unedited = [greedy_ids(model, p) for p in prompts]
+    served = generate_with_vllm(tmp_path / "export", prompts, NEW_TOKENS)
+
+    matched = sum(int(a == b) for ref, out in zip(reference, served["outputs"]) for a, b in zip(ref, out))
+    print(f"\nvLLM {served['vllm']} on the weights export: {matched}/{len(prompts) * NEW_TOKENS} greedy tokens equal the "
+          f"hooked reference's, {sum(r == s for r, s in zip(reference, served['outputs']))}/{len(prompts)} prompts "
+          f"identical (load {served['load_s']} s, generate {served['generate_s']} s); the edit changed "
+          f"{sum(r != u for r, u in zip(reference, unedited))}/{len(prompts)} continuations")
+    assert sum(r != u for r, u in zip(reference, unedited)) >= 3  # the spec visibly steers
+    assert served["outputs"] == reference
