@@ -3,6 +3,7 @@ llama.cpp runs the control vector, vLLM serves the merged checkpoint, each again
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +17,7 @@ import steer
 from steer.discover.directions import mean_difference
 from steer.export.checkpoint import export
 from steer.models import DEFAULT_MODEL
+from steer.verify.fidelity import calibration_texts
 from steer.verify.llamacpp import (
     ControlVector, LlamaCppModel, control_vector_buffer, measure_control_vector, read_control_vector,
 )
@@ -31,6 +33,8 @@ CHAT_PROMPTS = (
     "Describe your favourite city.",
 )
 NEW_TOKENS = 32
+FRENCH = ["Le chat dort sur le canapé pendant que la pluie tombe.", "Nous allons au marché tous les samedis matin."]
+ENGLISH = ["The cat sleeps on the sofa while the rain falls.", "We go to the market every Saturday morning."]
 
 
 # -- llama.cpp: the control vector ----------------------------------------------------------------
@@ -54,9 +58,13 @@ def test_llamacpp_runs_the_cvec_export_like_the_hooks(default_model, tmp_path):
 
     with LlamaCppModel() as llama:
         fidelity = measure_control_vector(model, tokenizer, plan, cvec, llama=llama)
-        # The same vector one block early or late: llama.cpp's layer indexing is what makes the shift match.
-        neighbours = {off: measure_control_vector(model, tokenizer, plan, ControlVector(cvec.model_hint, {10 + off: cvec.directions[10]}),
-                                                  llama=llama).shift_correlation for off in (-1, 1)}
+        # The same vector one block early or late (on a few texts): llama.cpp's layer indexing is what makes
+        # the shift match.
+        neighbours = {}
+        for off in (-1, 1):
+            moved = ControlVector(cvec.model_hint, {10 + off: cvec.directions[10]})
+            neighbours[off] = measure_control_vector(model, tokenizer, plan, moved, texts=calibration_texts()[:6],
+                                                     llama=llama).shift_correlation
     print(f"\nllama.cpp + control vector vs hooks, {fidelity.describe()}; "
           f"the vector at block 9 / 11 instead: r = {neighbours[-1]:.4f} / {neighbours[1]:.4f}")
 
@@ -64,7 +72,8 @@ def test_llamacpp_runs_the_cvec_export_like_the_hooks(default_model, tmp_path):
     assert fidelity.top1 >= 0.95
     assert fidelity.top1_without_vector <= fidelity.top1 - 0.2  # the edit really moves the top-1 choices
     assert fidelity.shift_correlation >= 0.98
-    assert fidelity.kl <= 0.1 * fidelity.kl_without_vector  # the vector accounts for the shift, not noise
+    assert fidelity.kl <= 0.1 * fidelity.kl_without_vector  # the vector accounts for the shift …
+    assert fidelity.kl <= 2 * fidelity.kl_unedited  # … as closely as the quantised kernels allow
     assert fidelity.shift_correlation > max(neighbours.values()) + 0.02
 
 
@@ -100,15 +109,11 @@ def test_control_vector_reader_checks_what_llamacpp_checks(tmp_path):
 # -- vLLM: the merged checkpoint --------------------------------------------------------------------
 
 def greedy_ids(model, prompt_ids: list[int], plan=None, new_tokens: int = NEW_TOKENS) -> list[int]:
-    """Exactly ``new_tokens`` greedy tokens (no stop at EOS, like vLLM's ``ignore_eos``), KV-cached."""
-    out, past, ids = [], None, torch.tensor([prompt_ids])
+    """transformers' greedy continuation (new tokens, up to and including EOS), hooked by ``plan`` if given."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=model.generation_config.pad_token_id)
     with torch.no_grad(), (steer.applied(model, plan) if plan is not None else nullcontext()):
-        for _ in range(new_tokens):
-            step = model(ids, past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            out.append(int(step.logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
+        return model.generate(torch.tensor([prompt_ids]), **kwargs)[0, len(prompt_ids):].tolist()
 
 
 @pytest.mark.default_model
@@ -123,16 +128,15 @@ def test_vllm_serves_the_weights_export_like_the_hooks(default_model, tmp_path):
             pytest.fail(f"STEER_REQUIRE_VLLM is set but vLLM's virtualenv is not built at {vllm_venv()} (.ci/vllm-venv)")
         pytest.skip(f"vLLM's virtualenv is not built at {vllm_venv()}: run .ci/vllm-venv (DESIGN §9)")
     model, tokenizer = default_model
-    french = mean_difference(model, tokenizer,
-                             ["Le chat dort sur le canapé pendant que la pluie tombe.", "Nous allons au marché tous les samedis matin."],
-                             ["The cat sleeps on the sofa while the rain falls.", "We go to the market every Saturday morning."],
-                             "resid_post.15")
+    french = mean_difference(model, tokenizer, FRENCH, ENGLISH, "resid_post.15")
     save_file({"french": french.contiguous()}, str(tmp_path / "french.safetensors"))
     spec = (f"steer direction {DIRECTIONS}:weddings by 0.3 units norm site resid_post.10; "
             f"project out direction {tmp_path / 'french.safetensors'}:french site writers")
     plan = steer.compile(spec, model, tokenizer=tokenizer)
     manifest = export(plan, model, tokenizer, "weights", tmp_path / "export", base=DEFAULT_MODEL)
     assert [e["lowering"] for e in manifest["edits"]] == ["exact", "exact"]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["mlp_bias"] is True and config["tie_word_embeddings"] is False  # what vLLM must accept
 
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"]) for p in CHAT_PROMPTS]
@@ -141,7 +145,7 @@ def test_vllm_serves_the_weights_export_like_the_hooks(default_model, tmp_path):
     served = generate_with_vllm(tmp_path / "export", prompts, NEW_TOKENS)
 
     matched = sum(int(a == b) for ref, out in zip(reference, served["outputs"]) for a, b in zip(ref, out))
-    print(f"\nvLLM {served['vllm']} on the weights export: {matched}/{len(prompts) * NEW_TOKENS} greedy tokens equal the "
+    print(f"\nvLLM {served['vllm']} on the weights export: {matched}/{sum(map(len, reference))} greedy tokens equal the "
           f"hooked reference's, {sum(r == s for r, s in zip(reference, served['outputs']))}/{len(prompts)} prompts "
           f"identical (load {served['load_s']} s, generate {served['generate_s']} s); the edit changed "
           f"{sum(r != u for r, u in zip(reference, unedited))}/{len(prompts)} continuations")

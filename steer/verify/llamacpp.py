@@ -40,7 +40,6 @@ Never writes files; never changes the GGUF model or the control-vector file.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +103,8 @@ def read_control_vector(path) -> ControlVector:
         raise SteerError("the direction tensors differ in length", where=str(path))
     count = _int_field(reader, "controlvector.layer_count")
     if count is not None and count != len(directions):
-        raise SteerError(f"controlvector.layer_count is {count} but the file holds {len(directions)} layers", where=str(path))
+        raise SteerError(f"controlvector.layer_count is {count} but the file holds {len(directions)} layers",
+                         where=str(path))
     return ControlVector(_string_field(reader, "controlvector.model_hint"), dict(sorted(directions.items())))
 
 
@@ -138,15 +138,17 @@ def control_vector_buffer(cvec: ControlVector, n_layer: int, n_embd: int) -> np.
 class LlamaCppModel:
     """A GGUF model in llama.cpp that returns next-token logits for every position."""
 
-    def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int | None = None, f32_kv_cache: bool = True):
+    def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int = 1, f32_kv_cache: bool = True):
+        """``n_threads`` 1: on a small model and a busy 2-core machine, two threads spinning at ggml's barriers
+        were 2.3× slower than one. ``f32_kv_cache``: keep K/V in F32 (llama.cpp's default is F16), so what
+        separates llama.cpp from an fp32 reference is its quantised matmuls (e.g. Q4_1 weights × Q8_1 inputs)."""
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self.path = Path(gguf_path) if gguf_path is not None else default_gguf()
-        threads = n_threads or max(1, min(4, os.cpu_count() or 1))
         kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv_cache else {}
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
+                                   n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kv)
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
         self.n_embd = int(self.llm.n_embd())
         self.n_vocab = int(self.llm.n_vocab())

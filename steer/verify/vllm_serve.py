@@ -8,10 +8,10 @@ not have, so it lives in its own virtualenv (``.ci/vllm-venv`` builds it under
 
 PROMPTS.json is a list of prompts, each a list of token ids (given to vLLM as
 they are, so a reference sees the same ids) or a string (tokenized by vLLM).
-OUT.json gets ``{"outputs": [[token ids] per prompt], "vllm": version,
-"load_s": seconds, "generate_s": seconds}``. Decoding is greedy
-(temperature 0) for exactly ``--max-tokens`` tokens (``ignore_eos``), in fp32,
-one vLLM engine for all prompts.
+OUT.json gets ``{"outputs": [[token ids] per prompt], "finish_reasons": [...],
+"vllm": version, "load_s": seconds, "generate_s": seconds}``. Decoding is greedy
+(temperature 0), in fp32, one vLLM engine for all prompts, up to ``--max-tokens``
+new tokens per prompt, stopping after the EOS token as vLLM does by default.
 
 The script part imports only the standard library and vLLM — never steer, which
 is not installed in vLLM's virtualenv. `vllm_python` and `generate_with_vllm`
@@ -80,10 +80,11 @@ def serve(model_dir: str, prompts: list, max_tokens: int) -> dict:
               max_model_len=1024, seed=0)
     loaded = time.perf_counter()
     inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) if isinstance(p, list) else p for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     results = llm.generate(inputs, params, use_tqdm=False)
     done = time.perf_counter()
-    return {"outputs": [list(r.outputs[0].token_ids) for r in results], "vllm": __version__,
+    return {"outputs": [list(r.outputs[0].token_ids) for r in results],
+            "finish_reasons": [r.outputs[0].finish_reason for r in results], "vllm": __version__,
             "load_s": round(loaded - start, 2), "generate_s": round(done - loaded, 2)}
 
 
