@@ -113,6 +113,7 @@ class SiteHook:
             proj = x @ self.directions  # (B,T,P)
         if isinstance(sigma, torch.Tensor):
             sigma = sigma[..., 0]  # (B,T)
+        generated = (self.run.positions >= self.run.prompt_length).to(x.device) if self.scoped else None  # (T,)
         C = x.new_zeros(x.shape[:-1] + (len(self.writers),))  # (B,T,E)
         for j, (e, coefficient, reads) in enumerate(zip(self.writers, self.coefficient, self.reads)):
             read = f[..., e.read_slot] if reads == "feature" else proj[..., e.read_slot] if reads == "projection" else None
@@ -120,7 +121,6 @@ class SiteHook:
             if e.when_slot is not None:
                 c = torch.where(f[..., e.when_slot] > e.when_above, c, 0.0)
             if e.scope != "all":
-                generated = (self.run.positions >= self.run.prompt_length).to(x.device)  # (T,)
                 c = torch.where(generated if e.scope == "generation" else ~generated, c, 0.0)
             C[..., j] = c
         return C @ self.write  # (B,T,d)

@@ -5,14 +5,14 @@ every op's delta at a site is ``coefficient · w`` for one write vector ``w``
 (the feature's decoder row ``d_i``, a unit direction ``û`` or a given vector),
 so the hook sums all edits at a site as one ``(B,T,E) @ (E,d)`` product. Each
 op module registers itself here once; a second registration of a name is an
-error. Lowerings to artifacts (weights, adapter, cvec) attach to the op too.
+error. Lowerings to artifacts live in ``steer.lower`` (one module per target).
 
 Never import a backend here: ops state semantics, backends consume them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -31,8 +31,6 @@ class Operation:
     """``coefficient(amount, read, sigma)`` → (B,T) or scalar; ``read`` is f_i(x) or x·û, (B,T)."""
     formula: str
     """The DESIGN §5 delta, for reports and help text."""
-    lowerings: dict = field(default_factory=dict)
-    """target name → lowering function (filled in by the backends' modules)."""
 
 
 OPERATIONS: dict[str, Operation] = {}
