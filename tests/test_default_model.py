@@ -160,3 +160,33 @@ def test_peft_adapter_equals_hooks_for_project_out(default_model, tmp_path):
         with steer.applied(model, plan):
             reference = model(ids).logits
         torch.testing.assert_close(adapted(ids).logits, reference, atol=1e-4, rtol=1e-5)
+
+
+def test_feature_edits_without_an_sae_use_the_default_sae(default_model):
+    """No `sae:` and no --sae on the default model: the default SAE (resid_post.10) reads the feature."""
+    from safetensors import safe_open
+
+    from steer.train import default_sae
+
+    model, tokenizer = default_model
+    directory = default_sae(progress=False)
+    plan = steer.compile("suppress feature 7 by 50%", model, tokenizer=tokenizer)
+    named = steer.compile(parse_spec("suppress feature 7 by 50%", sae=["default"]), model, tokenizer=tokenizer)
+    assert [str(sp.site) for sp in plan.sites] == ["resid_post.10"]
+    assert plan.saes == named.saes and plan.saes[0][0] == str(directory)
+    # the plan reads the file's decoder row, read here with safetensors directly (SAELens v6 keys)
+    with safe_open(str(directory / "sae_weights.safetensors"), "pt") as f:
+        w_dec = f.get_tensor("W_dec")
+    reader = plan.sites[0].reader
+    slot = reader.feature_ids.index(7)
+    row = reader.sae.W_dec[int(reader.gather[slot])] if reader.gather is not None else reader.sae.W_dec[slot]
+    assert torch.equal(row, w_dec[7])
+
+
+def test_feature_edits_on_another_model_still_need_an_sae(tmp_path):
+    from conftest import save_tiny
+
+    _, _, directory = save_tiny("llama", tmp_path / "tiny")
+    model, tokenizer = steer.load_model(directory)
+    with pytest.raises(steer.SpecError, match="no site"):
+        steer.compile("suppress feature 7 by 50%", model, tokenizer=tokenizer)

@@ -70,6 +70,16 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.
     return _load_hf(directory, dtype=dtype, device=device)
 
 
+def registry_name(model) -> str | None:
+    """The registry name ``model`` was loaded under (by `load_model`), or None for any other model."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    for name, entry in REGISTRY.items():
+        cached = cache_root() / "models" / name
+        if source == entry.hub_id or (source and Path(source).resolve() == cached.resolve()):
+            return name
+    return None
+
+
 def resolve_checkpoint(name: str) -> str:
     """A local HF checkpoint directory (converting/caching if needed) or a hub id."""
     if name in REGISTRY:

@@ -29,7 +29,8 @@ from steer.models.adapters import ArchitectureAdapter, Site, adapter_for, hidden
 from steer.models.capture import capture
 from steer.ops import OPERATIONS
 from steer.plan.ir import FeatureReader, Plan, SiteEdit, SitePlan
-from steer.sae import SAE, load_sae
+from steer.models.loading import DEFAULT_MODEL, registry_name
+from steer.sae import DEFAULT_SAE, SAE, load_sae
 from steer.spec import Spec, parse_spec
 from steer.spec.edit import Condition, Edit
 
@@ -38,7 +39,8 @@ def compile(spec, model: nn.Module, sae=None, *, tokenizer=None) -> Plan:  # noq
     """Compile ``spec`` (a Spec, a spec file path or DSL text) for ``model``.
 
     ``sae`` is an `SAE`, a path, or a list of them; when None the spec's ``sae``
-    entries are loaded. ``tokenizer`` is needed only for ``feature``/``norm``
+    entries are loaded, and when the spec names none either, feature edits on
+    the default model use its default SAE (``load_sae("default")``). ``tokenizer`` is needed only for ``feature``/``norm``
     units that must be calibrated on text.
     """
     spec = parse_spec(spec)
@@ -73,6 +75,8 @@ def _saes_by_site(spec: Spec, sae, adapter: ArchitectureAdapter, model, d_model:
     if not given:
         base = Path(spec.base_dir) if spec.base_dir else Path.cwd()
         given = [p if Path(p).is_absolute() or not (base / p).exists() else str(base / p) for p in spec.sae]
+    if not given and registry_name(model) == DEFAULT_MODEL and any(_needs_sae(e) for e in spec.edits):
+        given = [DEFAULT_SAE]  # feature edits on the default model with no SAE named: its default SAE
     saes: dict[Site, SAE] = {}
     for item in given:
         s = item if isinstance(item, SAE) else load_sae(item)

@@ -12,6 +12,11 @@
 SAELens can load what steer writes, atomically: into a fresh directory beside
 the target, then renamed into place. `describe_sae` is ``steer sae inspect``.
 
+The name ``default`` (when no file of that name exists) is the default SAE of
+the default model: SmolLM2-135M-Instruct at ``resid_post.10`` from
+``configs/smollm2-135m-resid_post.10.yaml``, trained on first use (≈ 15–20 min
+on 2 CPU cores, with a progress bar) and cached (`steer.train.default_sae`).
+
 Hub names (SAELens release ids, Hugging Face repos) are not fetched yet:
 `resolve_hub_name` is the one place that will turn a name into a local
 directory once steer goes online; today it says so. Nothing here touches a
@@ -31,7 +36,10 @@ from steer.sae.formats import gemmascope, saelens, sparsify
 from steer.sae.formats.saelens import parse_dtype, save_saelens
 from steer.sae.sae import SAE
 
-__all__ = ["SAE", "load_sae", "save_sae", "describe_sae", "find_sae", "resolve_hub_name"]
+DEFAULT_SAE = "default"
+"""The name `load_sae` (and a spec's ``sae:``, and ``--sae``) reads as the default model's default SAE."""
+
+__all__ = ["DEFAULT_SAE", "SAE", "load_sae", "save_sae", "describe_sae", "find_sae", "resolve_hub_name"]
 
 READERS = {
     "saelens": saelens.read_saelens,
@@ -53,7 +61,11 @@ def load_sae(path_or_name: str | os.PathLike, site: str | None = None, *, dtype:
     if dtype is not None:
         dtype = parse_dtype(dtype, field="dtype argument")
     path = Path(path_or_name).expanduser()
-    if not path.exists():
+    if not path.exists() and str(path_or_name) == DEFAULT_SAE:
+        from steer.train.default import default_sae  # trains on first use, then cached
+
+        path = default_sae()
+    elif not path.exists():
         path = resolve_hub_name(str(path_or_name))
     fmt, location = find_sae(path)
     sae = READERS[fmt](location, dtype=dtype)
