@@ -14,7 +14,7 @@ from steer.errors import SteerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steer.cli import artifacts, generate, sae
+    from steer.cli import artifacts, features, generate, sae
 
     parser = argparse.ArgumentParser(
         prog="steer",
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(commands)
     sae.register(commands)
     artifacts.register(commands)
+    features.register(commands)
     return parser
 
 

@@ -1,0 +1,275 @@
+"""`steer features …`: the feature atlas (index, show, search) and contrastive discovery (contrast).
+
+Rendering lives here (the terminal is the CLI's business); what is computed
+and stored is `steer.discover.atlas` and `steer.discover.contrast`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+SAE_HELP = "SAE directory or file (default: the default SAE of the default model, trained on first use)"
+ATLAS_HELP = "atlas file made by `steer features index` (default: the default SAE's atlas, built on first use)"
+
+
+def register(commands) -> None:
+    p = commands.add_parser("features", help="find features: atlas (index, show, search) and contrast",
+                            description="Find the SAE features worth editing.")
+    sub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND", required=True)
+
+    index = sub.add_parser(
+        "index", help="build a feature atlas (stats, top contexts, top tokens) in SQLite",
+        description="Run a corpus through the model and the SAE and store, per feature, its density, max and p99 "
+                    "activation, its top activating contexts with per-token activations and its top promoted and "
+                    "suppressed output tokens, in one SQLite file with a full-text index. Without -o the atlas is "
+                    "cached under $STEER_CACHE/atlases/ (and reused when it is already there).",
+    )
+    index.add_argument("--model", help="model (default: the model the SAE's config names)")
+    index.add_argument("--sae", help=SAE_HELP)
+    index.add_argument("--site", help="override the site the SAE's config names")
+    index.add_argument("--corpus", help="text file, JSONL, parquet, directory, dataset name or `default` "
+                                        "(default: the SAE's training corpus, else the embedded BBC News)")
+    index.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text (default: text)")
+    index.add_argument("--tokens", type=int, default=None, help="corpus tokens to read (default: 100000)")
+    index.add_argument("-o", "--out", metavar="FILE", help="atlas file to write (default: the cache)")
+    index.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(run=run_index)
+
+    show = sub.add_parser("show", help="render one feature: stats, top tokens, top contexts",
+                          description="Render a feature of an atlas: density, max and p99 activation, the output "
+                                      "tokens it promotes and suppresses, and its top contexts with the tokens where "
+                                      "it fires marked (shaded by activation on a terminal, ⟦bracketed⟧ otherwise).")
+    show.add_argument("feature", metavar="ID", type=int, help="feature id")
+    show.add_argument("--atlas", metavar="DB", help=ATLAS_HELP)
+    show.add_argument("--contexts", type=int, default=8, metavar="N", help="contexts to show (default %(default)s)")
+    show.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                      help="shade firing tokens with ANSI colours (auto: when stdout is a terminal)")
+    show.set_defaults(run=run_show)
+
+    search = sub.add_parser("search", help="find features by the tokens they fire on or promote, and their contexts",
+                            description="Full-text search (BM25, stemmed) over each feature's firing tokens (weighted "
+                                        "most), promoted tokens and context text; prints the best matches.")
+    search.add_argument("text", metavar="TEXT", help="words to look for, e.g. 'wedding bride'")
+    search.add_argument("--atlas", metavar="DB", help=ATLAS_HELP)
+    search.add_argument("--limit", type=int, default=20, metavar="N", help="results (default %(default)s)")
+    search.add_argument("--json", action="store_true", help="print the feature cards as JSON")
+    search.set_defaults(run=run_search)
+
+    contrast = sub.add_parser(
+        "contrast", help="rank features by how differently they fire on two prompt sets, and by output score",
+        description="Rank SAE features by how well they tell prompt set A from prompt set B (per-prompt max "
+                    "activation; AUROC, mean difference), then score the top candidates by how much steering along "
+                    "them moves the output towards target tokens (Arad et al. 2025's output score).",
+    )
+    contrast.add_argument("--a", required=True, metavar="FILE", help="prompt set A: one prompt per line, or JSONL")
+    contrast.add_argument("--b", required=True, metavar="FILE", help="prompt set B: one prompt per line, or JSONL")
+    contrast.add_argument("--model", help="model (default: the model the SAE's config names)")
+    contrast.add_argument("--sae", help=SAE_HELP)
+    contrast.add_argument("--site", help="override the site the SAE's config names")
+    contrast.add_argument("--target-tokens", metavar="WORDS",
+                          help="comma-separated words the output score measures steering towards "
+                               "(default: each feature's own top logit-lens tokens)")
+    contrast.add_argument("--top", type=int, default=20, metavar="N", help="features to list (default %(default)s)")
+    contrast.add_argument("--candidates", type=int, default=None, metavar="N",
+                          help="how many of the top features get an output score (default: all listed; 0: none)")
+    contrast.add_argument("--summary", choices=("max", "mean"), default="max",
+                          help="per-prompt summary of a feature over its tokens (default: max)")
+    contrast.add_argument("--rank-by", choices=("activation", "output"), default="activation",
+                          help="order by the activation ranking (default) or by output score")
+    contrast.add_argument("--atlas", metavar="DB", help="atlas of this SAE for top tokens (default: the default "
+                                                        "atlas when the SAE is the default one and it is built)")
+    contrast.add_argument("--json", action="store_true", help="print the rows as JSON")
+    contrast.set_defaults(run=run_contrast)
+
+
+# -- shared ---------------------------------------------------------------------------------
+
+
+def _load_sae(spec: str | None):
+    """``(sae, is_default)``; ``None``/``default`` is the default SAE."""
+    from steer.sae import load_sae
+
+    if spec in (None, "default") and not Path("default").exists():
+        from steer.train import default_sae
+
+        return load_sae(default_sae()), True
+    return load_sae(spec), False
+
+
+def _model_name(args, sae) -> str:
+    from steer.models.loading import DEFAULT_MODEL
+
+    return args.model or sae.model_name or DEFAULT_MODEL
+
+
+def _open(atlas: str | None):
+    from steer.discover.atlas import default_atlas, open_atlas
+
+    return open_atlas(atlas if atlas is not None else default_atlas())
+
+
+# -- index ----------------------------------------------------------------------------------
+
+
+def run_index(args) -> int:
+    from steer.data.corpus import open_corpus
+    from steer.discover.atlas import DEFAULT_TOKENS, AtlasError, atlas_path, build_atlas, build_params
+    from steer.models import load_model
+
+    if args.tokens is not None and args.tokens <= 0:
+        raise AtlasError(f"must be positive, got {args.tokens}", where="--tokens")
+    sae, _ = _load_sae(args.sae)
+    corpus_spec = args.corpus or sae.metadata.get("dataset_path") or "default"
+    corpus = open_corpus(corpus_spec, text_field=args.text_field)
+    name = _model_name(args, sae)
+    tokens = args.tokens or DEFAULT_TOKENS
+    if args.site:
+        import dataclasses
+
+        sae = dataclasses.replace(sae, site=args.site)
+    out = Path(args.out) if args.out else atlas_path(sae, build_params(sae, corpus_spec, model_name=name, tokens=tokens))
+    if not args.out and out.is_file():
+        print(f"{out}  (already built)")
+        return 0
+    if args.out and out.exists() and not args.overwrite:
+        raise AtlasError("already exists; pass --overwrite to replace it", where=str(out))
+    model, tokenizer = load_model(name)
+    path = build_atlas(model, tokenizer, sae, corpus, tokens=tokens, out=out, progress=not args.quiet, model_name=name)
+    print(path)
+    return 0
+
+
+# -- show -----------------------------------------------------------------------------------
+
+
+def run_show(args) -> int:
+    with _open(args.atlas) as atlas:
+        card = atlas.feature(args.feature)
+        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        print(render_card(card, tokens_read=int(atlas.metadata.get("tokens_read", 0)), contexts=args.contexts, color=color))
+    return 0
+
+
+def render_card(card, *, tokens_read: int = 0, contexts: int = 8, color: bool = False) -> str:
+    fired = f" ({round(card.density * tokens_read):,} of {tokens_read:,} tokens)" if tokens_read else ""
+    lines = [
+        f"feature {card.id}   density {100 * card.density:.3f}%{fired}   max {card.max_activation:.3f}   p99 {card.p99:.3f}",
+        "promotes    " + "  ".join(f"{_visible(t)!s} {v:+.2f}" for t, v in card.promoted),
+        "suppresses  " + "  ".join(f"{_visible(t)!s} {v:+.2f}" for t, v in card.suppressed),
+    ]
+    if not card.contexts:
+        lines.append("never fired on the atlas's text: no contexts")
+        return "\n".join(lines)
+    lines.append(f"top contexts (peak activation; {'shaded' if color else '⟦marked⟧'} where it fires):")
+    for context in card.contexts[:contexts]:
+        lines.append(f"  {context.max_activation:8.3f}  {mark_context(context, color=color)}")
+    return "\n".join(lines)
+
+
+def mark_context(context, *, color: bool = False) -> str:
+    """The context on one line, tokens where the feature fires marked: ANSI shades by activation, or ⟦brackets⟧."""
+    peak = context.max_activation or 1.0
+    parts = []
+    for token, activation in zip(context.tokens, context.activations):
+        text = _visible(token, quote=False)
+        if activation <= 0:
+            parts.append(text)
+            continue
+        core = text.lstrip(" ")
+        lead = text[: len(text) - len(core)]
+        if not core:  # a whitespace token: mark it as it is
+            core, lead = text, ""
+        if color:
+            level = min(4, int(5 * activation / peak))
+            parts.append(f"{lead}\033[1;30;48;5;{SHADES[level]}m{core}\033[0m")
+        else:
+            parts.append(f"{lead}⟦{core}⟧")
+    return "…" + "".join(parts) + "…"
+
+
+SHADES = (194, 157, 120, 83, 46)
+"""256-colour greens, light to strong, for activation / peak in fifths."""
+
+
+def _visible(token: str, quote: bool = True) -> str:
+    text = token.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
+    return repr(text) if quote else text
+
+
+# -- search ---------------------------------------------------------------------------------
+
+
+def run_search(args) -> int:
+    with _open(args.atlas) as atlas:
+        cards = atlas.search(args.text, limit=args.limit)
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps([asdict(c) for c in cards], indent=1))
+            return 0
+        if not cards:
+            print(f"no feature matches {args.text!r}")
+            return 0
+        print(f"{'feature':>7}  {'density':>8}  {'max':>7}  {'fires on':<34}  promotes")
+        for card in cards:
+            fires = ", ".join(firing_tokens(card, 5))
+            promotes = " ".join(_visible(t) for t, _ in card.promoted[:5])
+            print(f"{card.id:>7}  {100 * card.density:7.3f}%  {card.max_activation:7.2f}  {_clip(fires, 34):<34}  {promotes}")
+    return 0
+
+
+def firing_tokens(card, n: int) -> list[str]:
+    """The tokens a feature fires on most often (≥ half the peak) in its top contexts."""
+    counts: Counter = Counter()
+    for context in card.contexts:
+        for token, activation in zip(context.tokens, context.activations):
+            if activation > 0 and activation >= 0.5 * context.max_activation and token.strip():
+                counts[token.strip()] += 1
+    return [t for t, _ in counts.most_common(n)]
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- contrast -------------------------------------------------------------------------------
+
+
+def run_contrast(args) -> int:
+    from steer.discover.contrast import contrast, read_prompts
+    from steer.models import load_model
+
+    prompts_a, prompts_b = read_prompts(args.a), read_prompts(args.b)  # bad files fail before any model work
+    targets = [w for w in (args.target_tokens or "").split(",") if w.strip()] or None
+    sae, is_default = _load_sae(args.sae)
+    atlas = args.atlas
+    if atlas is None and is_default and not args.model:
+        atlas = _cached_default_atlas(sae)
+    model, tokenizer = load_model(_model_name(args, sae))
+    rows = contrast(model, tokenizer, sae, prompts_a, prompts_b, site=args.site, summary=args.summary, top=args.top,
+                    candidates=args.candidates, target_tokens=targets, atlas=atlas, rank_by=args.rank_by)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+        return 0
+    print(f"{len(prompts_a)} prompts A vs {len(prompts_b)} prompts B; per-prompt {args.summary} over tokens; "
+          f"AUROC > 0.5: fires more on A")
+    print(f"{'rank':>4} {'feature':>7} {'AUROC':>6} {'mean A':>8} {'mean B':>8} {'diff':>8} {'fired A/B':>10} "
+          f"{'output':>7}  top tokens")
+    for rank, r in enumerate(rows, start=1):
+        output = "-" if r.output_score is None else f"{r.output_score:.3f}"
+        tokens = " ".join(_visible(t) for t in r.top_tokens[:6])
+        print(f"{rank:>4} {r.feature:>7} {r.auroc:6.3f} {r.mean_a:8.3f} {r.mean_b:8.3f} {r.diff:+8.3f} "
+              f"{100 * r.fired_a:4.0f}%/{100 * r.fired_b:3.0f}% {output:>7}  {tokens}")
+    return 0
+
+
+def _cached_default_atlas(sae) -> str | None:
+    """The default atlas's path if it is already built (contrast does not build it just for top tokens)."""
+    from steer.discover.atlas import default_atlas_path
+
+    path = default_atlas_path(sae)
+    return str(path) if path.is_file() else None
