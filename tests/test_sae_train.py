@@ -302,7 +302,7 @@ def test_corpus_readers_and_held_out_split(tmp_path, corpus_file):
     (tmp_path / "docs" / "b.txt").write_text("\n\n".join(texts[200:]))
     (tmp_path / "docs" / ".hidden.txt").write_text("never read")
     corpus = open_corpus(tmp_path / "docs", text_field="body")
-    assert [p.name for p in corpus.files] == ["a.jsonl", "b.txt"]
+    assert sorted(p.name for p in corpus.files) == ["a.jsonl", "b.txt"]
     everything = list(corpus.documents("all"))
     train, held = list(corpus.documents("train", 0.2)), list(corpus.documents("held_out", 0.2))
     assert not set(train) & set(held) and sorted(train + held) == sorted(everything)
@@ -311,6 +311,30 @@ def test_corpus_readers_and_held_out_split(tmp_path, corpus_file):
     (tmp_path / "bad.jsonl").write_text('{"body": "fine"}\n{"text": "no body"}\n')
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2: no 'body' field"):
         list(open_corpus(tmp_path / "bad.jsonl", text_field="body").documents())
+
+
+def test_directory_corpora_are_read_in_a_fixed_order_that_mixes_subdirectories(tmp_path):
+    """Files sorted by the sha256 of their relative path: a token budget samples every topic, not the first one."""
+    import hashlib
+
+    from steer.data.corpus import open_corpus
+
+    for topic in ("business", "sport", "tech"):
+        (tmp_path / topic).mkdir()
+        for i in range(20):
+            (tmp_path / topic / f"{i:03d}.txt").write_text(f"{topic} story {i}")
+    names = [p.relative_to(tmp_path).as_posix() for p in open_corpus(tmp_path).files]
+    assert names == sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    assert {n.split("/")[0] for n in names[:12]} == {"business", "sport", "tech"}
+
+
+def test_the_embedded_corpus_reads_its_one_latin1_file():
+    from steer.data.corpus import open_corpus
+
+    corpus = open_corpus("default")
+    (latin1,) = [p for p in corpus.files if p.as_posix().endswith("sports/199.txt")]
+    text = next(iter(type(corpus)(corpus.spec, corpus.kind, (latin1,)).documents()))
+    assert "fee for Mutu, a \u00a315.8" in text        # byte 0xa3 is the pound sign in cp1252/Latin-1
 
 
 def test_default_sae_returns_the_cached_sae_without_training(tmp_path, monkeypatch):

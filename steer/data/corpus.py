@@ -9,15 +9,21 @@
   1.1 M SmolLM2 tokens of edited, varied English prose, entirely offline.
   Licence: the package is MIT; the articles' copyright stays with the BBC, and
   the dataset is distributed for research use — cite the paper, and bring your
-  own corpus for anything else;
+  own corpus for anything else. One of its files (``sports/199.txt``) is
+  Latin-1, not UTF-8: the embedded corpus falls back to cp1252 for a file that
+  is not UTF-8 (user files must be UTF-8);
 - a **text file** (``.txt``, ``.md``, ``.rst``, ``.text``, or any other suffix
   not listed below): split into documents at blank lines, consecutive
   paragraphs joined up to about `DOCUMENT_CHARS` characters;
 - a **JSONL file** (``.jsonl``/``.json`` with one object per line) with a
   ``text_field`` string per line, one document per line;
 - a **parquet file** (needs ``pyarrow``), one document per row of ``text_field``;
-- a **directory**: every file of those kinds under it, resolved once to a
-  sorted list (hidden files skipped);
+- a **directory**: every file of those kinds under it (hidden files skipped),
+  in a fixed pseudo-random order — sorted by the sha256 of each file's path
+  relative to the directory — so a token budget smaller than the corpus
+  samples all of it rather than its first subdirectories (the embedded corpus
+  is stored by topic: read in name order, a 165k-token budget would see
+  business news only);
 - otherwise an **HF dataset name** (``owner/name`` or ``name[:config]``), read
   with ``datasets`` in streaming mode (split ``train``) — needs the network.
 
@@ -88,8 +94,9 @@ class Corpus:
         if self.kind == "dataset":
             yield from _dataset_documents(self.spec, self.text_field)
             return
+        legacy = "cp1252" if self.kind == "default" else None
         for path in self.files:
-            yield from _file_documents(path, self.text_field)
+            yield from _file_documents(path, self.text_field, legacy)
 
 
 def is_held_out(text: str, fraction: float) -> bool:
@@ -133,37 +140,42 @@ def default_corpus_dir() -> Path:
 
 
 def _listed(directory: Path) -> list[Path]:
+    """The corpus files under ``directory``, in the fixed pseudo-random order of the module docstring."""
     suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-    return sorted(
+    files = (
         p for p in directory.rglob("*")
         if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
+    return sorted(files, key=lambda p: hashlib.sha256(p.relative_to(directory).as_posix().encode()).hexdigest())
 
 
 # -- readers -------------------------------------------------------------------
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+def _file_documents(path: Path, text_field: str, legacy: str | None = None) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         yield from _parquet_documents(path, text_field)
     elif suffix in JSONL_SUFFIXES:
         yield from _jsonl_documents(path, text_field)
     else:
-        yield from _text_documents(path)
+        yield from _text_documents(path, legacy)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, legacy: str | None = None) -> str:
+    """UTF-8 text; ``legacy`` names the encoding to fall back to (the embedded corpus only)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
+        if legacy is not None:
+            return path.read_bytes().decode(legacy, errors="replace")
         raise CorpusError(f"is not UTF-8 text (byte {exc.start}); steer reads UTF-8 text, JSONL and parquet", where=str(path)) from None
     except OSError as exc:
         raise CorpusError(f"cannot be read: {exc.strerror or exc}", where=str(path)) from None
 
 
-def _text_documents(path: Path) -> Iterator[str]:
-    paragraphs = [p.strip() for p in _read_text(path).replace("\r\n", "\n").split("\n\n")]
+def _text_documents(path: Path, legacy: str | None = None) -> Iterator[str]:
+    paragraphs = [p.strip() for p in _read_text(path, legacy).replace("\r\n", "\n").split("\n\n")]
     document: list[str] = []
     size = 0
     for paragraph in filter(None, paragraphs):

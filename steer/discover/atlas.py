@@ -17,10 +17,9 @@ corpus tokens through the model (only up to the SAE's site, see
 **Text.** The corpus (`steer.data.corpus`; default: the SAE's training corpus,
 else the embedded BBC News) is read from its *training* split — the documents
 the SAE's recipe did not hold out, so `steer sae eval`'s text stays unseen —
-packed into rows of the SAE's training context size. A local corpus is read
-file by file in a fixed pseudo-random order (sha256 of each file's relative
-path): a token budget smaller than the corpus then samples all of it rather
-than the first few files (the embedded corpus is sorted by topic). Position 0
+packed into rows of the SAE's training context size. A directory corpus is
+read in `steer.data.corpus`'s fixed pseudo-random file order, so a token budget
+smaller than the corpus samples all of it. Position 0
 of every row (an attention sink with an outsized norm, left out of SAE
 training too) is left out of every statistic and of every window.
 
@@ -47,7 +46,6 @@ Never changes the model or the SAE; writes nothing but ``out`` (and its temp fil
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import operator
@@ -286,7 +284,7 @@ def build_atlas(model, tokenizer, sae, corpus, *, tokens: int = DEFAULT_TOKENS, 
     param = next(model.parameters())
     sae_here = sae.to(dtype=param.dtype, device=param.device)
     reader = SiteReader(model, parsed_site)
-    rows = _rows(_spread(corpus), tokenizer, T, held)
+    rows = _rows(corpus, tokenizer, T, held)
     n_rows = -(-tokens // (T - SKIP_FIRST))
     scan = _Scan(sae.d_sae, contexts, window)
     bar = None
@@ -331,18 +329,6 @@ def build_atlas(model, tokenizer, sae, corpus, *, tokens: int = DEFAULT_TOKENS, 
     _write_atomically(out, lambda db: _store(db, metadata, stats, scan, texts,
                                               (promoted_ids, promoted_values, suppressed_ids, suppressed_values)))
     return out
-
-
-def _spread(corpus):
-    """The same corpus with its files in a fixed pseudo-random order (see the module docstring)."""
-    if len(corpus.files) < 2:
-        return corpus
-    root = Path(os.path.commonpath([str(p) for p in corpus.files]))
-
-    def key(path: Path) -> str:
-        return hashlib.sha256(str(path.relative_to(root)).encode()).hexdigest()
-
-    return dataclasses.replace(corpus, files=tuple(sorted(corpus.files, key=key)))
 
 
 def _rows(corpus, tokenizer, context_size: int, held_out: float):

@@ -27,8 +27,9 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 from steer.errors import SteerError
 
-TRAINER_VERSION = 1
-"""Bumped when a change to the trainer changes what a recipe produces (part of `recipe_hash`)."""
+TRAINER_VERSION = 2
+"""Bumped when a change to the trainer, or to how it reads a corpus, changes what a recipe produces (part of
+`recipe_hash`). 2: directory corpora are read in a fixed pseudo-random file order, not by name."""
 
 
 class TrainError(SteerError):
