@@ -8,6 +8,7 @@ steer still shows its traceback: hiding it would help no one.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from steer.errors import SteerError
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `steer features search x | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141
 
 
 def _quiet_libraries() -> None:
