@@ -8,11 +8,13 @@ resumes) under ``$STEER_CACHE/saes/<recipe name>-<recipe hash>`` (default
 a stale SAE is never returned for a new recipe.
 
 Never trains when the cached directory is complete; never writes outside the
-cache.
+cache. Processes that need it at once share one training: the first takes a
+lock file beside the target, the others wait for it (POSIX ``flock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from pathlib import Path
 
@@ -38,7 +40,17 @@ def default_sae(recipe: str | Path = DEFAULT_RECIPE, *, progress: bool = True) -
         return target
     from steer.train.trainer import train_sae
 
-    if progress:
-        print(f"steer: training the default SAE ({recipe.name}) into {target} — once; rerun to resume if interrupted",
-              file=sys.stderr)
-    return train_sae(config, target, progress=progress).path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        # two first uses at once (a test run and a demo): one trains, the other waits for it and reads its result
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"steer: waiting for another process that is training the default SAE into {target}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "cfg.json").is_file():
+            return target
+        if progress:
+            print(f"steer: training the default SAE ({recipe.name}) into {target} — once; rerun to resume if interrupted",
+                  file=sys.stderr)
+        return train_sae(config, target, progress=progress).path
