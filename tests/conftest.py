@@ -101,3 +101,17 @@ def save_tiny(arch: str, directory, n_layers: int = 3):
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return model, tokenizer, str(directory)
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """`steer demo` on the real default model in a subprocess, on a free port of 127.0.0.1; yields its URL.
+
+    Flags: the default atlas (built here on first use, cached), at most 16 new tokens, 16 concurrent generations.
+    """
+    from demo_server import running_demo
+    from steer.discover.atlas import default_atlas
+
+    atlas = default_atlas(progress=False)
+    with running_demo("--atlas", str(atlas), "--max-new-tokens", "16", "--concurrency", "16") as url:
+        yield url

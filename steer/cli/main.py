@@ -15,7 +15,7 @@ from steer.errors import SteerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steer.cli import artifacts, features, generate, sae
+    from steer.cli import artifacts, demo, features, generate, sae
 
     parser = argparse.ArgumentParser(
         prog="steer",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(commands)
     sae.register(commands)
     artifacts.register(commands)
+    demo.register(commands)
     features.register(commands)
     return parser
 

@@ -1,0 +1,428 @@
+"""The Gradio page: prompt, edit list, unsteered | steered side by side, monitor, KL, export.
+
+``serve()`` is what ``steer demo`` (and ``python demos/app.py``) runs: it loads
+the model and SAE once (default: the embedded SmolLM2-135M-Instruct and its
+default SAE), builds the page over a `DemoEngine`, and serves it on
+127.0.0.1 unless told otherwise, with Gradio's queue limiting how many
+generations run at once (``concurrency``; they interleave step by step under
+the engine's lock, see `steer.demo.engine`) and how many may wait.
+
+Offline by construction: Gradio's analytics and version check are off
+(``GRADIO_ANALYTICS_ENABLED=False`` before Gradio is imported, and
+``analytics_enabled=False``), no share link, no server-side rendering, and the
+default theme uses fonts shipped in the Gradio wheel — the page loads nothing
+from outside the server.
+
+Every user mistake (a bad edit line, a prompt over the bounds, an edit that has
+no exact lowering for the export target) is shown as the `SteerError`'s one
+line, never a stack trace. Gradio is imported only by `build_app` / `serve`,
+so ``steer demo --help`` and the helpers here need no Gradio.
+
+The feature search reads the feature atlas (`steer.discover.atlas`): a given
+atlas file, or for the default SAE the default atlas, built in the background
+on first use (the panel says so until it is ready).
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer.demo.engine import EXPORT_TARGETS, DemoEngine, Frame, LineCheck, Limits
+from steer.errors import SteerError
+from steer.generate import Sampling
+
+SCOPES = ("all", "prompt", "generation")
+
+
+@dataclass(frozen=True)
+class Control:
+    """An operation offered by the "add an edit" controls and what its strength slider means."""
+
+    label: str
+    """The slider's label."""
+    minimum: float
+    maximum: float
+    step: float
+    default: float
+    template: str
+    """The DSL line; ``{i}`` is the feature id, ``{s}`` the slider's value."""
+
+
+CONTROLS: dict[str, Control] = {
+    "steer": Control("strength (× the feature's p99 activation)", -12, 12, 0.5, 4, "steer feature {i} by {s:+g} units feature"),
+    "suppress": Control("suppress by (%)", 0, 100, 5, 80, "suppress feature {i} by {s:g}%"),
+    "ablate": Control("(no amount: the feature is set to 0)", 0, 0, 1, 0, "ablate feature {i}"),
+    "amplify": Control("factor (×)", 1, 10, 0.5, 2, "amplify feature {i} by {s:g}x"),
+    "clamp": Control("value (× the feature's p99 activation)", 0, 10, 0.5, 2, "clamp feature {i} to {s:g} units feature"),
+    "monitor": Control("threshold (raw activation)", 0, 10, 0.5, 0, "monitor feature {i} above {s:g}"),
+}
+
+
+def edit_line(operation: str, feature, strength: float, scope: str = "all") -> str:
+    """The DSL line the controls stand for; a `SteerError` for a missing or bad feature id or choice."""
+    if operation not in CONTROLS:
+        raise SteerError(f"unknown operation {operation!r}; allowed: {', '.join(CONTROLS)}", where="operation")
+    if scope not in SCOPES:
+        raise SteerError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}", where="scope")
+    if feature is None or feature == "" or float(feature) != int(float(feature)) or int(float(feature)) < 0:
+        raise SteerError("pick a feature (an integer ≥ 0) first: search the atlas or type its id", where="feature")
+    line = CONTROLS[operation].template.format(i=int(float(feature)), s=float(strength))
+    return line + (f" scope {scope}" if scope != "all" else "")
+
+
+def append_line(edits_text: str, line: str) -> str:
+    edits_text = edits_text or ""
+    return edits_text + ("" if not edits_text or edits_text.endswith("\n") else "\n") + line
+
+
+def checks_html(checks: list[LineCheck]) -> str:
+    """The edit list's per-line verdicts (messages escaped, errors marked)."""
+    if not checks:
+        return '<div class="steer-checks">no edits: both columns will be the unsteered model</div>'
+    rows = []
+    for c in checks:
+        kind = "steer-error" if c.error else "steer-ok"
+        rows.append(f'<div class="{kind}">line {c.line}: {html.escape(c.error or "ok")}</div>')
+    return '<div class="steer-checks">' + "".join(rows) + "</div>"
+
+
+def error_html(exc: SteerError) -> str:
+    return f'<div class="steer-checks"><div class="steer-error">{html.escape(str(exc))}</div></div>'
+
+
+def highlights(pieces: tuple[str, ...], activations: tuple[float, ...], scale: float) -> list[tuple[str, float | None]]:
+    """(token text, activation / scale in [0, 1], or None where the feature is silent) per shown token."""
+    shown = []
+    for j, piece in enumerate(pieces):
+        if not piece:
+            continue  # special tokens (end of turn)
+        value = activations[j] if j < len(activations) else 0.0
+        shown.append((piece, min(1.0, value / scale) if value > 0 and scale > 0 else None))
+    return shown
+
+
+def kl_summary(frame: Frame) -> str:
+    if not frame.kl:
+        return ""
+    top = max(range(len(frame.kl)), key=frame.kl.__getitem__)
+    token = frame.steered_pieces[top] if top < len(frame.steered_pieces) else ""
+    return (f"KL(unsteered ‖ steered) of the next-token distributions at each steered step, both given the same "
+            f"prefix (prompt + steered tokens so far), temperature 1: mean **{sum(frame.kl) / len(frame.kl):.3g}** nats, "
+            f"max **{frame.kl[top]:.3g}** nats at step {top + 1} (steered token {token!r}).")
+
+
+def monitor_summary(frame: Frame) -> str:
+    if frame.monitor_feature is None:
+        return "No feature monitored: give a feature id, or add a feature edit (its feature is monitored)."
+    parts = []
+    for name, acts in (("unsteered", frame.unsteered_activations), ("steered", frame.steered_activations)):
+        fired = sum(a > 0 for a in acts)
+        parts.append(f"{name}: fires on {fired} of {len(acts)} tokens (max {max(acts, default=0.0):.3g})")
+    return f"Feature {frame.monitor_feature} — " + "; ".join(parts)
+
+
+def _number(value, kind, where: str):
+    """A control's value as ``kind`` (an API client may send anything); a `SteerError` if it is not one."""
+    try:
+        number = kind(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise SteerError(f"expected a number, got {value!r}", where=where) from None
+    if not math.isfinite(number):
+        raise SteerError(f"expected a finite number, got {value!r}", where=where)
+    if kind is int and number != float(value):
+        raise SteerError(f"expected an integer, got {value!r}", where=where)
+    return number
+
+
+def monitor_choice(engine: DemoEngine, edits_text: str, value) -> int | None:
+    """The monitored feature: the given id, else the first feature the edit list names, else none."""
+    if value is not None and str(value).strip():
+        text = str(value).strip()
+        if not text.isdigit():
+            raise SteerError(f"expected a feature id (an integer ≥ 0), got {text!r}", where="monitor feature")
+        return int(text)
+    try:
+        edits = engine.edits(edits_text or "")
+    except SteerError:
+        return None
+    return next((e.feature for e in edits if e.feature is not None), None)
+
+
+class FeatureSearch:
+    """The atlas behind the search panel: ready, being built, or unavailable (with the reason)."""
+
+    def __init__(self):
+        self.atlas = None
+        self.state = "no feature atlas for this SAE: start the demo with --atlas FILE (built by `steer features index`)"
+
+    @classmethod
+    def open(cls, path) -> "FeatureSearch":
+        from steer.discover.atlas import open_atlas
+
+        search = cls()
+        search.atlas = open_atlas(path)
+        return search
+
+    @classmethod
+    def default(cls) -> "FeatureSearch":
+        """The default SAE's atlas: opened when cached, else built in a background thread."""
+        search = cls()
+        try:
+            from steer.discover.atlas import default_atlas
+        except ImportError as exc:
+            search.state = f"the feature atlas is unavailable in this install ({exc})"
+            return search
+        search.state = "the feature atlas is being built (first run only, a few minutes); search works once it is ready"
+
+        def build():
+            try:
+                from steer.discover.atlas import open_atlas
+
+                search.atlas = open_atlas(default_atlas(progress=True))
+            except SteerError as exc:
+                search.state = f"the feature atlas is unavailable: {exc}"
+
+        threading.Thread(target=build, name="steer-atlas", daemon=True).start()
+        return search
+
+    def find(self, text: str, limit: int = 20):
+        if self.atlas is None:
+            raise SteerError(self.state, where="feature search")
+        if text.strip().isdigit():
+            return [self.atlas.feature(int(text.strip()))]
+        return self.atlas.search(text, limit=limit)
+
+    def card(self, feature: int):
+        if self.atlas is None:
+            raise SteerError(self.state, where="feature search")
+        return self.atlas.feature(int(feature))
+
+
+def card_html(card) -> str:
+    """A feature card: statistics, top promoted/suppressed tokens, top contexts with the activations shaded."""
+    def tokens(pairs):
+        return ", ".join(f"<code>{html.escape(t)}</code> {v:+.2f}" for t, v in pairs[:8]) or "—"
+
+    rows = [f"<b>feature {card.id}</b> — fires on {100 * card.density:.3g}% of tokens; p99 {card.p99:.3g}, "
+            f"max {card.max_activation:.3g}",
+            f"<div>promotes: {tokens(card.promoted)}</div>", f"<div>suppresses: {tokens(card.suppressed)}</div>",
+            "<div>top contexts:</div><ol>"]
+    for context in card.contexts[:5]:
+        peak = context.max_activation or 1.0
+        spans = "".join(
+            f'<span style="background: rgba(255, 120, 0, {max(0.0, a) / peak:.2f})">{html.escape(t)}</span>'
+            for t, a in zip(context.tokens, context.activations))
+        rows.append(f"<li>{spans}</li>")
+    return '<div class="steer-card">' + "".join(rows) + "</ol></div>"
+
+
+CSS = """
+.steer-checks { font-family: monospace; font-size: 0.9em; }
+.steer-error { color: #b91c1c; }
+.steer-ok { color: #15803d; }
+.steer-card code { font-size: 0.9em; }
+"""
+
+
+def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export_dir: Path | None = None):
+    """The page over ``engine`` (not launched)."""
+    import gradio as gr
+    import pandas as pd
+
+    search = search or FeatureSearch()
+    export_dir = Path(export_dir or tempfile.mkdtemp(prefix="steer-demo-exports-"))
+    limits = engine.limits
+    sae_site = engine.sae.site or "?"
+
+    def on_check(edits_text):
+        try:
+            return checks_html(engine.check_lines(edits_text or ""))
+        except SteerError as exc:
+            return error_html(exc)
+
+    def on_generate(prompt, edits_text, monitor_feature, max_new_tokens, temperature, top_p, seed, chat):
+        empty = ("", "", [], [], "", pd.DataFrame({"step": [], "KL (nats)": []}), "")
+        try:
+            checks = engine.check_lines(edits_text or "")
+            if any(c.error for c in checks):
+                yield (*empty, checks_html(checks))
+                return
+            sampling = Sampling(max_new_tokens=_number(max_new_tokens, int, "max new tokens"),
+                                temperature=_number(temperature, float, "temperature"),
+                                top_p=_number(top_p, float, "top-p"), seed=_number(seed, int, "seed"))
+            feature = monitor_choice(engine, edits_text, monitor_feature)
+            for frame in engine.stream(prompt or "", edits_text or "", sampling, monitor_feature=feature, chat=bool(chat)):
+                scale = max((*frame.unsteered_activations, *frame.steered_activations, 0.0))
+                texts = (frame.unsteered, frame.steered,
+                         highlights(frame.unsteered_pieces, frame.unsteered_activations, scale),
+                         highlights(frame.steered_pieces, frame.steered_activations, scale))
+                if frame.done:
+                    plot = pd.DataFrame({"step": list(range(1, len(frame.kl) + 1)), "KL (nats)": list(frame.kl)})
+                    yield (*texts, monitor_summary(frame), plot, kl_summary(frame), checks_html(checks))
+                else:
+                    yield (*texts, gr.skip(), gr.skip(), kl_summary(frame), gr.skip())
+        except SteerError as exc:
+            yield (*empty, error_html(exc))
+
+    def on_add(edits_text, operation, feature, strength, scope):
+        try:
+            text = append_line(edits_text, edit_line(operation, feature, strength, scope))
+        except SteerError as exc:
+            return edits_text, error_html(exc)
+        return text, on_check(text)
+
+    def on_operation(operation):
+        c = CONTROLS[operation]
+        return gr.Slider(minimum=c.minimum, maximum=c.maximum, step=c.step, value=c.default, label=c.label,
+                         interactive=c.minimum != c.maximum)
+
+    def on_search(text):
+        try:
+            cards = search.find(text or "")
+        except SteerError as exc:
+            return gr.Dropdown(choices=[], value=None), error_html(exc)
+        if not cards:
+            return gr.Dropdown(choices=[], value=None), f"<div>no feature matches {html.escape(text)!s}</div>"
+        choices = [(f"{c.id}: " + " ".join(t.strip() for t, _ in c.promoted[:4]) + f" (p99 {c.p99:.2g})", c.id) for c in cards]
+        return gr.Dropdown(choices=choices, value=cards[0].id), card_html(cards[0])
+
+    def on_pick(feature):
+        if feature is None:
+            return gr.skip(), gr.skip()
+        try:
+            return int(feature), card_html(search.card(int(feature)))
+        except SteerError as exc:
+            return int(feature), error_html(exc)
+
+    def on_export(edits_text, target):
+        try:
+            result = engine.export(edits_text or "", target, export_dir)
+        except SteerError as exc:
+            return None, f"steer: error: {exc}"
+        for old in export_dir.glob("*.zip"):
+            if old != result.archive:
+                old.unlink(missing_ok=True)  # Gradio keeps its own copy for the download; ours is only the latest
+        return str(result.archive), result.report
+
+    with gr.Blocks(title="steer — steered vs unsteered", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
+        gr.Markdown(f"## steer — steered vs unsteered\nModel `{engine.model_name}`; SAE at `{sae_site}` "
+                    f"({engine.sae.d_sae} features). Edits are steer's one-line DSL, one per line.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label=f"Prompt (at most {limits.max_prompt_chars} characters)", lines=3,
+                                    max_length=limits.max_prompt_chars, value="Tell me about your weekend.", elem_id="prompt")
+                edits = gr.Textbox(label="Edits (DSL, one per line)", lines=4, elem_id="edits",
+                                   placeholder="steer feature 1021 by +4 units feature\nsuppress feature 12 by 80% scope generation")
+                checks = gr.HTML(checks_html([]), elem_id="edit-checks")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Sampling", open=False):
+                    max_new_tokens = gr.Slider(1, limits.max_new_tokens, value=min(48, limits.max_new_tokens), step=1,
+                                               label="max new tokens", elem_id="max-new-tokens")
+                    temperature = gr.Slider(0, limits.max_temperature, value=0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
+                    seed = gr.Number(0, precision=0, label="seed (shared by both columns)")
+                    chat = gr.Checkbox(True, label="chat template")
+            with gr.Column(scale=2):
+                gr.Markdown("#### Add an edit")
+                with gr.Row():
+                    query = gr.Textbox(label="Search features (words, or an id)", scale=3, elem_id="search")
+                    find = gr.Button("Search", scale=1, elem_id="search-button")
+                results = gr.Dropdown(label="Matching features", choices=[], interactive=True)
+                card = gr.HTML(f"<div>{html.escape(search.state)}</div>" if search.atlas is None else "", elem_id="feature-card")
+                feature = gr.Number(label="feature id", precision=0, minimum=0, maximum=engine.sae.d_sae - 1, elem_id="feature-id")
+                operation = gr.Dropdown(list(CONTROLS), value="steer", label="operation", elem_id="operation")
+                first = CONTROLS["steer"]
+                strength = gr.Slider(first.minimum, first.maximum, value=first.default, step=first.step, label=first.label,
+                                     elem_id="strength")
+                scope = gr.Radio(list(SCOPES), value="all", label="scope (which tokens the edit touches)")
+                add = gr.Button("Add edit line", elem_id="add-edit")
+        with gr.Row(equal_height=True):
+            unsteered = gr.Textbox(label="Unsteered", lines=10, interactive=False, elem_id="unsteered")
+            steered = gr.Textbox(label="Steered", lines=10, interactive=False, elem_id="steered")
+        with gr.Accordion("Monitor: generated tokens coloured by a feature's activation", open=True):
+            monitor = gr.Textbox(label="monitored feature id", placeholder="blank: the first feature of the edit list",
+                                 elem_id="monitor-feature")
+            with gr.Row():
+                monitor_unsteered = gr.HighlightedText(label="unsteered", show_legend=False, elem_id="monitor-unsteered")
+                monitor_steered = gr.HighlightedText(label="steered", show_legend=False, elem_id="monitor-steered")
+            monitor_text = gr.Markdown(elem_id="monitor-summary")
+        with gr.Accordion("Side effect: KL(unsteered ‖ steered) per step", open=True):
+            kl_plot = gr.LinePlot(pd.DataFrame({"step": [], "KL (nats)": []}), x="step", y="KL (nats)", height=220,
+                                  label="KL per steered step (nats)")
+            kl_text = gr.Markdown(elem_id="kl-summary")
+        with gr.Accordion("Export the edits (with their verify report)", open=False):
+            target = gr.Radio(list(EXPORT_TARGETS), value="weights", label="target",
+                              info="weights: merged HF checkpoint; adapter: PEFT LoRA; cvec: llama.cpp control vector; "
+                                   "pack: the plan + the SAE rows it uses")
+            export = gr.Button("Export and verify")
+            archive = gr.File(label="download (zip: artifact/ and verify_report.txt)", interactive=False)
+            report = gr.Textbox(label="verify report", lines=6, interactive=False)
+
+        edits.change(on_check, edits, checks, trigger_mode="always_last", show_progress="hidden", api_name="check_edits",
+                     concurrency_limit=None)
+        generate.click(on_generate, [prompt, edits, monitor, max_new_tokens, temperature, top_p, seed, chat],
+                       [unsteered, steered, monitor_unsteered, monitor_steered, monitor_text, kl_plot, kl_text, checks],
+                       api_name="generate")
+        add.click(on_add, [edits, operation, feature, strength, scope], [edits, checks], api_name="add_edit",
+                  concurrency_limit=None)
+        operation.change(on_operation, operation, strength, show_progress="hidden", api_name=False, concurrency_limit=None)
+        find.click(on_search, query, [results, card], api_name="search", concurrency_limit=None)
+        query.submit(on_search, query, [results, card], api_name=False, concurrency_limit=None)
+        results.change(on_pick, results, [feature, card], show_progress="hidden", api_name=False, concurrency_limit=None)
+        export.click(on_export, [edits, target], [archive, report], api_name="export", concurrency_limit=1)
+    return app
+
+
+def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None = None, host: str = "127.0.0.1",
+          port: int = 7860, concurrency: int = 4, limits: Limits = Limits()) -> None:
+    """Load, build and serve the demo until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio reads it
+    if importlib.util.find_spec("gradio") is None:
+        raise SteerError("the demo needs Gradio: pip install -e '.[demo]'", where="steer demo")
+    if concurrency < 1:
+        raise SteerError(f"concurrency must be ≥ 1, got {concurrency}", where="--concurrency")
+    _check_port(host, port)  # before the model loads: a taken port fails in a second, not after the load
+    search = FeatureSearch.open(atlas) if atlas not in (None, "none") else FeatureSearch()  # a bad file fails first
+    engine = DemoEngine.load(model, sae, limits=limits)
+    if atlas == "none":
+        search.state = "feature search is off (--atlas none); type a feature id"
+    elif atlas is None and sae in (None, "default"):
+        search = FeatureSearch.default()  # after the load: the default SAE exists (trained on first use) by now
+    export_dir = Path(tempfile.mkdtemp(prefix="steer-demo-exports-"))
+    app = build_app(engine, search, export_dir=export_dir)
+    app.queue(default_concurrency_limit=concurrency, max_size=64)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: Gradio closes, the export directory goes
+    print(f"steer demo: serving {engine.model_name} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False, pwa=False,
+                   show_error=False, quiet=True, footer_links=["api"], allowed_paths=[str(export_dir)], css=CSS)
+    except OSError as exc:
+        raise SteerError(f"cannot serve on {host}:{port}: {exc}", where="--port") from None
+    finally:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SteerError(f"cannot serve on {host}:{port}: {exc.strerror or exc}", where="--port") from None

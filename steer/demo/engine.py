@@ -1,0 +1,412 @@
+"""The demo's model side: side-by-side decoding, monitor, KL, edit checks, bounds, exports.
+
+No Gradio here; `steer.demo.app` is the page over it.
+
+**Isolation (why requests never see each other's edits).** `steer.applied`
+installs forward hooks on the model object, and the demo serves every user
+from one shared model. So every use of the model — and of the tokenizer, whose
+padding side `prompt_ids` flips — holds one lock (`DemoEngine._lock`), and
+hooks are installed and removed inside a single hold: a request feeds one
+decode step of its continuations under ``steer.applied(model, plan)`` and the
+hooks are gone before the lock is released. Requests therefore interleave step
+by step (every user sees tokens stream), but no forward pass ever runs with
+another request's hooks in place. Each continuation keeps its own KV cache and
+its own sampling generator, so a request's tokens are the ones it gets alone
+(the Gradio queue bounds how many interleave; see `steer.demo.app`). The
+alternatives — batching requests (hooks apply to the whole batch, so every
+edit would need per-row masks) or a replica per concurrent request (memory ×
+N) — buy throughput the 2-core target does not have. Exports load their own
+copy of the model (`load_model` of a cached checkpoint is fast), so a long
+export never holds the lock.
+
+**Per step** a request feeds three continuations of the same prompt:
+
+* *unsteered* — the model as it is (with a monitor-only plan when a feature is
+  monitored: a monitor writes nothing, so the logits are the unhooked ones);
+* *steered* — under the user's plan;
+* *reference* — the unsteered model fed the *steered* tokens, so that at
+  steered step t, KL(unsteered ‖ steered) compares the two next-token
+  distributions (temperature 1) given the same prefix: the prompt and the
+  steered tokens before t. That is the readout of the edit's side effect.
+
+Both visible continuations sample with the same settings and seed (a
+generator each, seeded alike), so an identity edit gives identical text.
+
+**Monitor**: a ``monitor feature J`` edit is added to both plans; each
+generated token is coloured by f_J at that token's own position (the last
+token is fed once more, without sampling, to read it).
+
+**Bounds** (`Limits`) are checked here, server-side, whatever the page allows.
+Never leaves a hook installed after a step; never mutates the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steer.errors import SpecError, SteerError
+from steer.generate import Sampling, prompt_ids
+from steer.lower.hooks import applied
+from steer.plan.ir import Plan
+from steer.spec import Spec, parse_dsl
+from steer.spec.edit import Edit
+
+EXPORT_TARGETS = ("weights", "adapter", "cvec", "pack")
+"""What "Export" can write (steer.export.checkpoint.export's targets)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds on one request (the page's controls stop at the same values)."""
+
+    max_prompt_chars: int = 2000
+    """Longest prompt, in characters."""
+    max_prompt_tokens: int = 512
+    """Longest prompt in tokens, chat template included."""
+    max_new_tokens: int = 128
+    """Most tokens generated per continuation."""
+    max_edits: int = 16
+    """Most edits (DSL lines or ;-separated edits) in one request."""
+    max_edit_chars: int = 4000
+    """Longest edit list, in characters."""
+    max_temperature: float = 5.0
+    """Highest sampling temperature."""
+
+
+@dataclass(frozen=True)
+class LineCheck:
+    """One non-blank line of the edit list and what the parser (or the compiler) said about it."""
+
+    line: int
+    """1-based line number in the edit list."""
+    text: str
+    error: str | None
+    """The SteerError message for this line; None when it is a valid edit."""
+
+    def describe(self) -> str:
+        return f"line {self.line}: " + (self.error if self.error else "ok")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What the page shows after one decode step."""
+
+    unsteered: str
+    steered: str
+    unsteered_tokens: tuple[int, ...]
+    """The generated token ids (the last may be an end-of-turn token)."""
+    steered_tokens: tuple[int, ...]
+    unsteered_pieces: tuple[str, ...]
+    """The text of each generated token (special tokens as empty strings)."""
+    steered_pieces: tuple[str, ...]
+    kl: tuple[float, ...]
+    """KL(unsteered ‖ steered) in nats at each steered step, same prefix (see the module docstring)."""
+    monitor_feature: int | None
+    unsteered_activations: tuple[float, ...] = ()
+    """f_J at each generated token of the continuation (as many as have been fed back)."""
+    steered_activations: tuple[float, ...] = ()
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    archive: Path
+    """The zip: ``artifact/`` (the export directory) and ``verify_report.txt``."""
+    report: str
+    """`steer verify`'s lines for the artifact, then its verdict."""
+    ok: bool
+
+
+class DemoEngine:
+    """One model, one SAE, one lock; see the module docstring."""
+
+    def __init__(self, model, tokenizer, sae, *, model_name: str, limits: Limits = Limits()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sae = sae
+        self.model_name = model_name
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._export_lock = threading.Lock()
+        self._plans: OrderedDict[tuple[Edit, ...], Plan] = OrderedDict()
+        eos = model.generation_config.eos_token_id
+        self.eos = {int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if t is not None}
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(int(tokenizer.eos_token_id))
+
+    @classmethod
+    def load(cls, model: str | None = None, sae: str | None = None, *, limits: Limits = Limits()) -> "DemoEngine":
+        """The engine for a model (default: the embedded default model) and SAE (default: its default SAE)."""
+        from steer.models import DEFAULT_MODEL, load_model
+        from steer.sae import DEFAULT_SAE, load_sae
+
+        name = model or DEFAULT_MODEL
+        loaded, tokenizer = load_model(name)
+        return cls(loaded, tokenizer, load_sae(sae or DEFAULT_SAE), model_name=name, limits=limits)
+
+    # -- the edit list --------------------------------------------------------------------
+
+    def check_lines(self, text: str) -> list[LineCheck]:
+        """Every non-blank line checked: parser messages per line, then the compiler's first complaint."""
+        self._check_edit_text(text)
+        checks, edits, line_of = [], [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                parsed = parse_dsl(line)
+            except SpecError as exc:
+                checks.append(LineCheck(number, line, exc.message))
+                continue
+            if parsed:
+                checks.append(LineCheck(number, line, None))
+                edits.extend(parsed)
+                line_of.extend([number] * len(parsed))
+        if edits and all(c.error is None for c in checks) and len(edits) <= self.limits.max_edits:
+            try:
+                self.plan(tuple(edits))
+            except SteerError as exc:
+                number = _line_of_error(exc, line_of)
+                checks = [LineCheck(c.line, c.text, exc.message) if c.line == number else c for c in checks]
+        return checks
+
+    def edits(self, text: str) -> tuple[Edit, ...]:
+        """The edits of the list; a `SpecError` naming the first bad line."""
+        self._check_edit_text(text)
+        edits: list[Edit] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                edits.extend(parse_dsl(line))
+            except SpecError as exc:
+                raise SpecError(exc.message, where=f"edits line {number}") from None
+        if len(edits) > self.limits.max_edits:
+            raise SpecError(f"{len(edits)} edits; the demo takes at most {self.limits.max_edits}", where="edits")
+        return tuple(edits)
+
+    def _check_edit_text(self, text: str) -> None:
+        if len(text) > self.limits.max_edit_chars:
+            raise SpecError(f"the edit list is {len(text)} characters; the demo takes at most {self.limits.max_edit_chars}",
+                            where="edits")
+
+    def plan(self, edits: tuple[Edit, ...]) -> Plan | None:
+        """The compiled plan of ``edits`` against the model and SAE (cached; None for no edits)."""
+        if not edits:
+            return None
+        with self._lock:
+            plan = self._plans.get(edits)
+            if plan is None:
+                from steer.plan import compile as compile_plan
+
+                plan = compile_plan(Spec(edits=edits), self.model, self.sae, tokenizer=self.tokenizer)
+                self._plans[edits] = plan
+                while len(self._plans) > 64:
+                    self._plans.popitem(last=False)
+            return plan
+
+    # -- one request --------------------------------------------------------------------------
+
+    def check_sampling(self, sampling: Sampling) -> None:
+        if sampling.max_new_tokens > self.limits.max_new_tokens:
+            raise SteerError(f"max new tokens is {sampling.max_new_tokens}; the demo allows at most "
+                             f"{self.limits.max_new_tokens}", where="max new tokens")
+        if sampling.temperature > self.limits.max_temperature:
+            raise SteerError(f"temperature is {sampling.temperature}; the demo allows at most {self.limits.max_temperature}",
+                             where="temperature")
+
+    def prompt_tokens(self, prompt: str, *, chat: bool = True) -> torch.Tensor:
+        """``(1, T)`` prompt ids (chat template for instruct models), within the bounds."""
+        if not prompt.strip():
+            raise SteerError("the prompt is empty", where="prompt")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise SteerError(f"the prompt is {len(prompt)} characters; the demo takes at most {self.limits.max_prompt_chars}",
+                             where="prompt")
+        with self._lock:
+            ids = prompt_ids(self.tokenizer, [prompt], chat=chat)["input_ids"]
+        if ids.shape[1] > self.limits.max_prompt_tokens:
+            raise SteerError(f"the prompt is {ids.shape[1]} tokens with its template; the demo takes at most "
+                             f"{self.limits.max_prompt_tokens}", where="prompt")
+        return ids
+
+    def stream(self, prompt: str, edits_text: str, sampling: Sampling = Sampling(max_new_tokens=48), *,
+               monitor_feature: int | None = None, chat: bool = True) -> Iterator[Frame]:
+        """Unsteered and steered continuations, one `Frame` per decode step (the last has ``done``)."""
+        self.check_sampling(sampling)
+        ids = self.prompt_tokens(prompt, chat=chat)
+        edits = self.edits(edits_text)
+        monitor: tuple[Edit, ...] = ()
+        if monitor_feature is not None:
+            if not 0 <= monitor_feature < self.sae.d_sae:
+                raise SteerError(f"feature {monitor_feature} is not in the SAE (0..{self.sae.d_sae - 1})", where="monitor feature")
+            monitor = parse_dsl(f"monitor feature {int(monitor_feature)}")
+        steered = _Continuation(ids, self.plan(edits + monitor), len(edits) if monitor else None, sampling.seed)
+        unsteered = _Continuation(ids, self.plan(monitor), 0 if monitor else None, sampling.seed)
+        reference = _Continuation(ids, None, None, sampling.seed)
+        kl: list[float] = []
+        while True:
+            feeding = [c for c in (unsteered, steered, reference) if c.pending is not None]
+            if not feeding:
+                break
+            with self._lock:
+                for c in feeding:
+                    c.feed(self.model)
+            if reference in feeding:
+                kl.append(kl_divergence(reference.logits, steered.logits))
+            for c in (unsteered, steered):
+                if c in feeding and not c.finished:
+                    c.accept(next_token(c.logits, sampling, c.generator), self.eos, sampling.max_new_tokens)
+            if reference in feeding and steered.tokens and not steered.finished:
+                reference.pending = torch.tensor([[steered.tokens[-1]]])
+            yield self._frame(unsteered, steered, kl, monitor_feature, done=False)
+        yield self._frame(unsteered, steered, kl, monitor_feature, done=True)
+
+    def _frame(self, unsteered: "_Continuation", steered: "_Continuation", kl: list[float], monitor_feature, *,
+               done: bool) -> Frame:
+        with self._lock:
+            texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in (unsteered, steered)]
+            pieces = [tuple(self.tokenizer.decode([t], skip_special_tokens=True) for t in c.tokens) for c in (unsteered, steered)]
+        return Frame(texts[0], texts[1], tuple(unsteered.tokens), tuple(steered.tokens), pieces[0], pieces[1], tuple(kl),
+                     monitor_feature,
+                     unsteered.generated_activations(), steered.generated_activations(), done)
+
+    def generate(self, prompt: str, edits_text: str, sampling: Sampling = Sampling(max_new_tokens=48), **kwargs) -> Frame:
+        """The last frame of `stream`."""
+        frame = None
+        for frame in self.stream(prompt, edits_text, sampling, **kwargs):
+            pass
+        return frame
+
+    # -- export ----------------------------------------------------------------------------------
+
+    def export(self, edits_text: str, target: str, directory) -> ExportResult:
+        """Export the edit list as ``target``, verify it, and zip both into ``directory``."""
+        from steer.export.checkpoint import export
+        from steer.models import load_model
+        from steer.plan import compile as compile_plan
+        from steer.verify.artifact import verify_artifact
+
+        if target not in EXPORT_TARGETS:
+            raise SteerError(f"unknown export target {target!r}; allowed: {', '.join(EXPORT_TARGETS)}", where="export")
+        edits = self.edits(edits_text)
+        if not edits:
+            raise SteerError("the edit list is empty: nothing to export", where="edits")
+        spec = Spec(edits=edits, model=self.model_name)
+        digest = hashlib.sha256(f"{target}\n{spec}".encode()).hexdigest()[:10]
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._export_lock:
+            work = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
+            try:
+                model, tokenizer = load_model(self.model_name)  # our own copy: the shared model stays free
+                plan = compile_plan(spec, model, self.sae, tokenizer=tokenizer)
+                export(plan, model, tokenizer, target, work / "artifact", base=self.model_name)
+                del model
+                verdict = verify_artifact(work / "artifact")
+                report = "\n".join([*verdict.lines, "verified" if verdict.ok else "verification FAILED"]) + "\n"
+                (work / "verify_report.txt").write_text(report)
+                archive = directory / f"steer-{target}-{digest}.zip"
+                partial = work / "archive.zip.partial"
+                _zip_directory(work, partial, skip={partial.name})
+                os.replace(partial, archive)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return ExportResult(archive, report, verdict.ok)
+
+
+class _Continuation:
+    """One continuation of the prompt, fed step by step through its own KV cache."""
+
+    def __init__(self, prompt: torch.Tensor, plan: Plan | None, monitor_index: int | None, seed: int):
+        self.plan = plan
+        self.monitor_index = monitor_index
+        self.prompt_length = prompt.shape[1]
+        self.pending: torch.Tensor | None = prompt  # (1, T) ids not fed yet
+        self.cache = None
+        self.logits: torch.Tensor | None = None  # (V,) next-token logits after the last feed
+        self.tokens: list[int] = []
+        self.finished = False
+        self.activations: list[float] = []  # monitored f_J at every fed position, prompt included
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def feed(self, model) -> None:
+        """Run the pending ids (the caller holds the engine's lock: hooks live only inside this call)."""
+        past = self.cache.get_seq_length() if self.cache is not None else 0
+        mask = torch.ones(1, past + self.pending.shape[1], dtype=torch.long)
+        steering = applied(model, self.plan, prompt_length=self.prompt_length) if self.plan else nullcontext()
+        with torch.no_grad(), steering as run:
+            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True, **_forward_arguments(model, self.cache))
+        self.cache = out.cache if "cache" in out else out.past_key_values
+        self.logits = out.logits[0, -1].float()
+        if self.monitor_index is not None:
+            self.activations.extend(run.activations(self.monitor_index)[0, past:].tolist())
+        self.pending = None
+
+    def accept(self, token: int, eos: set[int], max_new_tokens: int) -> None:
+        self.tokens.append(token)
+        self.finished = token in eos or len(self.tokens) >= max_new_tokens
+        if not self.finished or (self.monitor_index is not None and token not in eos):
+            self.pending = torch.tensor([[token]])  # when finished: fed once more only to read the monitor
+
+    def generated_activations(self) -> tuple[float, ...]:
+        return tuple(self.activations[self.prompt_length:])
+
+
+def _forward_arguments(model, cache) -> dict:
+    """The KV cache (``cache`` in transformers 5.x, ``past_key_values`` before) and, where the model takes it,
+    ``logits_to_keep=1``: only the last position's logits are read (a long prompt's would be T × vocab)."""
+    parameters = inspect.signature(model.forward).parameters
+    arguments = {"cache" if "cache" in parameters else "past_key_values": cache}
+    if "logits_to_keep" in parameters:
+        arguments["logits_to_keep"] = 1
+    return arguments
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; else temperature then nucleus (top-p) sampling."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(p ‖ q) in nats between the softmax distributions of two logit vectors."""
+    log_p = torch.log_softmax(p_logits.double(), dim=-1)
+    log_q = torch.log_softmax(q_logits.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+_EDIT_INDEX = re.compile(r"edits\[(\d+)\]")
+
+
+def _line_of_error(exc: SteerError, line_of: list[int]) -> int | None:
+    """The edit-list line a compiler error is about (its ``where`` names ``edits[i]``), or the first line."""
+    match = _EDIT_INDEX.search(exc.where or "")
+    if match and int(match.group(1)) < len(line_of):
+        return line_of[int(match.group(1))]
+    return line_of[0] if line_of else None
+
+
+def _zip_directory(source: Path, archive: Path, *, skip: set[str]) -> None:
+    """Zip ``source``'s files; weights are stored (they do not compress), the rest deflated."""
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and path.name not in skip:
+                stored = path.suffix in (".safetensors", ".gguf", ".bin")
+                zf.write(path, path.relative_to(source).as_posix(),
+                         compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)

@@ -1,0 +1,331 @@
+"""The Gradio demo (`steer.demo`): its engine on tiny models, and `steer demo` served for real.
+
+Engine tests compare the streamed decoder with independent references: HF
+``generate`` (steer.generate) for the texts, a full-sequence forward pass for
+the per-step KL, the SAE's own encoder on hooked-out activations for the
+monitor. The served tests start `steer demo` on the real default model and
+talk to it with gradio_client, through Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import steer
+from conftest import random_sae, save_tiny, tiny_model, tiny_tokenizer
+from demo_server import ROOT, free_port
+from steer.demo.app import CONTROLS, edit_line
+from steer.demo.engine import DemoEngine, Limits
+from steer.errors import SpecError, SteerError
+from steer.generate import Sampling, generate
+from steer.spec import parse_dsl
+from steer.spec.edit import Edit
+
+PROMPT = "hello there, how are you?"
+
+
+def tiny_engine(arch: str = "llama", limits: Limits = Limits(), model_name: str = "tiny", model=None, tokenizer=None):
+    model = model if model is not None else tiny_model(arch)
+    sae = random_sae(site="resid_post.1")
+    return DemoEngine(model, tokenizer or tiny_tokenizer(), sae, model_name=model_name, limits=limits)
+
+
+# -- the decoder against independent references -------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("edits", ["steer feature 3 by 3", "suppress feature 5 by 90% scope generation; clamp feature 7 to 20 when active scope generation"])
+def test_streamed_texts_equal_hf_generate_with_and_without_the_plan(arch, edits):
+    engine = tiny_engine(arch)
+    sampling = Sampling(max_new_tokens=12)
+    frame = engine.generate(PROMPT, edits, sampling)
+    plan = steer.compile(edits, engine.model, engine.sae)
+    assert frame.steered == generate(engine.model, engine.tokenizer, [PROMPT], plan, sampling)[0]
+    assert frame.unsteered == generate(engine.model, engine.tokenizer, [PROMPT], None, sampling)[0]
+    assert frame.steered != frame.unsteered
+
+
+def test_frames_stream_one_token_per_step():
+    engine = tiny_engine()
+    frames = list(engine.stream(PROMPT, "steer feature 3 by 3", Sampling(max_new_tokens=6)))
+    lengths = [len(f.steered_tokens) for f in frames]
+    assert lengths == sorted(lengths) and lengths[0] == 1 and set(range(1, lengths[-1] + 1)) <= set(lengths)
+    assert frames[-1].done and not any(f.done for f in frames[:-1])
+
+
+def test_sampling_shares_the_seed_so_an_identity_edit_gives_identical_columns():
+    engine = tiny_engine()
+    frame = engine.generate(PROMPT, "steer feature 3 by 0", Sampling(max_new_tokens=16, temperature=1.5, top_p=0.9, seed=7))
+    greedy = engine.generate(PROMPT, "", Sampling(max_new_tokens=16))
+    assert frame.steered_tokens == frame.unsteered_tokens
+    assert frame.unsteered_tokens != greedy.unsteered_tokens  # it did sample
+
+
+def test_kl_per_step_is_kl_of_unsteered_vs_steered_given_the_steered_prefix():
+    engine = tiny_engine()
+    edit = "steer feature 3 by 3"
+    frame = engine.generate(PROMPT, edit, Sampling(max_new_tokens=10))
+    plan = steer.compile(edit, engine.model, engine.sae)
+    prompt = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    P, steps = prompt.shape[1], len(frame.steered_tokens)
+    ids = torch.cat([prompt, torch.tensor([frame.steered_tokens])], dim=1)
+    with torch.no_grad():
+        log_u = torch.log_softmax(engine.model(ids).logits[0].double(), -1)  # (T, V), one pass, no cache
+        with steer.applied(engine.model, plan, prompt_length=P):
+            log_s = torch.log_softmax(engine.model(ids).logits[0].double(), -1)
+    expected = [float((log_u[t].exp() * (log_u[t] - log_s[t])).sum()) for t in range(P - 1, P - 1 + steps)]
+    assert len(frame.kl) == steps
+    assert frame.kl == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert max(frame.kl) > 1e-3
+
+
+def test_monitor_colours_each_generated_token_by_the_features_sae_activation():
+    engine = tiny_engine()
+    frame = engine.generate(PROMPT, "", Sampling(max_new_tokens=10), monitor_feature=4)
+    prompt = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([frame.unsteered_tokens])], dim=1)
+    seen = []
+    handle = engine.model.model.layers[1].register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            engine.model(ids)
+    finally:
+        handle.remove()
+    expected = engine.sae.encode(seen[0][0])[prompt.shape[1]:, 4]  # f_4 at each generated token's position
+    n = len(frame.unsteered_tokens) - (frame.unsteered_tokens[-1] in engine.eos)
+    assert len(frame.unsteered_activations) == n
+    assert torch.tensor(frame.unsteered_activations) == pytest.approx(expected[:n], rel=1e-5, abs=1e-5)
+    assert (expected[:n] > 0).any()
+    assert frame.steered_activations == pytest.approx(frame.unsteered_activations, abs=1e-6)  # no edit: same stream
+
+
+def test_concurrent_requests_get_the_outputs_they_get_alone():
+    engine = tiny_engine()
+    edits = [f"steer feature {i} by 12" for i in range(8)]
+    sampling = Sampling(max_new_tokens=12)
+    alone = [engine.generate(PROMPT, e, sampling, monitor_feature=0) for e in edits]
+    barrier = threading.Barrier(len(edits))
+
+    def ask(e):
+        barrier.wait()
+        return engine.generate(PROMPT, e, sampling, monitor_feature=0)
+
+    with ThreadPoolExecutor(len(edits)) as pool:
+        together = list(pool.map(ask, edits))
+    assert len({f.steered_tokens for f in alone}) == len(edits)  # distinct, so a leaked hook would show
+    assert together == alone
+
+
+# -- edit lines, controls, bounds ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("operation, strength, scope, expected", [
+    ("steer", -2.5, "all", Edit(op="add", feature=12, amount=-2.5, units="feature")),
+    ("suppress", 80, "generation", Edit(op="scale", feature=12, amount=0.2, scope="generation")),
+    ("ablate", 0, "prompt", Edit(op="scale", feature=12, amount=0.0, scope="prompt")),
+    ("amplify", 3, "all", Edit(op="scale", feature=12, amount=3.0)),
+    ("clamp", 1.5, "all", Edit(op="clamp", feature=12, amount=1.5, units="feature")),
+    ("monitor", 0.5, "all", Edit(op="monitor", feature=12, amount=0.5)),
+])
+def test_controls_append_the_dsl_line_of_the_edit_they_name(operation, strength, scope, expected):
+    assert set(CONTROLS) == {"steer", "suppress", "ablate", "amplify", "clamp", "monitor"}
+    assert parse_dsl(edit_line(operation, 12, strength, scope)) == (expected,)
+
+
+def test_controls_without_a_feature_say_so():
+    with pytest.raises(SteerError, match="pick a feature"):
+        edit_line("steer", None, 4)
+
+
+def test_each_bad_line_is_marked_with_the_parsers_message_and_good_lines_ok():
+    engine = tiny_engine()
+    lines = ["steer feature 3 by 2", "supress feature 3", "", "suppress feature 3 by 150%", "# a comment", "ablate feature 4"]
+    checks = engine.check_lines("\n".join(lines))
+    expected = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            if parse_dsl(line):
+                expected[number] = None
+        except SpecError as exc:
+            expected[number] = exc.message
+    assert {c.line: c.error for c in checks} == expected
+    assert expected[2] and expected[4]
+
+
+def test_a_line_the_compiler_refuses_is_marked_with_the_compilers_message():
+    engine = tiny_engine()
+    with pytest.raises(SteerError) as refused:
+        steer.compile("steer feature 999 by 2", engine.model, engine.sae)
+    checks = engine.check_lines("steer feature 3 by 2\nsteer feature 999 by 2")
+    assert [(c.line, c.error) for c in checks] == [(1, None), (2, refused.value.message)]
+
+
+def test_generation_refuses_a_bad_line_naming_it():
+    engine = tiny_engine()
+    with pytest.raises(SpecError) as refused:
+        engine.generate(PROMPT, "steer feature 3 by 2\nsteer feture 3", Sampling(max_new_tokens=4))
+    assert refused.value.where == "edits line 2"
+
+
+@pytest.mark.parametrize("limits, prompt, edits, sampling, monitor, where, words", [
+    (Limits(max_prompt_chars=10), "x" * 11, "", Sampling(max_new_tokens=4), None, "prompt", "11 characters"),
+    (Limits(max_prompt_tokens=8), "a" * 9, "", Sampling(max_new_tokens=4), None, "prompt", "tokens"),
+    (Limits(), "   ", "", Sampling(max_new_tokens=4), None, "prompt", "empty"),
+    (Limits(max_new_tokens=8), PROMPT, "", Sampling(max_new_tokens=9), None, "max new tokens", "at most 8"),
+    (Limits(), PROMPT, "", Sampling(max_new_tokens=4, temperature=6.0), None, "temperature", "at most 5"),
+    (Limits(max_edits=2), PROMPT, "ablate feature 1; ablate feature 2\nablate feature 3", Sampling(max_new_tokens=4), None, "edits", "3 edits"),
+    (Limits(max_edit_chars=20), PROMPT, "ablate feature 1" + " " * 10, Sampling(max_new_tokens=4), None, "edits", "26 characters"),
+    (Limits(), PROMPT, "", Sampling(max_new_tokens=4), 24, "monitor feature", "not in the SAE"),
+])
+def test_bounds_are_enforced_by_the_engine(limits, prompt, edits, sampling, monitor, where, words):
+    engine = tiny_engine(limits=limits)
+    with pytest.raises(SteerError) as refused:
+        engine.generate(prompt, edits, sampling, monitor_feature=monitor)
+    assert refused.value.where == where and words in refused.value.message
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+def test_export_zips_a_verified_weights_checkpoint_that_reproduces_the_hooks(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, base = save_tiny("llama", tmp_path / "base")
+    engine = tiny_engine(model=model, tokenizer=tokenizer, model_name=base)
+    result = engine.export("steer feature 3 by 2", "weights", tmp_path / "exports")
+    assert result.ok and result.report.rstrip().endswith("verified")
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [result.archive.name]  # no temp files left
+    with zipfile.ZipFile(result.archive) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "unzipped")
+    assert {"verify_report.txt", "artifact/config.json", "artifact/model.safetensors", "artifact/steer_manifest.json"} <= names
+    assert (tmp_path / "unzipped" / "verify_report.txt").read_text() == result.report
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "unzipped" / "artifact", dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    plan = steer.compile("steer feature 3 by 2", model, engine.sae)
+    with torch.no_grad(), steer.applied(model, plan):
+        hooked = model(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, hooked, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, hooked, atol=1e-3)
+
+
+def test_export_refusal_is_one_message_and_leaves_nothing(tmp_path):
+    model, tokenizer, base = save_tiny("llama", tmp_path / "base")
+    engine = tiny_engine(model=model, tokenizer=tokenizer, model_name=base)
+    with pytest.raises(SteerError) as refused:
+        engine.export("suppress feature 3 by 80%", "weights", tmp_path / "exports")
+    assert refused.value.where == "target weights" and "scale feature 3" in refused.value.message
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+# -- feature search ------------------------------------------------------------------------------------
+
+def test_feature_search_reads_the_atlas_and_says_why_when_there_is_none(tmp_path):
+    import html
+
+    from steer.demo.app import FeatureSearch, card_html
+    from steer.discover.atlas import build_atlas, open_atlas
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "the river {i} runs past seven quiet stones, north of the market."}}\n'
+                              for i in range(30)))
+    path = build_atlas(tiny_model("llama"), tiny_tokenizer(), random_sae(site="resid_post.1"), str(corpus), tokens=600,
+                       out=tmp_path / "atlas.db", context_size=40, window=12, contexts=3, progress=False)
+    search, atlas = FeatureSearch.open(path), open_atlas(path)
+    assert search.find(" 5 ") == [atlas.feature(5)]  # an id
+    assert search.find("r") == atlas.search("r", limit=20) and search.find("r")  # words
+    card = atlas.feature(5)
+    shown = card_html(card)
+    assert "<b>feature 5</b>" in shown
+    assert all(f"<code>{html.escape(t)}</code>" in shown for t, _ in card.promoted[:8])
+    assert all(html.escape(t) in shown for t in card.contexts[0].tokens)
+    with pytest.raises(SteerError, match="no feature atlas for this SAE"):
+        FeatureSearch().find("river")
+
+
+# -- `steer demo` ---------------------------------------------------------------------------------------
+
+def steer_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steer.cli.main", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_steer_demo_help():
+    result = steer_cli("demo", "--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--sae", "--host", "--port", "--concurrency", "--max-new-tokens"):
+        assert flag in result.stdout
+
+
+def test_steer_demo_on_a_taken_port_is_one_line_and_exit_2():
+    import socket
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = steer_cli("demo", "--port", str(port), "--atlas", "none")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"steer: error: --port: cannot serve on 127.0.0.1:{port}: Address already in use"
+
+
+def test_steer_demo_with_a_missing_atlas_is_one_line_and_exit_2(tmp_path):
+    result = steer_cli("demo", "--port", str(free_port()), "--atlas", str(tmp_path / "missing.db"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"steer: error: atlas {tmp_path / 'missing.db'}: no such atlas file")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def sixteen_features() -> list[int]:
+    """16 live features of the default SAE, evenly spread over its ids."""
+    from steer.sae import load_sae
+
+    live = [int(i) for i in (load_sae("default").feature_stats["p99"] > 0).nonzero()[:, 0]]
+    return live[:: len(live) // 16][:16]
+
+
+@pytest.mark.default_model
+def test_sixteen_concurrent_clients_each_get_the_output_they_get_alone(demo_server):
+    """16 gradio_client users at once through the server's queue (``--concurrency 16``: all interleave)."""
+    from gradio_client import Client
+
+    edits = [f"steer feature {f} by 6 units feature" for f in sixteen_features()]
+    clients = [Client(demo_server, verbose=False) for _ in edits]
+
+    def ask(client, edit, barrier=None):
+        if barrier is not None:
+            barrier.wait()
+        out = client.submit("Tell me about your weekend.", edit, None, 6, 0, 1, 0, True, api_name="/generate").result()
+        unsteered, steered, _, monitor_steered, _, kl, _, status = out
+        assert "steer-error" not in status, status
+        return unsteered, steered, monitor_steered, kl["data"]
+
+    alone = [ask(client, edit) for client, edit in zip(clients, edits)]
+    barrier = threading.Barrier(len(edits))
+    with ThreadPoolExecutor(len(edits)) as pool:
+        together = list(pool.map(ask, clients, edits, [barrier] * len(edits)))
+    assert len({steered for _, steered, _, _ in alone}) >= 12  # (nearly) all different, so a leaked edit would show
+    assert len({unsteered for unsteered, _, _, _ in alone}) == 1
+    for edit, mine, reference in zip(edits, together, alone):
+        assert mine == reference, edit
+
+
+@pytest.mark.default_model
+def test_server_enforces_the_bounds_whatever_the_client_sends(demo_server):
+    from gradio_client import Client
+
+    client = Client(demo_server, verbose=False)
+    try:
+        out = client.predict("Hi", "", None, 10_000, 0, 1, 0, True, api_name="/generate")
+    except Exception as exc:  # Gradio's own slider check may refuse it first: then no generation ran either
+        assert "10000" in str(exc) or "maximum" in str(exc).lower(), exc
+    else:
+        assert out[0] == out[1] == ""
+        assert "at most 16" in out[-1]
+    out = client.predict("x" * 3000, "", None, 4, 0, 1, 0, True, api_name="/generate")
+    assert out[0] == out[1] == "" and "at most 2000" in out[-1]
