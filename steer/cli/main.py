@@ -15,7 +15,7 @@ from steer.errors import SteerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from steer.cli import artifacts, demo, features, generate, sae
+    from steer.cli import artifacts, demo, evaluate, features, generate, sae
 
     parser = argparse.ArgumentParser(
         prog="steer",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts.register(commands)
     demo.register(commands)
     features.register(commands)
+    evaluate.register(commands)
     return parser
 
 

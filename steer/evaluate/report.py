@@ -1,0 +1,342 @@
+"""What an edit does, base vs steered, in one report: side effects on neutral text and the suites' scores.
+
+``evaluate(plan, model, tokenizer, suites)`` measures
+
+- on **neutral text** — by default the first `NEUTRAL_TOKENS` tokens of the
+  embedded BBC News corpus's held-out documents (the rule of
+  `steer.data.corpus`, fraction `NEUTRAL_HELD_OUT`: the documents the default
+  SAE never trained on), packed into rows of `NEUTRAL_CONTEXT` tokens; every
+  next-token prediction in a row is compared — the per-token
+  **KL(base ‖ steered)** in nats (mean and max), **perplexity** of the text
+  under each model and its change in %, and **top-1 agreement**;
+- each **suite**'s score (`steer.evaluate.scoring`) base and steered, and the
+  relative change.
+
+The steered side is ``model`` under ``plan`` (exact hooks) or, with
+``steered_model``, another model with no plan (an exported checkpoint). The
+neutral text is read as one prompt per row, so edits with ``scope:
+generation`` do not act on it (they act in generation suites).
+
+`Baseline` holds the base model's numbers so sweeps and tuning measure the base
+once. `evaluation_for_export` turns a `Report` into the manifest's
+``evaluation`` field and the edit card's lines. Never changes the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from steer.errors import SteerError
+from steer.evaluate.scoring import SuiteResult, score_suite
+from steer.evaluate.suites import Suite, load_suites
+from steer.lower.hooks import applied
+
+NEUTRAL_TOKENS = 1024
+"""Tokens of neutral text read by default (8 rows of 128: 1,016 next-token predictions)."""
+NEUTRAL_CONTEXT = 128
+NEUTRAL_HELD_OUT = 0.05
+"""The default corpus's held-out fraction — the same rule and fraction the default SAE recipe trains with."""
+NEUTRAL_BATCH = 4
+"""Rows per forward pass (a row's logits are 128 × vocabulary floats)."""
+
+
+# -- neutral text --------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class NeutralText:
+    source: str
+    """What the text is, for reports."""
+    rows: torch.Tensor
+    """``(R, T)`` token ids."""
+
+    @property
+    def predictions(self) -> int:
+        return self.rows.shape[0] * (self.rows.shape[1] - 1)
+
+
+def neutral_text(tokenizer, source="default", *, tokens: int = NEUTRAL_TOKENS, context: int = NEUTRAL_CONTEXT) -> NeutralText:
+    """``source``: ``default`` (BBC held-out), ``calibration`` (steer's calibration text), a corpus path, or a list of texts."""
+    from steer.data.corpus import open_corpus, token_sequences
+    from steer.verify.fidelity import calibration_texts
+
+    if tokens < 2 or context < 2:
+        raise SteerError(f"neutral text needs at least 2 tokens per row, got tokens={tokens}, context={context}",
+                         where="--neutral-tokens")
+    context = min(context, tokens)
+    if isinstance(source, (list, tuple)):
+        documents, name = list(source), f"{len(source)} given texts"
+    elif source == "calibration":
+        documents, name = calibration_texts(), "steer's calibration text"
+    elif source == "default":
+        documents = open_corpus("default").documents("held_out", NEUTRAL_HELD_OUT)
+        name = f"BBC News held-out documents (default corpus, held_out {NEUTRAL_HELD_OUT:g})"
+    else:
+        documents, name = open_corpus(source).documents("all"), f"corpus {source}"
+    rows = []
+    for row in token_sequences(documents, tokenizer, context):
+        rows.append(row)
+        if len(rows) * context >= tokens:
+            break
+    if not rows:
+        raise SteerError(f"the neutral text has fewer than {context} tokens", where=f"neutral {name}")
+    return NeutralText(source=name, rows=torch.stack(rows))
+
+
+@torch.no_grad()
+def _row_logprobs(model, rows: torch.Tensor, plan) -> torch.Tensor:
+    """``(B, T-1, V)`` float32 next-token log-probs at each position but the last."""
+    ids = rows.to(next(model.parameters()).device)
+    with applied(model, plan) if plan is not None else nullcontext():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@dataclass(frozen=True)
+class NeutralEffect:
+    source: str
+    predictions: int
+    """Next-token predictions compared."""
+    kl_mean: float
+    """Mean per-token KL(base ‖ steered), nats."""
+    kl_max: float
+    top1: float
+    """Fraction of predictions whose argmax agrees."""
+    ppl_base: float
+    ppl_steered: float
+
+    @property
+    def ppl_change_pct(self) -> float:
+        return 100.0 * (self.ppl_steered / self.ppl_base - 1.0)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "predictions": self.predictions, "kl_mean": self.kl_mean, "kl_max": self.kl_max,
+                "top1": self.top1, "ppl_base": self.ppl_base, "ppl_steered": self.ppl_steered,
+                "ppl_change_pct": self.ppl_change_pct}
+
+
+# -- the base model's numbers, measured once ------------------------------------
+
+
+@dataclass(eq=False)
+class Baseline:
+    neutral: NeutralText
+    logprobs: torch.Tensor
+    """``(R, T-1, V)`` the base model's next-token log-probs on the neutral rows."""
+    suites: dict[tuple[str, str], SuiteResult] = field(default_factory=dict)
+    """(suite name, split) → the base model's result."""
+
+    def suite(self, model, tokenizer, suite: Suite, split: str) -> SuiteResult:
+        key = (suite.name, split)
+        if key not in self.suites:
+            self.suites[key] = score_suite(model, tokenizer, suite, None, split=split)
+        return self.suites[key]
+
+
+def measure_baseline(model, tokenizer, suites=(), *, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS,
+                     split: str = "all") -> Baseline:
+    text = neutral if isinstance(neutral, NeutralText) else neutral_text(tokenizer, neutral, tokens=neutral_tokens)
+    parts = [_row_logprobs(model, text.rows[i:i + NEUTRAL_BATCH], None) for i in range(0, len(text.rows), NEUTRAL_BATCH)]
+    baseline = Baseline(neutral=text, logprobs=torch.cat(parts))
+    for suite in load_suites(suites):
+        baseline.suite(model, tokenizer, suite, split)
+    return baseline
+
+
+def neutral_effect(baseline: Baseline, model, plan) -> NeutralEffect:
+    """Compare ``model`` under ``plan`` with the baseline on its neutral rows."""
+    rows = baseline.neutral.rows
+    kl_sum, kl_max, agree, nll_base, nll_steered, n = 0.0, 0.0, 0, 0.0, 0.0, 0
+    for i in range(0, len(rows), NEUTRAL_BATCH):
+        steered = _row_logprobs(model, rows[i:i + NEUTRAL_BATCH], plan)            # (B, T-1, V)
+        for j in range(steered.shape[0]):
+            base_lp = baseline.logprobs[i + j].double()                              # (T-1, V)
+            lp = steered[j].double()
+            kl = (base_lp.exp() * (base_lp - lp)).sum(-1).clamp(min=0)               # (T-1,)
+            target = rows[i + j, 1:]
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max()))
+            agree += int((base_lp.argmax(-1) == lp.argmax(-1)).sum())
+            nll_base -= float(base_lp.gather(-1, target[:, None]).sum())
+            nll_steered -= float(lp.gather(-1, target[:, None]).sum())
+            n += kl.numel()
+    return NeutralEffect(source=baseline.neutral.source, predictions=n, kl_mean=kl_sum / n, kl_max=kl_max,
+                         top1=agree / n, ppl_base=math.exp(nll_base / n), ppl_steered=math.exp(nll_steered / n))
+
+
+# -- the report ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuiteComparison:
+    base: SuiteResult
+    steered: SuiteResult
+
+    @property
+    def name(self) -> str:
+        return self.base.suite
+
+    @property
+    def change_pct(self) -> float | None:
+        """Relative change of the score in % (None when the base score is 0)."""
+        if self.base.score == 0:
+            return None
+        return 100.0 * (self.steered.score - self.base.score) / abs(self.base.score)
+
+    def as_dict(self, *, details: bool = False) -> dict:
+        base, steered = self.base.as_dict(details=details), self.steered.as_dict(details=details)
+        head = {k: base.pop(k) for k in ("suite", "rule", "better", "split", "prompts")}
+        for k in ("suite", "rule", "better", "split", "prompts"):
+            steered.pop(k)
+        return {**head, "base": base, "steered": steered, "change_pct": self.change_pct}
+
+
+@dataclass(frozen=True)
+class Report:
+    subject: str
+    """What was evaluated (the spec as DSL, or an artifact directory)."""
+    model: str
+    split: str
+    neutral: NeutralEffect
+    suites: tuple[SuiteComparison, ...]
+
+    def suite(self, name: str) -> SuiteComparison:
+        for s in self.suites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def as_dict(self, *, details: bool = False) -> dict:
+        return {"subject": self.subject, "model": self.model, "split": self.split, "neutral": self.neutral.as_dict(),
+                "suites": [s.as_dict(details=details) for s in self.suites]}
+
+    def table(self) -> str:
+        n = self.neutral
+        lines = [
+            f"{self.subject}  on {self.model}",
+            f"neutral text: {n.source}, {n.predictions:,} next-token predictions",
+            f"  KL(base‖steered)   {n.kl_mean:.4g} nats/token (max {n.kl_max:.3g})",
+            f"  perplexity         {n.ppl_base:.3f} → {n.ppl_steered:.3f} ({n.ppl_change_pct:+.2f}%)",
+            f"  top-1 agreement    {100 * n.top1:.2f}%",
+        ]
+        if self.suites:
+            lines += ["", f"{'suite':<22} {'rule':<13} {'split':<9} {'n':>4}  {'base':>9} {'steered':>9} {'change':>8}"]
+        for s in self.suites:
+            change = "—" if s.change_pct is None else f"{s.change_pct:+.1f}%"
+            b = s.base
+            lines.append(f"{s.name:<22} {b.rule:<13} {b.split:<9} {b.n:>4}  {b.score:>9.4g} {s.steered.score:>9.4g} "
+                         f"{change:>8}   ({_score_meaning(b)}, {b.better} is better)")
+            for key in b.extras:
+                lines.append(f"  {_extra_label(key):<44}  {_fmt(b.extras[key]):>9} {_fmt(s.steered.extras.get(key)):>9}")
+        return "\n".join(lines)
+
+
+def _score_meaning(result: SuiteResult) -> str:
+    return {"logprob_gap": "mean |log-prob gap|", "keyword_rate": "keyword rate",
+            "exact_match": "exact-match accuracy"}[result.rule]
+
+
+def _extra_label(key: str) -> str:
+    if key == "signed":
+        return "mean signed gap"
+    if key.startswith("r_"):
+        return f"Pearson r with {key[2:]}"
+    return key
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def evaluate(plan, model, tokenizer, suites=(), *, steered_model=None, baseline: Baseline | None = None,
+             neutral="default", neutral_tokens: int = NEUTRAL_TOKENS, split: str = "all", subject: str | None = None,
+             model_name: str | None = None) -> Report:
+    """Base vs steered: ``model`` alone vs ``model`` under ``plan`` (or vs ``steered_model``).
+
+    ``suites`` are Suites, shipped names or paths; ``baseline`` (from
+    `measure_baseline`, same neutral text) saves measuring the base again.
+    """
+    if plan is not None and steered_model is not None:
+        raise ValueError("give a plan (hooks on model) or a steered_model, not both")
+    suites = load_suites(suites)
+    if baseline is None:
+        baseline = measure_baseline(model, tokenizer, neutral=neutral, neutral_tokens=neutral_tokens)
+    steered = steered_model if steered_model is not None else model
+    comparisons = tuple(
+        SuiteComparison(base=baseline.suite(model, tokenizer, s, split),
+                        steered=score_suite(steered, tokenizer, s, plan, split=split))
+        for s in suites
+    )
+    if subject is None:
+        subject = _describe_plan(plan) if plan is not None else "steered model"
+    return Report(subject=subject, model=model_name or str(getattr(model.config, "_name_or_path", "") or "model"),
+                  split=split, neutral=neutral_effect(baseline, steered, plan), suites=comparisons)
+
+
+def _describe_plan(plan) -> str:
+    from steer.spec.dsl import format_edit
+
+    return "; ".join(format_edit(e) for e in plan.spec.edits)
+
+
+# -- for exports ----------------------------------------------------------------
+
+
+def evaluation_for_export(report: Report) -> tuple[dict, list[str]]:
+    """The manifest's ``evaluation`` field (numbers rounded to 4 significant digits, so exports stay
+    byte-reproducible) and the edit card's markdown lines for ``report``."""
+    data = _rounded(report.as_dict())
+    n = data["neutral"]
+    lines = [
+        "## Measured effect", "",
+        f"Base vs edited model, {report.split} split of each suite. Neutral text: {n['source']}, "
+        f"{n['predictions']} next-token predictions: KL(base‖edited) mean {n['kl_mean']} nats/token (max {n['kl_max']}); "
+        f"perplexity {n['ppl_base']} → {n['ppl_steered']} ({n['ppl_change_pct']:+}%); top-1 agreement "
+        f"{100 * n['top1']:.2f}%.", "",
+    ]
+    if data["suites"]:
+        lines += ["| suite | score | base | edited | change |", "| --- | --- | --- | --- | --- |"]
+        for s in data["suites"]:
+            change = "—" if s["change_pct"] is None else f"{s['change_pct']:+}%"
+            meaning = {"logprob_gap": "mean abs log-prob gap", "keyword_rate": "keyword rate",
+                       "exact_match": "exact-match accuracy"}[s["rule"]]
+            lines.append(f"| {s['suite']} | {meaning} ({s['better']} is better) | {s['base']['score']} | "
+                         f"{s['steered']['score']} | {change} |")
+            for key in s["base"]:
+                if key != "score":
+                    lines.append(f"| {s['suite']} | {_extra_label(key)} | {s['base'][key]} | {s['steered'].get(key)} | |")
+        lines.append("")
+    return data, lines
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file renamed into place: never a half-written file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SteerError("is a directory; give a file name", where=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

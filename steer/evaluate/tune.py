@@ -1,0 +1,269 @@
+"""Search an edit's parameters to co-minimise a suite's target score and the KL on neutral text (Optuna TPE).
+
+What is searched, per trial (Optuna's multi-objective TPE sampler, seeded):
+
+- **ranges** ``PATH=LOW:HIGH`` (`steer.evaluate.sweep` paths: ``edits[0].factor``,
+  ``edits[*].strength``, ...), floats, or integers for ``feature`` fields.
+  Without ``--param``: the amount of every ``scale`` and ``project_out`` edit
+  in [0, 1] and of every ``add`` edit between 0 and twice its strength;
+- **candidate features** ``12,57,301``: ``edits[0]`` is the template — a
+  trial applies it (same op, amount, modifiers) to each included candidate;
+  the spec's other edits stay. Groups ``SITE:12,57`` (one per SAE given)
+  also search the site: a trial picks one site, then its candidates. A trial
+  that includes no candidate is the unedited model.
+
+The two objectives are the target suite's score on ``split`` (default
+``dev``, so the held-out half stays for the report; minimised when lower is
+better, else maximised) and the mean KL(base‖steered) on neutral text. The
+**chosen** trial is the one with the best score among those with KL ≤
+``max_kl``, ties to the lower KL; if none meets the bound, the one with the
+lowest KL, flagged. `write_chosen` writes it as canonical YAML, with relative
+SAE and direction paths rewritten to stay valid from the output file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer.errors import SpecError, SteerError
+from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline, write_text_atomic
+from steer.evaluate.suites import load_suite
+from steer.evaluate.sweep import parse_number, pareto_front, set_param
+from steer.spec.edit import Spec
+
+DEFAULT_MAX_KL = 0.05
+
+
+@dataclass(frozen=True)
+class Range:
+    path: str
+    low: float
+    high: float
+    integer: bool = False
+
+
+def parse_range(text: str) -> Range:
+    """``PATH=LOW:HIGH``."""
+    where = f"--param {text}"
+    path, eq, value = text.partition("=")
+    parts = value.split(":")
+    numbers = [parse_number(p.strip()) for p in parts]
+    if not eq or not path.strip() or len(parts) != 2 or None in numbers:
+        raise SpecError("write PATH=LOW:HIGH (e.g. edits[0].factor=0:1)", where=where)
+    low, high = numbers
+    if not low < high:
+        raise SpecError(f"LOW must be below HIGH, got {low} and {high}", where=where)
+    path = path.strip()
+    integer = path.endswith("feature")
+    if integer and not all(isinstance(n, int) for n in numbers):
+        raise SpecError("a feature range takes integers", where=where)
+    return Range(path, float(low), float(high), integer)
+
+
+def parse_candidates(texts: list[str]) -> dict[str | None, tuple[int, ...]]:
+    """``["12,57"]`` → {None: (12, 57)}; ``["resid_post.10:12,57", "resid_post.15:3"]`` → per site."""
+    groups: dict[str | None, tuple[int, ...]] = {}
+    for text in texts:
+        site, colon, ids = text.rpartition(":") if ":" in text else (None, "", text)
+        try:
+            features = tuple(int(i) for i in ids.split(","))
+        except ValueError:
+            raise SpecError("candidates are feature ids: 12,57,301 (or SITE:12,57 per SAE)", where=f"--candidates {text}") from None
+        if any(f < 0 for f in features) or len(set(features)) != len(features):
+            raise SpecError("feature ids are distinct integers ≥ 0", where=f"--candidates {text}")
+        key = site or None
+        if key in groups:
+            raise SpecError("the same site is given twice", where=f"--candidates {text}")
+        groups[key] = features
+    if None in groups and len(groups) > 1:
+        raise SpecError("with several groups, name each one's site: SITE:12,57", where="--candidates")
+    return groups
+
+
+def default_ranges(spec: Spec) -> list[Range]:
+    ranges = []
+    for i, edit in enumerate(spec.edits):
+        if edit.op in ("scale", "project_out"):
+            ranges.append(Range(f"edits[{i}].amount", 0.0, 1.0))
+        elif edit.op == "add" and edit.amount != 0:
+            low, high = sorted((0.0, 2.0 * edit.amount))
+            ranges.append(Range(f"edits[{i}].amount", low, high))
+    return ranges
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    params: dict
+    spec: Spec | None
+    """None: no candidate included (the unedited model)."""
+    score: float
+    kl: float
+    ppl_change_pct: float
+    report: Report | None
+
+
+@dataclass(frozen=True)
+class Tuning:
+    suite: str
+    better: str
+    split: str
+    max_kl: float
+    base_score: float
+    trials: tuple[Trial, ...]
+
+    @property
+    def front(self) -> list[Trial]:
+        return [self.trials[i] for i in pareto_front([(t.kl, t.score) for t in self.trials], self.better)]
+
+    @property
+    def chosen(self) -> Trial:
+        within = [t for t in self.trials if t.kl <= self.max_kl]
+        sign = 1.0 if self.better == "lower" else -1.0
+        if within:
+            return min(within, key=lambda t: (sign * t.score, t.kl, t.number))
+        return min(self.trials, key=lambda t: (t.kl, sign * t.score, t.number))
+
+    @property
+    def chosen_meets_bound(self) -> bool:
+        return self.chosen.kl <= self.max_kl
+
+
+def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range] | None = None,
+         candidates: dict[str | None, tuple[int, ...]] | None = None, max_kl: float = DEFAULT_MAX_KL, seed: int = 0,
+         split: str = "dev", sae=None, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS,
+         progress: bool = True) -> Tuning:
+    try:
+        import optuna
+    except ImportError:
+        raise SteerError("tuning needs Optuna: pip install optuna (or steer[evaluate])", where="steer tune") from None
+    from tqdm.auto import tqdm
+
+    from steer.plan import compile as compile_plan
+
+    if trials < 1:
+        raise SteerError(f"--trials must be ≥ 1, got {trials}", where="--trials")
+    if not max_kl > 0:
+        raise SteerError(f"--max-kl must be > 0, got {max_kl}", where="--max-kl")
+    suite = load_suite(suite)
+    suite.select(split)
+    candidates = candidates or {}
+    ranges = list(ranges) if ranges else default_ranges(spec)
+    if candidates and (spec.edits[0].feature is None):
+        raise SpecError("with --candidates, edits[0] is the template and must target a feature", where="edits[0]")
+    if not ranges and not candidates:
+        raise SpecError("nothing to tune: give --param PATH=LOW:HIGH or --candidates", where="--param")
+    for r in ranges:  # a bad path fails now, not in trial 17
+        set_param(spec, r.path, int(r.low) if r.integer else r.low)
+
+    baseline = measure_baseline(model, tokenizer, [suite], neutral=neutral, neutral_tokens=neutral_tokens, split=split)
+    base = baseline.suite(model, tokenizer, suite, split)
+    better = suite.scoring.better
+    done: list[Trial] = []
+    bar = tqdm(total=trials, desc="tune", unit="trial", disable=not progress)
+
+    def objective(trial) -> tuple[float, float]:
+        trial_spec = spec
+        for r in ranges:
+            value = (trial.suggest_int(r.path, int(r.low), int(r.high)) if r.integer
+                     else trial.suggest_float(r.path, r.low, r.high))
+            trial_spec = set_param(trial_spec, r.path, value)
+        if candidates:
+            trial_spec = _with_candidates(trial, trial_spec, candidates)
+        if trial_spec is None:
+            result = Trial(trial.number, dict(trial.params), None, base.score, 0.0, 0.0, None)
+        else:
+            try:
+                plan = compile_plan(trial_spec, model, sae, tokenizer=tokenizer)
+            except SteerError as exc:
+                raise type(exc)(exc.message, where=f"trial {trial.number} {dict(trial.params)}: {exc.where}") from None
+            report = evaluate(plan, model, tokenizer, [suite], baseline=baseline, split=split)
+            result = Trial(trial.number, dict(trial.params), trial_spec, report.suites[0].steered.score,
+                           report.neutral.kl_mean, report.neutral.ppl_change_pct, report)
+        done.append(result)
+        bar.update(1)
+        return result.score, result.kl
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(directions=["minimize" if better == "lower" else "maximize", "minimize"], sampler=sampler)
+    try:
+        study.optimize(objective, n_trials=trials, catch=())
+    finally:
+        bar.close()
+    return Tuning(suite=suite.name, better=better, split=split, max_kl=max_kl, base_score=base.score, trials=tuple(done))
+
+
+def _with_candidates(trial, spec: Spec, candidates: dict[str | None, tuple[int, ...]]) -> Spec | None:
+    sites = sorted(candidates, key=str)
+    site = trial.suggest_categorical("site", sites) if len(sites) > 1 else sites[0]
+    template = spec.edits[0] if site is None else dataclasses.replace(spec.edits[0], site=site)
+    chosen = [f for f in candidates[site] if trial.suggest_categorical(f"use {site + ':' if site else ''}{f}", [False, True])]
+    edits = [dataclasses.replace(template, feature=f) for f in chosen] + list(spec.edits[1:])
+    return dataclasses.replace(spec, edits=tuple(edits)) if edits else None
+
+
+# -- output --------------------------------------------------------------------
+
+
+def describe(tuning: Tuning) -> str:
+    from steer.spec.dsl import format_edit
+
+    lines = [f"{len(tuning.trials)} trials on {tuning.suite} ({tuning.split} split); base score {tuning.base_score:.4g} "
+             f"({tuning.better} is better)", "", "Pareto front (score vs KL on neutral text):",
+             f"  {'trial':>5} {'score':>9} {'KL':>9} {'ppl':>8}  edits"]
+    for t in tuning.front:
+        edits = "; ".join(format_edit(e) for e in t.spec.edits) if t.spec else "(no edit)"
+        lines.append(f"  {t.number:>5} {t.score:>9.4g} {t.kl:>9.4g} {t.ppl_change_pct:>+7.2f}%  {edits}")
+    c = tuning.chosen
+    rule = (f"best score with KL ≤ {tuning.max_kl:g}" if tuning.chosen_meets_bound
+            else f"no trial reached KL ≤ {tuning.max_kl:g}: the lowest-KL trial")
+    lines += ["", f"chosen: trial {c.number} ({rule}): score {c.score:.4g}, KL {c.kl:.4g}, ppl {c.ppl_change_pct:+.2f}%"]
+    return "\n".join(lines)
+
+
+def as_dict(tuning: Tuning) -> dict:
+    from steer.spec.yaml_io import dump_spec
+
+    front = {t.number for t in tuning.front}
+    return {
+        "suite": tuning.suite, "better": tuning.better, "split": tuning.split, "max_kl": tuning.max_kl,
+        "base_score": tuning.base_score, "chosen": tuning.chosen.number,
+        "trials": [{"number": t.number, "params": t.params, "score": t.score, "kl": t.kl,
+                    "ppl_change_pct": t.ppl_change_pct, "pareto": t.number in front,
+                    "spec": dump_spec(t.spec) if t.spec else None} for t in tuning.trials],
+    }
+
+
+def write_chosen(spec: Spec, path) -> Path:
+    """Write ``spec`` as YAML at ``path`` (temp file + rename), relative paths kept valid from its folder."""
+    from steer.spec.yaml_io import dump_spec
+
+    path = Path(path)
+    write_text_atomic(path, dump_spec(relocate(spec, path.parent)))
+    return path
+
+
+def relocate(spec: Spec, directory) -> Spec:
+    """``spec`` with relative SAE paths and direction files that exist (from the spec's folder or the working
+    directory) rewritten relative to ``directory``; names that are not local paths stay as they are."""
+    directory = Path(directory).resolve()
+
+    def moved(entry: str) -> str:
+        if Path(entry).is_absolute():
+            return entry
+        for base in (Path(spec.base_dir) if spec.base_dir else None, Path.cwd()):
+            if base is not None and (base / entry).exists():
+                return os.path.relpath((base / entry).resolve(), directory)
+        return entry
+
+    edits = []
+    for edit in spec.edits:
+        if edit.direction is not None:
+            file, _, key = edit.direction.rpartition(":")
+            edit = dataclasses.replace(edit, direction=f"{moved(file)}:{key}")
+        edits.append(edit)
+    return dataclasses.replace(spec, sae=tuple(moved(s) for s in spec.sae), edits=tuple(edits), base_dir=str(directory))

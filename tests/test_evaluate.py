@@ -1,0 +1,416 @@
+"""Behaviour suites, `steer eval`, `steer sweep`, `steer tune` (steer.evaluate).
+
+Scores are checked against references computed here, independently of the
+batched code under test: each prompt run alone and unpadded through the model
+(under `steer.applied` for the steered side), the log-softmax / KL / perplexity
+formulas written out, greedy continuations from `model.generate` one prompt at
+a time. Tiny random models with the character-level tiny tokenizer (each
+character one token); one test on the real default model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import steer
+from steer.cli.main import main
+from steer.evaluate.report import evaluate, neutral_text
+from steer.evaluate.scoring import answer_matches, normalise, run_prompts, score_suite
+from steer.evaluate.suites import load_suite, load_suite_text, shipped_suites
+from steer.sae import save_sae
+from steer.verify.fidelity import calibration_texts
+from tests.conftest import random_sae, save_tiny, tiny_model, tiny_tokenizer
+
+GAP_SUITE = """\
+name: tiny-gap
+scoring:
+  rule: logprob_gap
+  a: ["h", "H"]
+  b: ["s"]
+  correlate: share
+templates:
+  - {text: "The {job} said that", split: dev}
+  - {text: "Then the {job} knew", split: held_out}
+fill:
+  job:
+    - {value: cook, share: 10, split: dev}
+    - {value: pilot, share: 40, split: held_out}
+    - {value: nurse, share: 90, split: dev}
+    - {value: clerk, share: 60, split: held_out}
+    - {value: judge, share: 25, split: dev}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny llama saved as a checkpoint, its tokenizer, and an SAE saved beside it."""
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    model, tokenizer, directory = save_tiny("llama", root / "model")
+    sae_dir = save_sae(random_sae(site="resid_post.1"), root / "sae")
+    return model, tokenizer, directory, sae_dir, root
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def alone_logprobs(model, tokenizer, text, plan=None):
+    """The next-token log-softmax for one prompt, unpadded, on its own."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        if plan is None:
+            logits = model(ids).logits[0, -1]
+        else:
+            with steer.applied(model, plan):
+                logits = model(ids).logits[0, -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- scoring rules against hand-computed values ---------------------------------
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_logprob_gap_equals_log_softmax_formula_per_prompt(tiny, steered):
+    model, tokenizer = tiny
+    suite = load_suite_text(GAP_SUITE, "tiny-gap.yaml")
+    plan = None if not steered else steer.compile(
+        steer.parse_spec("suppress feature 3 by 80%; add feature 5 by 2", site="resid_post.1"), model, random_sae())
+    result = score_suite(model, tokenizer, suite, plan)
+    h, H, s = (tokenizer.convert_tokens_to_ids(c) for c in "hHs")
+    expected = []
+    for text in result.prompts:
+        lp = alone_logprobs(model, tokenizer, text, plan)
+        p = lp.exp()
+        expected.append(math.log(float(p[h] + p[H])) - math.log(float(p[s])))
+    assert len(expected) == 10
+    np.testing.assert_allclose(result.values, expected, atol=2e-5)
+    assert result.score == pytest.approx(np.mean(np.abs(expected)), abs=2e-5)
+    assert result.extras["signed"] == pytest.approx(np.mean(expected), abs=2e-5)
+    # Pearson r of each job's mean gap (over its templates) with its share, by numpy
+    shares = {"cook": 10, "pilot": 40, "nurse": 90, "clerk": 60, "judge": 25}
+    means = {job: np.mean([g for t, g in zip(result.prompts, expected) if f" {job} " in t]) for job in shares}
+    r = np.corrcoef([shares[j] for j in shares], [means[j] for j in shares])[0, 1]
+    assert result.extras["r_share"] == pytest.approx(r, abs=1e-4)
+
+
+def test_splits_hold_out_templates_and_fill_values_together(tiny):
+    model, tokenizer = tiny
+    suite = load_suite_text(GAP_SUITE, "tiny-gap.yaml")
+    dev = {p.text for p in suite.select("dev")}
+    held = {p.text for p in suite.select("held_out")}
+    assert dev == {f"The {j} said that" for j in ("cook", "nurse", "judge")}
+    assert held == {f"Then the {j} knew" for j in ("pilot", "clerk")}
+    assert len(suite.select("all")) == 10
+    result = score_suite(model, tokenizer, suite, split="held_out")
+    assert set(result.prompts) == held
+
+
+def test_shared_prefix_batches_equal_each_prompt_alone_with_generate(tiny):
+    model, tokenizer = tiny
+    texts = ["Q: two. A: the cat", "Q: two. A: dogs", "Q: two. A: a longer answer here", "Q: zz"]
+    logprobs, generated = run_prompts(model, tokenizer, texts, new_tokens=6)
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        ref = ref[:ref.index(2)] if 2 in ref else ref  # stops at EOS (id 2)
+        assert generated[i] == ref
+        torch.testing.assert_close(logprobs[i].double(), alone_logprobs(model, tokenizer, text), atol=1e-4, rtol=1e-5)
+
+
+def test_keyword_rate_and_exact_match_score_greedy_outputs(tiny, tmp_path):
+    model, tokenizer = tiny
+    prompts = ["Q: red. A:", "Q: blue. A:", "Q: green. A:", "Q: gold. A:"]
+    outputs = []
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        outputs.append(tokenizer.decode(new, skip_special_tokens=True))
+    words = [re.findall(r"[A-Za-z0-9]+", o) for o in outputs]
+    keyword = next(w[0] for w in words if w)
+    expected_rate = np.mean([keyword.lower() in [x.lower() for x in w] for w in words])
+    first = next(i for i, w in enumerate(words) if w and outputs[i].strip().lower().startswith(w[0].lower()))
+    keyword_yaml = write(tmp_path / "kw.yaml", f"""\
+        name: kw
+        scoring: {{rule: keyword_rate, keywords: [{keyword!r}], max_new_tokens: 8}}
+        prompts: {json.dumps(prompts)}
+        """)
+    kw = score_suite(model, tokenizer, load_suite(keyword_yaml))
+    assert list(kw.outputs) == outputs
+    assert kw.score == pytest.approx(expected_rate)
+    items = [{"text": p, "answer": words[first][0] if i == first else "qqqqqqqq"} for i, p in enumerate(prompts)]
+    exact_yaml = write(tmp_path / "em.yaml", f"""\
+        name: em
+        scoring: {{rule: exact_match, max_new_tokens: 8}}
+        prompts: {json.dumps(items)}
+        """)
+    em = score_suite(model, tokenizer, load_suite(exact_yaml))
+    assert em.values == tuple(float(i == first) for i in range(4))
+    assert em.score == 0.25
+
+
+def test_answer_normalisation_and_matching_by_hand():
+    assert normalise("  The  Pacific Ocean! ") == "pacific ocean"
+    assert normalise("H₂O") == "h2o"  # NFKC folds the subscript
+    assert answer_matches(" Paris.\n\nQ: next", ("Paris",), "prefix")
+    assert answer_matches(" paris is the capital", ("Paris",), "prefix")
+    assert not answer_matches(" Parisian", ("Paris",), "prefix")  # whole words only
+    assert not answer_matches(" paris is", ("Paris",), "equals")
+    assert answer_matches(" William Shakespeare", ("Shakespeare", "William Shakespeare"), "equals")
+    assert answer_matches("\n Paris\nQ:", ("Paris",), "equals")  # leading blank lines are skipped
+
+
+# -- side effects on neutral text --------------------------------------------------
+
+
+def test_identity_edit_gives_zero_kl_zero_ppl_change_and_equal_scores(tiny):
+    model, tokenizer = tiny
+    suite = load_suite_text(GAP_SUITE, "tiny-gap.yaml")
+    plan = steer.compile(steer.parse_spec("scale feature 3 by 1; add feature 5 by 0", site="resid_post.1"), model,
+                         random_sae())
+    report = evaluate(plan, model, tokenizer, [suite], neutral="calibration", neutral_tokens=512)
+    n = report.neutral
+    assert n.kl_mean == 0.0 and n.kl_max == 0.0
+    assert n.ppl_change_pct == 0.0 and n.top1 == 1.0
+    assert n.predictions == 4 * 127
+    s = report.suite("tiny-gap")
+    assert s.steered.values == s.base.values and s.change_pct == 0.0
+
+
+def test_evaluation_for_export_is_json_with_rounded_numbers_and_card_lines(tiny):
+    from steer.evaluate.report import evaluation_for_export
+
+    model, tokenizer = tiny
+    plan = steer.compile(steer.parse_spec("add feature 5 by 3", site="resid_post.1"), model, random_sae())
+    report = evaluate(plan, model, tokenizer, [load_suite_text(GAP_SUITE, "tiny-gap.yaml")], neutral="calibration",
+                      neutral_tokens=256)
+    data, lines = evaluation_for_export(report)
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+    assert data["neutral"]["kl_mean"] == float(f"{report.neutral.kl_mean:.4g}")
+    assert data["suites"][0]["steered"]["score"] == float(f"{report.suites[0].steered.score:.4g}")
+    assert any(line.startswith("| tiny-gap |") for line in lines) and lines[0] == "## Measured effect"
+
+
+def test_neutral_kl_perplexity_and_top1_match_their_formulas(tiny):
+    model, tokenizer = tiny
+    plan = steer.compile(steer.parse_spec("add feature 5 by 3; suppress feature 2 by 50%", site="resid_post.1"), model,
+                         random_sae())
+    text = neutral_text(tokenizer, "calibration", tokens=256)
+    report = evaluate(plan, model, tokenizer, [], neutral=text)
+    kls, agree, nll_b, nll_s = [], [], [], []
+    for row in text.rows:
+        ids = row[None]
+        with torch.no_grad():
+            base = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            with steer.applied(model, plan):
+                edited = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        kls.append((base.exp() * (base - edited)).sum(-1))
+        agree.append(base.argmax(-1) == edited.argmax(-1))
+        nll_b.append(-base.gather(-1, row[1:, None]).squeeze(-1))
+        nll_s.append(-edited.gather(-1, row[1:, None]).squeeze(-1))
+    kl = torch.cat(kls)
+    assert report.neutral.kl_mean == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert report.neutral.kl_max == pytest.approx(float(kl.max()), rel=1e-4)
+    assert report.neutral.kl_mean > 1e-4  # the edit does something
+    assert report.neutral.top1 == pytest.approx(float(torch.cat(agree).double().mean()))
+    ppl_b, ppl_s = math.exp(float(torch.cat(nll_b).mean())), math.exp(float(torch.cat(nll_s).mean()))
+    assert report.neutral.ppl_change_pct == pytest.approx(100 * (ppl_s / ppl_b - 1), rel=1e-4)
+
+
+def test_calibration_neutral_text_packs_rows_of_the_calibration_tokens(tiny):
+    _, tokenizer = tiny
+    text = neutral_text(tokenizer, "calibration", tokens=300, context=100)
+    joined = []
+    for t in calibration_texts():
+        joined += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert text.rows.shape == (3, 100)
+    assert text.rows.flatten().tolist() == joined[:300]
+
+
+# -- the CLI: eval, artifacts, sweep, tune ----------------------------------------------
+
+
+def spec_file(saved, name="spec.yaml", edits="  - suppress: 3\n    by: 50%\n"):
+    _, _, directory, sae_dir, root = saved
+    return write(root / name, f"model: {directory}\nsae: {sae_dir}\nedits:\n{edits}")
+
+
+def test_eval_cli_prints_the_table_and_writes_json(saved, capsys, tmp_path):
+    suite = write(tmp_path / "gap.yaml", GAP_SUITE)
+    code, out, err = cli(capsys, "eval", str(spec_file(saved)), "--suite", str(suite), "--split", "dev",
+                         "--neutral", "calibration", "--neutral-tokens", "256", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "KL(base‖steered)" in out and "tiny-gap" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["split"] == "dev" and data["suites"][0]["prompts"] == 3
+    assert len(data["suites"][0]["steered"]["per_prompt"]) == 3
+    assert data["neutral"]["predictions"] == 2 * 127
+
+
+def test_eval_of_an_exact_weights_export_matches_the_hooked_spec(saved, capsys, tmp_path):
+    from steer.export.checkpoint import export
+
+    model, tokenizer, directory, sae_dir, _ = saved
+    spec = steer.parse_spec("add feature 4 by 1.5 site resid_post.1", sae=[str(sae_dir)])
+    plan = steer.compile(spec, model, tokenizer=tokenizer)
+    export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
+    suite = write(tmp_path / "gap.yaml", GAP_SUITE)
+    hooked = evaluate(plan, model, tokenizer, [load_suite(suite)], neutral="calibration", neutral_tokens=256)
+    code, out, err = cli(capsys, "eval", "--artifact", str(tmp_path / "out"), "--suite", str(suite),
+                         "--neutral", "calibration", "--neutral-tokens", "256", "--json", str(tmp_path / "a.json"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["subject"].startswith("weights export")
+    assert data["neutral"]["kl_mean"] == pytest.approx(hooked.neutral.kl_mean, rel=1e-3, abs=1e-7)
+    np.testing.assert_allclose([p["value"] for p in data["suites"][0]["steered"]["per_prompt"]],
+                               hooked.suites[0].steered.values, atol=1e-4)
+
+
+def test_sweep_writes_one_row_per_grid_point_and_a_png(saved, capsys, tmp_path):
+    import matplotlib.image
+
+    suite = write(tmp_path / "gap.yaml", GAP_SUITE)
+    out = tmp_path / "sweep"
+    code, stdout, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[0].factor=0:1:0.5",
+                            "--param", "edits[0].feature=3,7", "--suite", str(suite), "--neutral", "calibration",
+                            "--neutral-tokens", "256", "-o", str(out), "--no-progress")
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(float(r["edits[0].factor"]), int(r["edits[0].feature"])) for r in rows] == [
+        (0.0, 3), (0.0, 7), (0.5, 3), (0.5, 7), (1.0, 3), (1.0, 7)]
+    for r in rows:  # factor 1 is the identity: no side effect, same score as the base
+        if float(r["edits[0].factor"]) == 1.0:
+            assert float(r["kl_mean"]) == 0.0 and float(r["tiny-gap.change_pct"]) == 0.0
+    document = json.loads((out / "sweep.json").read_text())
+    assert len(document["rows"]) == 6 and document["target"] == "tiny-gap"
+    points = [(r["kl_mean"], r["tiny-gap"]) for r in document["rows"]]
+    for i in document["pareto"]:  # no point has both lower KL and a lower (better) score
+        assert not any(k < points[i][0] and s < points[i][1] for k, s in points)
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(out / "sweep.png"))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_tune_runs_trials_and_writes_a_spec_that_parses(saved, capsys, tmp_path):
+    suite = write(tmp_path / "gap.yaml", GAP_SUITE)
+    chosen = tmp_path / "out" / "chosen.yaml"
+    code, out, err = cli(capsys, "tune", str(spec_file(saved)), "--suite", str(suite), "--trials", "5",
+                         "--candidates", "3,7,11", "--param", "edits[0].factor=0:1", "--max-kl", "10",
+                         "--neutral", "calibration", "--neutral-tokens", "256", "-o", str(chosen),
+                         "--json", str(tmp_path / "t.json"), "--no-progress")
+    assert code == 0, err
+    trials = json.loads((tmp_path / "t.json").read_text())["trials"]
+    assert len(trials) == 5
+    spec = steer.spec.load_spec_file(chosen)
+    assert spec.edits and all(e.op == "scale" and e.feature in (3, 7, 11) and 0 <= e.amount <= 1 for e in spec.edits)
+    assert Path(spec.sae[0]).is_absolute() or (chosen.parent / spec.sae[0]).is_dir()  # still points at the SAE
+    best = json.loads((tmp_path / "t.json").read_text())["chosen"]
+    assert trials[best]["score"] == min(t["score"] for t in trials)  # max-kl 10: the lowest score wins
+
+
+# -- bad input: one line, exit 2 -------------------------------------------------
+
+
+BAD_SUITES = {
+    "missing_scoring": ("name: x\nprompts: [a b]\n", "x.yaml:1", "missing `scoring`"),
+    "empty_prompts": ("name: x\nscoring: {rule: keyword_rate, keywords: [a]}\nprompts: []\n", "x.yaml:3: prompts", "empty"),
+    "unknown_rule": ("name: x\nscoring:\n  rule: bleu\nprompts: [a]\n", "x.yaml:3: scoring.rule", "unknown scoring rule"),
+    "bad_type": ("name: x\nchat: yes please\nscoring: {rule: keyword_rate, keywords: [a]}\nprompts: [a]\n",
+                 "x.yaml:2: chat", "true or false"),
+    "unknown_key": ("name: x\nscoring: {rule: keyword_rate, keywords: [a]}\nprompt: [a]\n", "x.yaml:3: prompt",
+                    "unknown key"),
+    "no_name": ("scoring: {rule: keyword_rate, keywords: [a]}\nprompts: [a]\n", "x.yaml:1", "missing `name`"),
+    "placeholder_without_fill": ("name: x\nscoring: {rule: logprob_gap, a: [h], b: [s]}\ntemplates:\n  - The {job}\n",
+                                 "x.yaml:4: templates[0]", "has no `fill`"),
+    "answer_missing": ("name: x\nscoring: {rule: exact_match}\nprompts:\n  - {text: q}\n", "x.yaml:4: prompts[0]",
+                       "needs an `answer`"),
+    "malformed_yaml": ("name: x\nscoring: {rule: [\n", "x.yaml:", "malformed YAML"),
+    "multi_token_set": ("name: x\nscoring: {rule: logprob_gap, a: [he], b: [s]}\nprompts: [The cook]\n",
+                        "x.yaml: scoring.a", "2 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUITES))
+def test_bad_suite_file_is_one_line_naming_file_and_field_exit_2(saved, capsys, tmp_path, case):
+    text, where, what = BAD_SUITES[case]
+    bad = tmp_path / "x.yaml"
+    bad.write_text(text)
+    code, out, err = cli(capsys, "eval", str(spec_file(saved)), "--suite", str(bad), "--neutral", "calibration",
+                         "--neutral-tokens", "256")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("steer: error: "), err
+    assert where in err and what in err, err
+
+
+@pytest.mark.parametrize("param, what", [
+    ("edits[3].factor=0:1:0.5", "has 1 edit"),
+    ("edits[0].strength=1,2", "its amount is `factor`"),
+    ("edits[0].factor=1:0:0.5", "does not go from"),
+    ("edits[0].factor=-1,0.5", "must be ≥ 0"),
+    ("edits[0].colour=1,2", "unknown edit field"),
+    ("edits[0]factor=1", "unknown parameter path"),
+])
+def test_bad_sweep_param_is_one_line_exit_2(saved, capsys, tmp_path, param, what):
+    code, out, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", param, "--suite", "age",
+                         "-o", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and what in err and "--param" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_suite_name_lists_the_shipped_ones(saved, capsys):
+    code, out, err = cli(capsys, "eval", str(spec_file(saved)), "--suite", "gender")
+    assert code == 2 and "gender-occupation" in err and err.count("\n") == 1
+
+
+# -- shipped suites on the real default model ---------------------------------------------
+
+
+def test_shipped_suites_parse_with_the_figures_they_cite():
+    assert set(shipped_suites()) >= {"gender-occupation", "age", "capability"}
+    gender = load_suite("gender-occupation")
+    shares = {v: x for p in gender.prompts for k, v, x in p.data if k == "share_women"}
+    assert 30 <= len(shares) <= 40
+    assert shares["nurse"] > 80 and shares["electrician"] < 5  # the figures sit beside the right occupations
+    assert "Bureau of Labor Statistics" in gender.source and "2023" in gender.source
+    assert len(gender.select("dev")) > 50 and len(gender.select("held_out")) > 50
+    assert not {p.text for p in gender.select("dev")} & {p.text for p in gender.select("held_out")}
+    assert len(load_suite("capability").prompts) >= 40
+
+
+@pytest.mark.default_model
+def test_shipped_suites_run_on_the_default_model(default_model):
+    import dataclasses
+
+    model, tokenizer = default_model
+    gender = score_suite(model, tokenizer, load_suite("gender-occupation"), split="dev")
+    assert gender.score > 0.3
+    assert gender.extras["r_share_women"] < -0.5  # SmolLM2 mirrors the labour statistics
+    for name in ("age", "capability"):
+        suite = load_suite(name)
+        result = score_suite(model, tokenizer, dataclasses.replace(suite, prompts=suite.prompts[::4]))
+        assert result.n == len(suite.prompts[::4]) and result.score > 0
+    capability = load_suite("capability")
+    assert score_suite(model, tokenizer, dataclasses.replace(capability, prompts=capability.prompts[:12])).score >= 0.75
