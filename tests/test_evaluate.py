@@ -28,7 +28,7 @@ from steer.evaluate.scoring import answer_matches, normalise, run_prompts, score
 from steer.evaluate.suites import load_suite, load_suite_text, shipped_suites
 from steer.sae import save_sae
 from steer.verify.fidelity import calibration_texts
-from tests.conftest import random_sae, save_tiny, tiny_model, tiny_tokenizer
+from tests.conftest import TINY_ARCHS, random_sae, save_tiny, tiny_model, tiny_tokenizer
 
 GAP_SUITE = """\
 name: tiny-gap
@@ -126,8 +126,9 @@ def test_splits_hold_out_templates_and_fill_values_together(tiny):
     assert set(result.prompts) == held
 
 
-def test_shared_prefix_batches_equal_each_prompt_alone_with_generate(tiny):
-    model, tokenizer = tiny
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_shared_prefix_batches_equal_each_prompt_alone_with_generate(arch):
+    model, tokenizer = tiny_model(arch), tiny_tokenizer()
     texts = ["Q: two. A: the cat", "Q: two. A: dogs", "Q: two. A: a longer answer here", "Q: zz"]
     logprobs, generated = run_prompts(model, tokenizer, texts, new_tokens=6)
     for i, text in enumerate(texts):
@@ -137,6 +138,20 @@ def test_shared_prefix_batches_equal_each_prompt_alone_with_generate(tiny):
         ref = ref[:ref.index(2)] if 2 in ref else ref  # stops at EOS (id 2)
         assert generated[i] == ref
         torch.testing.assert_close(logprobs[i].double(), alone_logprobs(model, tokenizer, text), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["all", "generation", "prompt"])
+def test_steered_greedy_batches_equal_steer_generate_one_prompt_at_a_time(tiny, scope):
+    from steer.generate import Sampling, generate
+
+    model, tokenizer = tiny
+    plan = steer.compile(steer.parse_spec(f"add feature 5 by 4 scope {scope}; suppress feature 2 by 90%",
+                                          site="resid_post.1"), model, random_sae())
+    texts = ["Q: one. A: the", "Q: one. A: a big", "Q: one. A:"]
+    _, generated = run_prompts(model, tokenizer, texts, plan, new_tokens=6)
+    for text, tokens in zip(texts, generated):
+        alone = generate(model, tokenizer, [text], plan, Sampling(max_new_tokens=6), chat=False)[0]
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == alone
 
 
 def test_keyword_rate_and_exact_match_score_greedy_outputs(tiny, tmp_path):
