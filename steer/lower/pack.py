@@ -59,7 +59,7 @@ def write_pack(plan: Plan, directory: Path) -> None:
                                    "when_slot": se.when_slot, "when_above": se.when_above, "scope": se.scope,
                                    "note": se.note, "write": se.write is not None})
             if se.write is not None:
-                tensors[f"sites.{s}.edits.{e}.write"] = se.write.contiguous()
+                tensors[f"sites.{s}.edits.{e}.write"] = se.write.clone()  # a topk site's write is a view of its W_dec
         sites.append(entry)
     manifest = {
         "format": FORMAT, "version": VERSION, "spec": dump_spec(plan.spec), "model_type": plan.model_type,
