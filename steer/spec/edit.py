@@ -187,6 +187,9 @@ class Spec:
     """A short label (used in reports and export names)."""
     description: str | None = None
     """Free text: why this edit exists."""
+    max_kl: float | None = None
+    """Accept approximate lowerings (a graft, a LoRA without the writer's bias) whose measured mean KL(hooks ‖ artifact)
+    per token on steer's calibration text is at most this many nats; None: refuse them unless --allow-approximate."""
     base_dir: str | None = field(default=None, compare=False)
     """Directory relative paths resolve against (the spec file's); not serialised."""
 
@@ -204,6 +207,10 @@ class Spec:
                 raise SpecError(f"edit {i} is {type(e).__name__}, expected an Edit", where="edits")
         if self.scope not in SCOPES:
             raise SpecError(f"unknown scope {self.scope!r}; allowed: {', '.join(SCOPES)}", where="scope")
+        if self.max_kl is not None:
+            if not _is_finite_number(self.max_kl) or self.max_kl < 0:
+                raise SpecError(f"`max_kl` must be a number ≥ 0 (nats per token), got {self.max_kl!r}", where="max_kl")
+            object.__setattr__(self, "max_kl", float(self.max_kl))
 
     def scope_of(self, edit: Edit) -> str:
         return edit.scope if edit.scope is not None else self.scope

@@ -48,7 +48,7 @@ import yaml
 from steer.errors import SpecError
 from steer.spec.edit import AMOUNT_DEFAULT, AMOUNT_KEY, FEATURE_ONLY_OPS, OPS, Condition, Edit, Spec
 
-TOP_KEYS: tuple[str, ...] = ("name", "description", "model", "sae", "site", "scope", "edits")
+TOP_KEYS: tuple[str, ...] = ("name", "description", "model", "sae", "site", "scope", "max_kl", "edits")
 MODIFIERS: tuple[str, ...] = ("when", "units", "scope", "site")
 CONDITION_KEYS: tuple[str, ...] = ("feature", "above")
 
@@ -354,9 +354,21 @@ def load_spec_text(text: str, source: str = "<text>", *, base_dir: str | None = 
     fields = {key: _optional_str(data.get(key), key, where(key)) for key in ("name", "description", "model", "site")}
     sae = _read_sae(data.get("sae"), where("sae"), source)
     scope = data.get("scope", "all")
+    max_kl = _read_max_kl(data.get("max_kl"), where("max_kl"))
     edits = _read_edits(data["edits"], where("edits"), source)
     with located(where("scope")):  # edits are non-empty and Edits: only the scope is left to fail
-        return Spec(edits=edits, sae=sae, scope=scope, base_dir=base_dir, **fields)
+        return Spec(edits=edits, sae=sae, scope=scope, max_kl=max_kl, base_dir=base_dir, **fields)
+
+
+def _read_max_kl(value: object, where: str) -> float | None:
+    """``max_kl``: absent/null, or a number ≥ 0 (nats per token)."""
+    if value is None:
+        return None
+    number = NUMBER.read(value)
+    if number is None or number < 0:
+        raise SpecError(f"`max_kl` must be a number ≥ 0 (the largest accepted mean KL(hooks‖artifact) per token, "
+                        f"in nats, of an approximate lowering), got {show(value)}", where=where)
+    return number
 
 
 def _read_sae(value: object, where: str, source: str) -> tuple[str, ...]:
@@ -505,6 +517,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         out["site"] = spec.site
     if spec.scope != "all":
         out["scope"] = spec.scope
+    if spec.max_kl is not None:
+        out["max_kl"] = spec.max_kl
     out["edits"] = [edit_to_dict(edit) for edit in spec.edits]
     return out
 
