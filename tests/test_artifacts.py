@@ -10,12 +10,12 @@ the reference's here, independently of the exporter's own fidelity report.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -166,7 +166,7 @@ def test_pack_ships_only_the_rows_it_uses(base, dirs, tmp_path):
 
 
 @pytest.mark.parametrize("target,dsl,takers", [
-    ("weights", "scale feature 3 by 0.5 site resid_post.1", "pack"),
+    ("weights", "scale feature 3 by 0.5 site resid_post.1 scope generation", "pack"),
     ("weights", "add direction {p}:v by 1 site resid_post.1 scope generation", "pack"),
     ("weights", "project out direction {p}:u site resid_post.1", "pack"),
     ("adapter", "add direction {p}:v by 1 site resid_post.1", "weights, cvec, pack"),
@@ -211,7 +211,7 @@ def test_export_failing_midway_leaves_nothing(base, dirs, tmp_path, monkeypatch)
     def broken_writer(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_writer)
+    monkeypatch.setattr(checkpoint, "write_file", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
     assert sorted(os.listdir(tmp_path)) == []
@@ -226,12 +226,12 @@ def test_export_interrupted_by_sigint_leaves_nothing(llama_base, dirs, tmp_path)
         import time, steer, steer.export.checkpoint as checkpoint
         model, tokenizer = steer.load_model({directory!r})
         plan = steer.compile("project out direction {dirs}:u site writers", model, tokenizer=tokenizer)
-        real = checkpoint.save_file
+        real = checkpoint.write_file
         def slow(*a, **k):
             real(*a, **k)
             print("writing", flush=True)
             time.sleep(60)
-        checkpoint.save_file = slow
+        checkpoint.write_file = slow
         checkpoint.export(plan, model, tokenizer, "weights", {str(out)!r}, base={directory!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -268,3 +268,70 @@ def test_verify_fails_when_the_artifact_is_not_what_the_spec_says(llama_base, di
     verdict = verify_artifact(tmp_path / "out", spec=f"add direction {dirs}:v by 2.5 site resid_post.1")
     assert not verdict.ok
     assert any("not exact" in line for line in verdict.lines)
+
+
+# -- control vectors: fidelity in llama.cpp (DESIGN §7), measured where steer knows the model's GGUF ----------------
+
+def test_cvec_of_a_model_without_a_known_gguf_says_fidelity_was_not_measured(llama_base, dirs, tmp_path):
+    arch, model, tokenizer, directory = llama_base
+    plan = compile_case("add direction {p}:v by 2 site resid_post.1", model, tokenizer, dirs)
+    manifest = export(plan, model, tokenizer, "cvec", tmp_path / "out", base=directory)
+    assert manifest["llamacpp_fidelity"] is None
+    assert any("llama.cpp fidelity not measured" in n and "only for the registry default model" in n
+               for n in manifest["notes"])
+    verdict = verify_artifact(tmp_path / "out")
+    assert verdict.ok, verdict.lines
+    assert any(line.startswith("note llama.cpp fidelity not measured") for line in verdict.lines)
+
+
+@pytest.mark.default_model
+def test_cvec_compile_and_verify_measure_llamacpp_against_the_quantisation_baseline(default_model, tmp_path):
+    """The bundled weddings edit as a control vector: compile records llama.cpp's fidelity, `steer verify` re-measures
+    and passes it, and fails it when the reference spec asks for a different strength (same file, wrong edit).
+    The KL and top-1 figures are recomputed here from llama.cpp's and the hooked model's logits."""
+    from steer.verify.llamacpp import LlamaCppModel, read_control_vector
+
+    model, tokenizer = default_model
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cvec"
+    result = subprocess.run([sys.executable, "-m", "steer.cli.main", "compile", str(root / "edits" / "weddings.yaml"),
+                             "--target", "cvec", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "llama.cpp vs hooks over" in result.stdout and "pass" in result.stdout
+    manifest = json.loads((out / "steer_manifest.json").read_text())
+    recorded = manifest["llamacpp_fidelity"]
+    assert recorded["passes"] and recorded["tokens"] >= 100
+    assert "In llama.cpp" in (out / "README.md").read_text()
+
+    # recompute KL and top-1 independently: llama.cpp logits for the same ids, with and without the vector
+    plan = steer.compile(str(root / "edits" / "weddings.yaml"), model, tokenizer=tokenizer)
+    kl, kl_base, agree, n = 0.0, 0.0, 0, 0
+    with LlamaCppModel() as llama:
+        for text in [t for t in (root / "steer" / "data" / "calibration.txt").read_text().splitlines() if t]:
+            ids = tokenizer(text).input_ids
+            with torch.no_grad():
+                clean = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                with steer.applied(model, plan):
+                    ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            llama.set_control_vector(None)
+            plain = torch.log_softmax(torch.tensor(llama.logits(ids)).double(), -1)
+            llama.set_control_vector(read_control_vector(out / "control_vector.gguf"))
+            steered = torch.log_softmax(torch.tensor(llama.logits(ids)).double(), -1)
+            kl += float((ref.exp() * (ref - steered)).sum())
+            kl_base += float((clean.exp() * (clean - plain)).sum())
+            agree += int((ref.argmax(-1) == steered.argmax(-1)).sum())
+            n += len(ids)
+    print(f"\ncvec weddings in llama.cpp over {n} positions: KL {kl / n:.4g} (quantisation alone {kl_base / n:.4g}), "
+          f"top-1 {100 * agree / n:.1f}%")
+    assert recorded["tokens"] == n
+    assert recorded["kl"] == pytest.approx(kl / n, rel=1e-2) and recorded["kl_unedited"] == pytest.approx(kl_base / n, rel=1e-2)
+    assert recorded["top1"] == pytest.approx(agree / n, abs=1e-3)
+    assert kl / n <= 2 * kl_base / n + 1e-3 and agree / n >= 0.95  # the documented rule, from this test's own numbers
+
+    verdict = verify_artifact(out)
+    assert verdict.ok, verdict.lines
+    assert any(line.startswith("ok   llama.cpp + control vector") for line in verdict.lines)
+    wrong = "steer direction edits/directions/smollm2-135m-instruct.safetensors:weddings by 0.6 units norm site resid_post.10"
+    verdict = verify_artifact(out, spec=wrong.replace("edits/", f"{root}/edits/"))
+    assert not verdict.ok
+    assert any(line.startswith("FAIL llama.cpp + control vector") for line in verdict.lines)

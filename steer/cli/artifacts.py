@@ -38,7 +38,9 @@ def _common(p) -> None:
     add_model_arguments(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--allow-approximate", action="store_true", help="accept approximate lowerings (their fidelity is reported)")
+    p.add_argument("--allow-approximate", action="store_true",
+                   help="accept approximate lowerings, e.g. a graft of scale/clamp into weights (their fidelity is "
+                        "reported); a spec's `max_kl` accepts them only up to a measured mean KL")
 
 
 def run_compile(args) -> int:
@@ -59,6 +61,11 @@ def run_compile(args) -> int:
         from steer.verify.fidelity import Fidelity
 
         print("  " + Fidelity(**manifest["fidelity"]).describe())
+    cvec = manifest.get("llamacpp_fidelity")
+    if cvec:
+        print(f"  llama.cpp vs hooks over {cvec['tokens']} positions: mean KL {cvec['kl']:.4g} (quantisation alone "
+              f"{cvec['kl_unedited']:.4g}), top-1 {100 * cvec['top1']:.1f}% — {'pass' if cvec['passes'] else 'FAIL'} "
+              f"({cvec['rule']})")
     return 0
 
 

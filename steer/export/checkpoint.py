@@ -5,11 +5,23 @@ Every artifact is a directory holding the artifact itself, an embedded pack
 without the original SAE files), ``steer_manifest.json`` and an edit card
 (``README.md``). Directories are written atomically (`atomic_directory`).
 
-The merged checkpoint streams shard by shard — peak memory is about one shard —
-and applies the weight patch's additive deltas (in float64, cast back to each
-tensor's dtype) only to the tensors it touches; every other tensor and file is
-copied unchanged, and the base directory is only read. Same inputs give the
-same bytes: no timestamps, sorted JSON, deterministic tensor order.
+The merged checkpoint streams tensor by tensor (`steer.export.stream`): an
+untouched tensor is copied from its byte range in the base shard without ever
+being materialised; a touched one is read alone, gets the weight patch's
+additive deltas (in float64, cast back to its dtype; an embedding-sized tensor
+whose deltas all act row by row, in pieces of rows), then its grafted neurons
+appended (tensors grow along their MLP-width dimension; the index's sizes
+follow). Peak memory is therefore about the largest touched tensor's working
+copies, far below a shard (measured by bench/export.py). Every other file is
+copied unchanged, and the base directory is only read. Same inputs give the same bytes: no timestamps, sorted JSON,
+deterministic tensor order, a seeded graft fit.
+
+Approximate lowerings (a graft; a LoRA that cannot carry a writer bias) are
+refused unless ``allow_approximate`` or the spec's ``max_kl`` accepts them:
+with ``max_kl`` the artifact is measured first and kept only if its mean
+per-token KL(hooks ‖ artifact) on the calibration text is at most ``max_kl``.
+A refusal raises `LoweringError` and leaves nothing behind. A graft is refused
+*before* its neurons are fitted when nothing could accept it.
 """
 
 from __future__ import annotations
@@ -20,14 +32,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from steer.errors import SteerError
 from steer.export.atomic import atomic_directory
 from steer.lower.pack import write_pack
 from steer.lower.targets import EditLowering, LoweringError
-from steer.lower.weights import WeightPatch, lower_to_weights
+from steer.export.stream import Producer, StoredTensor, read_index, tensor_bytes, write_file
+from steer.lower.weights import Delta, Growth, WeightPatch, lower_to_weights
 from steer.models.adapters import adapter_for
 from steer.models.loading import resolve_checkpoint
 from steer.plan.ir import Plan
@@ -65,12 +75,14 @@ def sha256_file(path: Path) -> str:
 # -- merged checkpoint --------------------------------------------------------------
 
 def write_merged(patch: WeightPatch, base: Path, out: Path) -> None:
-    """Copy ``base`` into ``out`` with the patch applied, one shard at a time."""
+    """Copy ``base`` into ``out`` with the patch applied, one tensor at a time (see the module docstring)."""
     shards = base_shards(base)
-    keys_by_shard = {}
+    stored: dict[str, StoredTensor] = {}
+    keys_by_shard, metadata_by_shard = {}, {}
     for shard in shards:
-        with safe_open(str(base / shard), framework="pt") as f:
-            keys_by_shard[shard] = list(f.keys())
+        tensors, metadata = read_index(base / shard)
+        keys_by_shard[shard], metadata_by_shard[shard] = list(tensors), metadata or {"format": "pt"}
+        stored.update(tensors)
     home = {key: shard for shard, keys in keys_by_shard.items() for key in keys}
     prefix = adapter_for(json.loads((base / "config.json").read_text())["model_type"]).base + "."
 
@@ -80,14 +92,21 @@ def write_merged(patch: WeightPatch, base: Path, out: Path) -> None:
         short = name[len(prefix):] if name.startswith(prefix) else None
         return short if short in home else None
 
-    deltas: dict[str, list] = {}
+    new_names = {t.name for t in patch.new_tensors}
+    growths: dict[str, list[Growth]] = {}
+    for g in patch.growths:
+        key = resolve(g.tensor) or (g.tensor if g.tensor in new_names else None)
+        if key is None:
+            raise SteerError(f"the base checkpoint has no tensor {g.tensor!r} to widen", where=str(base))
+        growths.setdefault(key, []).append(g)
+    deltas: dict[str, list[Delta]] = {}
     for d in patch.deltas:
         key = resolve(d.tensor)
-        if key is None and not any(t.name == d.tensor for t in patch.new_tensors):
+        if key is None and d.tensor not in new_names:
             if d.optional:
                 continue
             raise SteerError(f"the base checkpoint has no tensor {d.tensor!r} to patch", where=str(base))
-        deltas.setdefault(key or d.tensor, []).append(d.fn)
+        deltas.setdefault(key or d.tensor, []).append(d)
     new_by_shard: dict[str, list] = {}
     for t in patch.new_tensors:
         like = resolve(t.like)
@@ -95,45 +114,65 @@ def write_merged(patch: WeightPatch, base: Path, out: Path) -> None:
             raise SteerError(f"the base checkpoint has no tensor {t.like!r}", where=str(base))
         new_by_shard.setdefault(home[like], []).append((t, like))
 
-    weight_map = {}
+    weight_map, total = {}, 0
     for shard in shards:
-        with safe_open(str(base / shard), framework="pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-            tensors = {key: f.get_tensor(key) for key in keys_by_shard[shard]}
+        producers = {key: _producer(stored[key], "base", deltas.get(key, []), growths.get(key, []))
+                     for key in keys_by_shard[shard]}
         for t, like in new_by_shard.get(shard, []):
-            source = tensors[like]
-            tensors[t.name] = source.clone() if t.kind == "copy" else source.new_zeros(source.shape[0])
-        for key in list(tensors):
-            fns = deltas.get(key)
-            if fns:
-                original = tensors[key].double()
-                total = sum(fn(original) for fn in fns)
-                tensors[key] = (original + total).to(tensors[key].dtype).contiguous()
-        save_file(tensors, str(out / shard), metadata=metadata)
-        weight_map.update({key: shard for key in tensors})
-        del tensors
+            producers[t.name] = _producer(stored[like], t.kind, deltas.get(t.name, []), growths.get(t.name, []))
+        total += write_file(out / shard, producers, metadata_by_shard[shard])
+        weight_map.update({key: shard for key in producers})
     if (base / INDEX).is_file():
         index = json.loads((base / INDEX).read_text())
-        total = 0
-        for shard in shards:
-            with safe_open(str(out / shard), framework="pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    total += _numel(s.get_shape()) * _itemsize(s.get_dtype())
         index["weight_map"] = dict(sorted(weight_map.items()))
         index.setdefault("metadata", {})["total_size"] = total
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+ROWS_PER_PIECE = 1024
+"""Rows of a tensor patched at once when all its deltas act row by row (an embedding: 1024 × d at a time)."""
 
 
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(dtype, 4)
+def _producer(source: StoredTensor, kind: str, deltas: list[Delta], growths: list[Growth]) -> Producer:
+    """How to make one output tensor from a base tensor: ``kind`` base (itself), copy (a new copy of it) or
+    zeros_bias (new zeros sized like its output dimension); then the deltas (in float64, on the original shape,
+    by pieces of rows where every delta is row-wise), then the growths."""
+    if kind == "zeros_bias":
+        shape = (source.shape[0],)
+
+        def read(rows=None):
+            return torch.zeros(shape if rows is None else (rows.stop - rows.start,), dtype=source.torch_dtype)
+    else:
+        shape, read = source.shape, source.read
+    final = list(shape)
+    for g in growths:
+        final[g.dim] += g.values.shape[g.dim]
+
+    def patched(t: torch.Tensor) -> torch.Tensor:
+        if not deltas:
+            return t
+        x = t.double()
+        total = x + deltas[0].fn(x)
+        for d in deltas[1:]:  # every delta reads the original x
+            total += d.fn(x)
+        return total.to(t.dtype)
+
+    if not deltas and not growths:
+        if kind == "zeros_bias":
+            return Producer(source.dtype, shape, lambda: iter([tensor_bytes(read())]))
+        return Producer(source.dtype, shape, source.chunks)  # untouched: bytes straight from the base file
+    if not growths and all(d.rowwise for d in deltas) and shape:
+        def by_rows():
+            for start in range(0, shape[0], ROWS_PER_PIECE):
+                yield tensor_bytes(patched(read(slice(start, min(shape[0], start + ROWS_PER_PIECE)))))
+        return Producer(source.dtype, shape, by_rows)
+
+    def whole():
+        t = patched(read())
+        for g in growths:  # after the deltas: they act on the original shapes
+            t = torch.cat([t, g.values.to(t.dtype)], dim=g.dim)
+        yield tensor_bytes(t)
+    return Producer(source.dtype, tuple(final), whole)
 
 
 def copy_base_files(base: Path, out: Path, *, skip_weights: bool = True) -> None:
@@ -154,12 +193,22 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
 
     base_dir = base_directory(base) if target != "pack" else None
     config = model.config.to_dict()
+    max_kl = plan.spec.max_kl
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        fidelity, notes, lowerings = None, [], []
+        fidelity, notes, lowerings, cvec_fidelity = None, [], [], None
         if target == "weights":
+            from steer.lower.graft import fit_grafts
+            from steer.lower.weights import add_grafts
+
             patch = lower_to_weights(plan, config)
-            lowerings, notes = patch.lowerings, list(patch.notes)
+            lowerings, notes = patch.lowerings, patch.notes
+            if not allow_approximate and max_kl is None:
+                refuse_approximate(target, lowerings, None, None)  # before the (slow) graft fit
+            if patch.grafts:
+                fits, source = fit_grafts(patch.grafts, plan, model, tokenizer)
+                add_grafts(patch, fits, config)
+                notes.append(f"graft neurons were fitted on {fits[0].tokens} tokens of {source}")
             copy_base_files(base_dir, tmp)
             raw = json.loads((base_dir / "config.json").read_text())
             raw.update(patch.config)
@@ -177,9 +226,12 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
             del artifact
         elif target == "cvec":
             from steer.lower.cvec import write_cvec
+            from steer.verify.llamacpp import measure_cvec_export
 
             lowerings = write_cvec(plan, tmp / "control_vector.gguf", plan.model_type)
-            notes.append("fidelity is measured by llama.cpp, not here: see `steer verify`")
+            cvec_fidelity, why = measure_cvec_export(model, tokenizer, plan, tmp / "control_vector.gguf", base)
+            if why:
+                notes.append(f"llama.cpp fidelity not measured: {why}")
         elif target == "pack":
             by_index: dict[int, EditLowering] = {}
             for sp in plan.sites:
@@ -188,19 +240,40 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
             lowerings = [by_index[i] for i in sorted(by_index)]
         else:
             raise SteerError(f"unknown target {target!r}; allowed: weights, adapter, cvec, pack", where="--target")
-        approximate = [l for l in lowerings if l.kind != "exact"]
-        if approximate and not allow_approximate:
-            listing = "; ".join(f"edits[{l.index}] ({l.edit.describe_target()}): {l.note}" for l in approximate)
-            measured = f" (measured: {fidelity.describe()})" if fidelity else ""
-            raise LoweringError(f"approximate lowering refused — {listing}{measured}; pass --allow-approximate to accept it",
-                                where=f"target {target}")
+        if not allow_approximate:
+            accepted = refuse_approximate(target, lowerings, fidelity, max_kl)
+            if accepted:
+                notes.append(accepted)
         write_pack(plan, tmp / PACK_DIR)
         manifest = _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp)
+        manifest["llamacpp_fidelity"] = cvec_fidelity
         (tmp / "README.md").write_text(edit_card(manifest))
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def refuse_approximate(target: str, lowerings: list[EditLowering], fidelity, max_kl: float | None) -> str | None:
+    """`LoweringError` unless every approximate lowering is accepted by ``max_kl`` (the spec's), judged on
+    ``fidelity`` (None: not measured yet, so only "no approximate edits" passes); the acceptance note, if any."""
+    approximate = [low for low in lowerings if low.kind != "exact"]
+    if not approximate:
+        return None
+    listing = "; ".join(f"edits[{low.index}] ({low.edit.describe_target()}): {low.note}" for low in approximate)
+    if max_kl is None:
+        measured = f" (measured: {fidelity.describe()})" if fidelity else ""
+        raise LoweringError(f"approximate lowering refused — {listing}{measured}; pass --allow-approximate to accept it, "
+                            "or set `max_kl` in the spec to accept it when its measured mean KL(hooks‖artifact) "
+                            "per token is at most that", where=f"target {target}")
+    if fidelity is None:
+        return None
+    if fidelity.kl_mean > max_kl:
+        raise LoweringError(f"approximate lowering refused — measured mean KL(hooks‖artifact) {fidelity.kl_mean:.4g} "
+                            f"nats/token on the calibration text is above the spec's max_kl {max_kl:g} ({listing}; "
+                            f"{fidelity.describe()}); nothing was written", where=f"target {target}")
+    return (f"approximate lowering accepted by the spec's max_kl {max_kl:g}: measured mean KL(hooks‖artifact) "
+            f"{fidelity.kl_mean:.4g} nats/token")
 
 
 def _load_merged(directory: Path):
@@ -255,6 +328,16 @@ def edit_card(manifest: dict) -> str:
                      f"greedy continuations identical for {100 * f['greedy_match']:.0f}% of {f['prompts']} prompts.")
     else:
         lines.append("Not measured at export time.")
+    approximate = [e for e in manifest["edits"] if e["lowering"] != "exact"]
+    if approximate:
+        lines.append(f"\n**Approximate:** {len(approximate)} edit(s) are approximated, not reproduced exactly "
+                     "(see their notes above); the figures above are what that costs.")
+    c = manifest.get("llamacpp_fidelity")
+    if c:
+        lines.append(f"\nIn llama.cpp (the model's quantised GGUF with this control vector) against the hooked fp32 "
+                     f"reference, over {c['tokens']} positions: mean KL {c['kl']:.4g} nats/token (quantisation alone: "
+                     f"{c['kl_unedited']:.4g}), top-1 agreement {100 * c['top1']:.1f}% (quantisation alone: "
+                     f"{100 * c['top1_unedited']:.1f}%) — {'pass' if c['passes'] else 'FAIL'} ({c['rule']}).")
     for note in manifest["notes"]:
         lines.append(f"\n- {note}")
     lines += ["", "Check it again with `steer verify <this directory>`.", ""]

@@ -99,6 +99,11 @@ class SiteHook:
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The summed delta of the site's edits at x ``(B,T,d)``, or None if nothing writes."""
+        C = self.coefficients(x)
+        return None if C is None else C @ self.write  # (B,T,E) @ (E,d) → (B,T,d)
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(B,T,E)``: each writing edit's coefficient at x (the graft fit's target), or None if nothing writes."""
         f = sigma = proj = None
         if self.sae is not None:
             x_norm, _, sigma = self.sae.normalize(x)
@@ -123,7 +128,7 @@ class SiteHook:
             if e.scope != "all":
                 c = torch.where(generated if e.scope == "generation" else ~generated, c, 0.0)
             C[..., j] = c
-        return C @ self.write  # (B,T,d)
+        return C
 
     def on_output(self, _module, _args, output):
         x = output_tensor(output)

@@ -19,21 +19,30 @@ read the original x). Exact lowerings:
 
 A tied embedding that gets patched is untied: ``lm_head.weight`` is written as
 a copy of the original embedding and ``tie_word_embeddings`` set false (reported).
-Gemma 2 renormalises writer outputs: no exact lowering there. ``scale``,
-``clamp``, ``cap`` and anything with ``when`` or a scope other than ``all`` are
-nonlinear or token-dependent: no exact weight lowering (graft is future work).
+Gemma 2 renormalises writer outputs: no exact lowering there. ``cap`` and
+anything with a scope other than ``all`` or a ``when`` on another feature are
+nonlinear or token-dependent: no weight lowering.
+
+Approximate: ``scale`` and ``clamp`` (``when`` always or active) lower to a
+*graft* (`steer.lower.graft`): extra MLP neurons fitted to the edit. Lowering
+records a `GraftRequest` and marks the edit approximate; the exporter fits the
+neurons and adds them with `add_grafts`, which appends them as `Growth`s of the
+MLP tensors of every layer (zero neurons where nothing is grafted) and widens
+the config's MLP width.
 
 Reads only the Plan and the checkpoint's config; never touches tensors (the
-exporter applies the patch while streaming shards).
+exporter applies the patch while streaming shards: new tensors, then the
+additive deltas on the original shapes, then the growths).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from steer.lower.graft import LAYOUTS, GraftRequest, Neurons, graft_block
 from steer.lower.targets import EditLowering, Unlowerable, lower_each
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for
 from steer.plan.ir import Plan, SiteEdit
@@ -47,6 +56,8 @@ class Delta:
     """Original tensor (fp32) → additive delta (fp32)."""
     optional: bool = False
     """Skip when the checkpoint has no such tensor (a writer bias that does not exist)."""
+    rowwise: bool = False
+    """Row r of the delta depends only on row r of the tensor, so the exporter may patch a big tensor in pieces."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,14 @@ class NewTensor:
     like: str
 
 
+@dataclass(frozen=True)
+class Growth:
+    tensor: str
+    dim: int
+    values: torch.Tensor
+    """Appended to the tensor along ``dim`` (fp64; cast to the tensor's dtype)."""
+
+
 @dataclass
 class WeightPatch:
     deltas: list[Delta]
@@ -65,25 +84,73 @@ class WeightPatch:
     """config.json keys to set."""
     lowerings: list[EditLowering]
     notes: list[str]
+    grafts: list[GraftRequest] = field(default_factory=list)
+    """Edits to graft; their neurons are fitted by the exporter and added with `add_grafts`."""
+    growths: list[Growth] = field(default_factory=list)
 
     def touched(self) -> set[str]:
-        return {d.tensor for d in self.deltas} | {t.name for t in self.new_tensors}
+        return {d.tensor for d in self.deltas} | {t.name for t in self.new_tensors} | {g.tensor for g in self.growths}
 
 
 def lower_to_weights(plan: Plan, config: dict) -> WeightPatch:
     """The weight patch for ``plan``; `LoweringError` listing every edit that has none."""
     builder = _PatchBuilder(adapter_for(config.get("model_type", "")), config)
-    lowerings = lower_each(plan, "weights", config, lambda se, site, _low: builder.lower(se, site))
-    return WeightPatch(builder.deltas, builder.new_tensors, builder.config, lowerings, builder.notes)
+    lowerings = lower_each(plan, "weights", config, builder.lower)
+    return WeightPatch(builder.deltas, builder.new_tensors, builder.config, lowerings, builder.notes, builder.grafts)
 
 
 def check_weights(se: SiteEdit, site: Site, config: dict) -> str | None:
     """Why this site edit has no weight lowering, or None."""
     try:
-        _PatchBuilder(adapter_for(config.get("model_type", "")), config).lower(se, site)
+        _PatchBuilder(adapter_for(config.get("model_type", "")), config).lower(se, site, EditLowering(se.index, se.edit))
     except Unlowerable as exc:
         return str(exc)
     return None
+
+
+def add_grafts(patch: WeightPatch, fits: list[Neurons], base_config: dict) -> None:
+    """Add the fitted neurons of ``patch.grafts`` (same order): every layer's MLP grows by the same
+    number of neurons, zero where nothing is grafted; the writer bias takes each graft's constant."""
+    arch = adapter_for(base_config["model_type"])
+    layout = LAYOUTS[arch.name]
+    by_block: dict[int, list[Neurons]] = {}
+    for request, neurons in zip(patch.grafts, fits):
+        by_block.setdefault(request.block, []).append(neurons)
+        writer_bias = f"{arch.layers}.{request.block}.{layout.writer}.bias"
+        patch.deltas.append(Delta(writer_bias, lambda b, n=neurons: n.constant * n.write.clone()))
+    width = max(sum(n.count for n in group) for group in by_block.values())
+    d = int(base_config.get("hidden_size") or base_config["n_embd"])
+    n_layers = int(base_config.get("num_hidden_layers") or base_config["n_layer"])
+    for layer in range(n_layers):
+        group = by_block.get(layer, [])
+        gate_w = torch.zeros(width, d, dtype=torch.float64)  # padding neurons: zero in, zero out
+        gate_b, amplitude = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+        write = torch.zeros(width, d, dtype=torch.float64)
+        k = 0
+        for n in group:
+            gate_w[k:k + n.count], gate_b[k:k + n.count] = n.gate_weight, n.gate_bias
+            amplitude[k:k + n.count], write[k:k + n.count] = n.amplitude, n.write
+            k += n.count
+        prefix = f"{arch.layers}.{layer}."
+        in_dim = 1 if layout.conv1d else 0  # where a reader's output neurons are
+        gate, *up = layout.readers
+        grow = patch.growths.append
+        grow(Growth(prefix + gate + ".weight", in_dim, gate_w.T if layout.conv1d else gate_w))
+        grow(Growth(prefix + gate + ".bias", 0, gate_b))
+        if layout.gated:  # up = its bias, the amplitude: act(gate)·amplitude; the writer column is d_i
+            grow(Growth(prefix + up[0] + ".weight", in_dim, torch.zeros(width, d, dtype=torch.float64)))
+            grow(Growth(prefix + up[0] + ".bias", 0, amplitude))
+            rows = write
+        else:
+            rows = amplitude[:, None] * write
+        grow(Growth(prefix + layout.writer + ".weight", 0 if layout.conv1d else 1, rows if layout.conv1d else rows.T))
+    for request, n in zip(patch.grafts, fits):
+        low = next(low for low in patch.lowerings if low.index == request.site_edit.index)
+        low.note += f" ({n.count} neurons; fit R² {n.r2_fit:.3f}, on held-out fit tokens {n.r2_held_out:.3f})"
+    base_width = base_config.get(layout.width_key) or 4 * d  # GPT-2's n_inner None means 4·d
+    patch.config[layout.width_key] = int(base_width) + width
+    patch.notes.append(f"grafted {sum(n.count for n in fits)} MLP neurons; every layer's MLP widened by {width} "
+                       f"({layout.width_key} {base_width} → {int(base_width) + width}; zero neurons where nothing is grafted)")
 
 
 class _PatchBuilder:
@@ -93,27 +160,43 @@ class _PatchBuilder:
         self.new_tensors: list[NewTensor] = []
         self.config: dict = {}
         self.notes: list[str] = []
+        self.grafts: list[GraftRequest] = []
 
     # -- per edit ----------------------------------------------------------------
-    def lower(self, se: SiteEdit, site: Site) -> list[str] | None:
+    def lower(self, se: SiteEdit, site: Site, low: EditLowering) -> list[str] | None:
         if se.op == "monitor":
             return None
-        if se.scope != "all" or se.when_slot is not None:
-            raise Unlowerable("it applies only at some tokens (scope/when): no weight change does that")
-        if se.op not in ("add", "project_out"):
-            raise Unlowerable(f"{se.op} is nonlinear in x: no exact weight lowering (graft is not implemented yet)")
+        if se.scope != "all":
+            raise Unlowerable("it applies only at prompt or generation tokens (scope): no weight change does that")
+        if se.when_slot is not None and se.op not in ("scale", "clamp"):
+            raise Unlowerable("it applies only where a feature fires (when): no weight change does that")
+        if se.op not in ("add", "project_out", "scale", "clamp"):
+            raise Unlowerable(f"{se.op} is nonlinear in x: no weight lowering")
         if self.adapter.writers_renormalised:
             raise Unlowerable(f"{self.adapter.name} renormalises writer outputs, so a weight change cannot add or remove a fixed direction")
         if se.op == "add":
             return self._add(se, site)
-        return self._project_out(se, site)
+        if se.op == "project_out":
+            return self._project_out(se, site)
+        return self._graft(se, site, low)
+
+    def _graft(self, se: SiteEdit, site: Site, low: EditLowering) -> list[str]:
+        block = graft_block(se, site, self.adapter.name)
+        self._ensure_bias("mlp")
+        self.grafts.append(GraftRequest(se, site, block))
+        low.kind = "approximate"
+        low.note = (f"graft: {se.op} is nonlinear in x, so it is approximated by MLP neurons added to block {block}, "
+                    "fitted to the edit on captured activations")
+        layout = LAYOUTS[self.adapter.name]
+        prefix = f"{self.adapter.layers}.{block}."
+        return [prefix + m + ".weight" for m in (*layout.readers, layout.writer)]
 
     def _add(self, se: SiteEdit, site: Site) -> list[str]:
         vector = se.amount * se.write.double()
         if site.kind == "resid_pre" and site.layer == 0:
             names = [self.adapter.position_embedding + ".weight"] if self.adapter.position_embedding else [self._embedding()]
             for name in names:
-                self._delta(name, lambda E, v=vector: v.expand_as(E).clone())
+                self._delta(name, lambda E, v=vector: v.expand_as(E).clone(), rowwise=True)
             return names
         if site.kind == "resid_pre":
             layer, writer = site.layer - 1, "mlp"
@@ -129,7 +212,7 @@ class _PatchBuilder:
         if site.kind == "resid_pre" and site.layer == 0:
             names = [self._embedding()] + ([self.adapter.position_embedding + ".weight"] if self.adapter.position_embedding else [])
             for name in names:
-                self._delta(name, lambda E, u=u: -p * torch.outer(E @ u, u))  # rows are stream vectors
+                self._delta(name, lambda E, u=u: -p * torch.outer(E @ u, u), rowwise=True)  # rows are stream vectors
             return names
         if site.kind not in ("attn_out", "mlp_out"):
             raise Unlowerable(f"project_out at {site} acts on the sum of all earlier writes; use site `writers` "
@@ -173,5 +256,5 @@ class _PatchBuilder:
                 self.new_tensors.append(NewTensor(name + ".bias", "zeros_bias", name + ".weight"))
         self.notes.append(f"set {key}: true and wrote zero biases for {', '.join(modules)} in all {n} layers")
 
-    def _delta(self, tensor: str, fn, optional: bool = False) -> None:
-        self.deltas.append(Delta(tensor, fn, optional))
+    def _delta(self, tensor: str, fn, optional: bool = False, rowwise: bool = False) -> None:
+        self.deltas.append(Delta(tensor, fn, optional, rowwise))
