@@ -303,6 +303,28 @@ def test_eval_of_an_exact_weights_export_matches_the_hooked_spec(saved, capsys, 
                                hooked.suites[0].steered.values, atol=1e-4)
 
 
+def test_export_with_suites_records_the_exports_own_evaluation_in_manifest_and_card(saved, tmp_path):
+    """`export(..., suites=...)` evaluates the written merged checkpoint (not the hooks) against the base."""
+    from steer.export.checkpoint import export
+
+    model, tokenizer, directory, sae_dir, _ = saved
+    plan = steer.compile(steer.parse_spec("add feature 4 by 1.5 site resid_post.1", sae=[str(sae_dir)]), model,
+                         tokenizer=tokenizer)
+    suite = load_suite(write(tmp_path / "gap.yaml", GAP_SUITE))
+    manifest = export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory, suites=[suite], eval_split="dev")
+    recorded = json.loads((tmp_path / "out" / "steer_manifest.json").read_text())["evaluation"]
+    assert recorded == manifest["evaluation"] and recorded["split"] == "dev"
+    # the same numbers from the hooked plan, computed here on their own: log P(A) - log P(B) per dev prompt
+    hooked = [alone_logprobs(model, tokenizer, p.text, plan) for p in suite.prompts if p.split == "dev"]
+    a = [tokenizer.convert_tokens_to_ids(t) for t in suite.scoring.a]
+    b = [tokenizer.convert_tokens_to_ids(t) for t in suite.scoring.b]
+    gaps = [float(torch.logsumexp(lp[a], 0) - torch.logsumexp(lp[b], 0)) for lp in hooked]
+    assert recorded["suites"][0]["steered"]["score"] == pytest.approx(np.mean(np.abs(gaps)), rel=1e-3)
+    assert recorded["neutral"]["kl_mean"] > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Measured effect" in card and "tiny-gap" in card
+
+
 def test_sweep_writes_one_row_per_grid_point_and_a_png(saved, capsys, tmp_path):
     import matplotlib.image
 

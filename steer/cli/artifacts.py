@@ -41,6 +41,11 @@ def _common(p) -> None:
     p.add_argument("--allow-approximate", action="store_true",
                    help="accept approximate lowerings, e.g. a graft of scale/clamp into weights (their fidelity is "
                         "reported); a spec's `max_kl` accepts them only up to a measured mean KL")
+    p.add_argument("--suite", action="append", default=[], metavar="NAME_OR_FILE",
+                   help="also evaluate the artifact against the base on this behaviour suite (repeatable; see `steer "
+                        "eval`) and record the numbers in the manifest and the edit card")
+    p.add_argument("--eval-split", choices=("all", "dev", "held_out"), default="all",
+                   help="which prompts of the suites to evaluate on (default %(default)s)")
 
 
 def run_compile(args) -> int:
@@ -51,7 +56,7 @@ def run_compile(args) -> int:
     model, tokenizer = load_model(base)
     plan = compile_plan(spec, model, tokenizer=tokenizer)
     manifest = export(plan, model, tokenizer, args.target, args.output, base=base, overwrite=args.overwrite,
-                      allow_approximate=args.allow_approximate)
+                      allow_approximate=args.allow_approximate, suites=args.suite, eval_split=args.eval_split)
     print(f"wrote {args.output} ({args.target})")
     for e in manifest["edits"]:
         print(f"  edits[{e['index']}] {e['edit']}: {e['lowering']}" + (f" — {e['note']}" if e["note"] else ""))
@@ -66,6 +71,14 @@ def run_compile(args) -> int:
         print(f"  llama.cpp vs hooks over {cvec['tokens']} positions: mean KL {cvec['kl']:.4g} (quantisation alone "
               f"{cvec['kl_unedited']:.4g}), top-1 {100 * cvec['top1']:.1f}% — {'pass' if cvec['passes'] else 'FAIL'} "
               f"({cvec['rule']})")
+    evaluation = manifest.get("evaluation")
+    if evaluation:
+        n = evaluation["neutral"]
+        print(f"  vs base on neutral text: KL {n['kl_mean']} nats/token, perplexity {n['ppl_change_pct']:+}%, "
+              f"top-1 {100 * n['top1']:.2f}%")
+        for s in evaluation["suites"]:
+            print(f"  {s['suite']} ({evaluation['split']} split): {s['base']['score']} → {s['steered']['score']}"
+                  + ("" if s["change_pct"] is None else f" ({s['change_pct']:+}%)"))
     return 0
 
 

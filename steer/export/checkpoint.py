@@ -187,8 +187,13 @@ def copy_base_files(base: Path, out: Path, *, skip_weights: bool = True) -> None
 # -- the artifacts ------------------------------------------------------------------
 
 def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwrite: bool = False,
-           allow_approximate: bool = False) -> dict:
-    """Compile ``plan`` to ``target`` (weights | adapter | cvec | pack) into directory ``out``; the manifest."""
+           allow_approximate: bool = False, suites=(), eval_split: str = "all") -> dict:
+    """Compile ``plan`` to ``target`` (weights | adapter | cvec | pack) into directory ``out``; the manifest.
+
+    With ``suites`` (names or files, `steer.evaluate`), the written artifact is also evaluated against the
+    base model — suite scores, KL, perplexity and top-1 on neutral text — and the numbers go into the
+    manifest's ``evaluation`` and the edit card.
+    """
     from steer.verify.fidelity import measure
 
     base_dir = base_directory(base) if target != "pack" else None
@@ -245,13 +250,34 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
             if accepted:
                 notes.append(accepted)
         write_pack(plan, tmp / PACK_DIR)
+        evaluation, card_lines = _evaluate_export(target, plan, model, tokenizer, tmp, base_dir, suites, eval_split, notes)
         manifest = _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp)
         manifest["llamacpp_fidelity"] = cvec_fidelity
-        (tmp / "README.md").write_text(edit_card(manifest))
+        manifest["evaluation"] = evaluation
+        (tmp / "README.md").write_text(edit_card(manifest, card_lines))
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _evaluate_export(target, plan, model, tokenizer, tmp: Path, base_dir, suites, split: str, notes: list):
+    """(manifest ``evaluation``, edit-card lines) for the artifact in ``tmp`` against the base; (None, []) without suites."""
+    if not suites:
+        return None, []
+    from steer.evaluate.report import evaluate, evaluation_for_export
+
+    if target == "cvec":
+        notes.append("suites not evaluated: a control vector runs in llama.cpp, which `steer eval` does not drive")
+        return None, []
+    subject = f"{target} export"
+    if target == "pack":  # a pack is the plan itself, applied by hooks
+        report = evaluate(plan, model, tokenizer, suites, split=split, subject=subject)
+    else:
+        artifact = _load_merged(tmp) if target == "weights" else _load_adapter(base_dir, tmp)
+        report = evaluate(None, model, tokenizer, suites, steered_model=artifact, split=split, subject=subject)
+        del artifact
+    return evaluation_for_export(report)
 
 
 def refuse_approximate(target: str, lowerings: list[EditLowering], fidelity, max_kl: float | None) -> str | None:
@@ -313,7 +339,7 @@ def _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp) -> 
     }
 
 
-def edit_card(manifest: dict) -> str:
+def edit_card(manifest: dict, evaluation_lines=()) -> str:
     lines = [f"# Edited model ({manifest['target']})", "",
              f"Made by steer {manifest['steer_version']} from `{manifest['base_model']['name']}`.", "",
              "## Edits", "", "| # | edit | lowering | where | note |", "| --- | --- | --- | --- | --- |"]
@@ -340,5 +366,7 @@ def edit_card(manifest: dict) -> str:
                      f"{100 * c['top1_unedited']:.1f}%) — {'pass' if c['passes'] else 'FAIL'} ({c['rule']}).")
     for note in manifest["notes"]:
         lines.append(f"\n- {note}")
+    if evaluation_lines:
+        lines += ["", *evaluation_lines]
     lines += ["", "Check it again with `steer verify <this directory>`.", ""]
     return "\n".join(lines)
