@@ -44,7 +44,6 @@ Never changes the model (hooks only, removed after each pass) or the SAE.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -190,33 +189,16 @@ def prompt_summaries(model, tokenizer, sae, prompts: list[str], *, site, summary
 # -- output score -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def _added_at_last_position(model, site, deltas: torch.Tensor):
     """Inside the block, row b of the batch gets ``deltas[b]`` added to the site's activation at its last position."""
-    from steer.models.adapters import adapter_for
-    from steer.models.capture import output_tensor, site_tensor
-
-    module, where = adapter_for(model).site_module(model, site)
+    from steer.models.capture import rewritten
 
     def add(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         x[:, -1] += deltas.to(x.dtype)
         return x
 
-    if where == "output":
-        def hook(_module, _args, output):
-            new = add(output_tensor(output))
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-        handle = module.register_forward_hook(hook)
-    else:
-        def hook(_module, args, kwargs):
-            new = add(site_tensor(args, kwargs))
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return rewritten(model, site, add)
 
 
 def output_scores(model, tokenizer, sae, features: list[int], token_sets: list[list[int]], *, site,

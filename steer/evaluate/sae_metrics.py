@@ -23,7 +23,6 @@ Never changes the model (hooks only, removed after each pass) or the SAE.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from steer.errors import SAEError
 from steer.models.adapters import Site, adapter_for
-from steer.models.capture import capture, output_tensor, site_tensor
+from steer.models.capture import capture, rewritten
 from steer.sae import SAE, load_sae
 from steer.train.statistics import feature_statistics
 
@@ -154,30 +153,14 @@ def _ce_sum(logits: torch.Tensor, ids: torch.Tensor, skip_first: int) -> float:
     return float(F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"))
 
 
-@contextlib.contextmanager
 def _replaced(model, site: Site, replace, skip_first: int):
     """Inside the block, the site's activation at positions ≥ skip_first is ``replace(x)``."""
-    module, where = adapter_for(model).site_module(model, site)
-
     def swap(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
         out[:, skip_first:] = replace(x[:, skip_first:]).to(x.dtype)
         return out
 
-    if where == "output":
-        def hook(_module, _args, output):
-            new = swap(output_tensor(output))
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-        handle = module.register_forward_hook(hook)
-    else:
-        def hook(_module, args, kwargs):
-            new = swap(site_tensor(args, kwargs))
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return rewritten(model, site, swap)
 
 
 def format_metrics(m: SAEMetrics) -> str:

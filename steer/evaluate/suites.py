@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SpecError, SteerError
-from steer.spec.yaml_io import _Mapping, _parse_yaml, show
+from steer.spec.yaml_io import _kind, _Mapping, _parse_yaml, show
 
 RULES: tuple[str, ...] = ("logprob_gap", "keyword_rate", "exact_match")
 SPLITS: tuple[str, ...] = ("dev", "held_out")
@@ -266,14 +266,6 @@ class _ItemLine:
     def __init__(self, sequence: Any, index: int):
         lines = getattr(sequence, "item_lines", None)
         self.line = lines[index] if lines and index < len(lines) else getattr(sequence, "line", 1)
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return show(value)
 
 
 def load_suite_text(text: str, source: str = "<text>") -> Suite:

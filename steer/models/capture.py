@@ -1,9 +1,14 @@
-"""Record the activation at sites during a forward pass (read-only hooks).
+"""Record the activation at sites during a forward pass, or rewrite it (for measurements).
 
 ``with capture(model, [site]) as acts: model(ids)`` leaves ``acts[site]`` a
 list of ``(B, T, d)`` tensors, one per forward call. Hooks registered after
 steering hooks on the same module see the steered value, which is what the tests
-and calibration want. Never changes an activation; hooks are removed on exit.
+and calibration want. `capture` never changes an activation.
+
+``with rewritten(model, site, fn): model(ids)`` replaces the site's ``(B, T, d)``
+activation by ``fn(x)`` — for measurements that splice something in (an SAE's
+reconstruction, a zero ablation, a probe delta); edits go through
+`steer.applied`. Hooks are removed on exit in both.
 """
 
 from __future__ import annotations
@@ -46,3 +51,23 @@ def capture(model: nn.Module, sites):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def rewritten(model: nn.Module, site: Site, fn):
+    """Inside the block, the activation at ``site`` is ``fn(x)`` (a new tensor, same shape) in every forward call."""
+    module, where = adapter_for(model).site_module(model, site)
+    if where == "output":
+        def hook(_module, _args, output):
+            new = fn(output_tensor(output))
+            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+        handle = module.register_forward_hook(hook)
+    else:
+        def hook(_module, args, kwargs):
+            new = fn(site_tensor(args, kwargs))
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
