@@ -335,3 +335,36 @@ def test_cvec_compile_and_verify_measure_llamacpp_against_the_quantisation_basel
     verdict = verify_artifact(out, spec=wrong.replace("edits/", f"{root}/edits/"))
     assert not verdict.ok
     assert any(line.startswith("FAIL llama.cpp + control vector") for line in verdict.lines)
+
+
+def test_streamed_safetensors_files_read_back_with_the_safetensors_library(tmp_path):
+    """steer's tensor-by-tensor writer against safetensors' own reader and writer: every dtype the exporter may meet,
+    empty and 0-d tensors, a copy by byte ranges, and the header padding."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file as reference_save
+
+    from steer.export.stream import Producer, read_index, tensor_bytes, write_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(7, 5, generator=g), "f64": torch.randn(3, generator=g, dtype=torch.float64),
+               "f16": torch.randn(4, 2, generator=g).half(), "bf16": torch.randn(9, generator=g).bfloat16(),
+               "i64": torch.arange(6).reshape(2, 3), "u8": torch.arange(5, dtype=torch.uint8),
+               "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    reference_save(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    stored, metadata = read_index(tmp_path / "ref.safetensors")
+    assert metadata == {"format": "pt"} and set(stored) == set(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(stored[name].read(), t) and stored[name].read().dtype == t.dtype
+    copies = {name: Producer(s.dtype, s.shape, s.chunks) for name, s in stored.items()}  # byte ranges of the file
+    copies["new"] = Producer("F32", (2, 3), lambda: iter([tensor_bytes(torch.ones(2, 3))]))
+    size = write_file(tmp_path / "out.safetensors", copies, {"format": "pt"})
+    data = (tmp_path / "out.safetensors").read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    assert (8 + header_length) % 8 == 0 and len(data) == 8 + header_length + size
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors) | {"new"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype
+        assert torch.equal(f.get_tensor("new"), torch.ones(2, 3))
+    assert torch.equal(stored["f32"].read(slice(2, 5)), tensors["f32"][2:5])
