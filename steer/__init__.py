@@ -14,13 +14,30 @@ artifacts) → verify.
 """
 
 from steer.errors import ModelError, SAEError, SpecError, SteerError
-from steer.lower import SteeringRun, applied
-from steer.models import load_model
-from steer.plan import Plan, compile
-from steer.sae import SAE, load_sae
-from steer.spec import Edit, Spec, parse_spec
 
 __version__ = "0.1.0"
+
+# The names below import torch and transformers (seconds on a small machine), so they load on first
+# use (PEP 562): `import steer.errors`, `steer --help` or `steer features show` stay fast.
+_LAZY = {
+    "SteeringRun": "steer.lower", "applied": "steer.lower", "load_model": "steer.models", "Plan": "steer.plan",
+    "compile": "steer.plan", "SAE": "steer.sae", "load_sae": "steer.sae", "Edit": "steer.spec",
+    "Spec": "steer.spec", "parse_spec": "steer.spec",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'steer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "SAE", "Edit", "ModelError", "Plan", "SAEError", "Spec", "SpecError", "SteerError", "SteeringRun",

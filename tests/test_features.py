@@ -178,6 +178,36 @@ def test_search_cli_lists_the_api_ranking(tiny, capsys):
     assert [c["id"] for c in json.loads(capsys.readouterr().out)] == expected
 
 
+def test_show_and_search_run_without_importing_torch(tiny, tmp_path):
+    """They only read SQLite, so `steer features show/search` must not pay torch's import (seconds)."""
+    code = ("import sys\nfrom steer.cli.main import main\n"
+            f"assert main(['features', 'show', '3', '--atlas', {str(tiny['atlas'])!r}]) == 0\n"
+            f"assert main(['features', 'search', 'pasta', '--atlas', {str(tiny['atlas'])!r}]) == 0\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
+
+
+def test_the_default_atlas_pointer_is_found_without_torch_and_refused_when_stale(tmp_path, monkeypatch):
+    from steer.discover import atlas as atlas_module
+
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
+    (tmp_path / "atlases").mkdir()
+    db, sae = tmp_path / "atlases" / "x.db", tmp_path / "sae"
+    db.write_bytes(b"")
+    sae.mkdir()
+    (sae / "cfg.json").write_text("{}")
+    atlas_module._write_pointer(db, sae)
+    assert atlas_module.quick_default_atlas() == db
+    record = json.loads((tmp_path / "atlases" / "default.json").read_text())
+    (tmp_path / "atlases" / "default.json").write_text(json.dumps({**record, "recipe_sha256": "0" * 64}))
+    assert atlas_module.quick_default_atlas() is None          # another recipe: another SAE, not this atlas
+    atlas_module._write_pointer(db, sae)
+    (sae / "cfg.json").unlink()
+    assert atlas_module.quick_default_atlas() is None          # the SAE it was built for is gone
+
+
 def test_index_cli_builds_the_same_atlas_as_the_api(tiny, tmp_path, capsys):
     out = tmp_path / "cli.db"
     assert main(["features", "index", "--model", tiny["model_dir"], "--sae", str(tiny["root"] / "sae"), "--corpus",

@@ -107,9 +107,9 @@ def _model_name(args, sae) -> str:
 
 
 def _open(atlas: str | None):
-    from steer.discover.atlas import default_atlas, open_atlas
+    from steer.discover.atlas import default_atlas, open_atlas, quick_default_atlas
 
-    return open_atlas(atlas if atlas is not None else default_atlas())
+    return open_atlas(atlas if atlas is not None else (quick_default_atlas() or default_atlas()))
 
 
 # -- index ----------------------------------------------------------------------------------

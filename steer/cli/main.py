@@ -14,8 +14,17 @@ import sys
 from steer.errors import SteerError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from steer.cli import artifacts, demo, evaluate, features, generate, sae
+COMMAND_MODULES = {  # subcommand → the module that registers it (imported only when needed)
+    "generate": "generate", "sae": "sae", "compile": "artifacts", "export": "artifacts", "verify": "artifacts",
+    "demo": "demo", "features": "features", "eval": "evaluate", "sweep": "evaluate", "tune": "evaluate",
+}
+LIGHT = {("features", "show"), ("features", "search")}
+"""Commands that read only an SQLite file: they skip importing torch/transformers (seconds) so they answer at once."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` the parser of that one subcommand's module (fast: no other imports)."""
+    import importlib
 
     parser = argparse.ArgumentParser(
         prog="steer",
@@ -23,12 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"steer {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    generate.register(commands)
-    sae.register(commands)
-    artifacts.register(commands)
-    demo.register(commands)
-    features.register(commands)
-    evaluate.register(commands)
+    names = [COMMAND_MODULES[only]] if only in COMMAND_MODULES else list(dict.fromkeys(COMMAND_MODULES.values()))
+    for name in names:
+        importlib.import_module(f"steer.cli.{name}").register(commands)
     return parser
 
 
@@ -39,9 +45,12 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    light = tuple(argv[:2]) in LIGHT and "-h" not in argv and "--help" not in argv
+    parser = build_parser(only=argv[0] if light else None)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    if not light:
+        _quiet_libraries()
     try:
         return args.run(args) or 0
     except SteerError as exc:

@@ -225,20 +225,62 @@ def default_atlas_path(sae) -> Path:
 
 
 def default_atlas(progress: bool = True) -> Path:
-    """The default SAE's atlas on the default model and corpus, built on first use and cached."""
+    """The default SAE's atlas on the default model and corpus, built on first use and cached.
+
+    Finding it means hashing the default SAE, which needs torch (seconds to import on a small machine);
+    so the answer is also kept in a pointer file (`_DEFAULT_POINTER`) that `quick_default_atlas` reads
+    without torch, for `steer features show`/`search`.
+    """
     from steer.models.loading import DEFAULT_MODEL, load_model
     from steer.sae import load_sae
     from steer.train import default_sae
 
-    sae = load_sae(default_sae(progress=progress))
+    sae_dir = default_sae(progress=progress)
+    sae = load_sae(sae_dir)
     path = default_atlas_path(sae)
-    if path.is_file():
-        return path
-    if progress:
-        print(f"steer: building the default feature atlas into {path} — once", file=sys.stderr)
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    return build_atlas(model, tokenizer, sae, "default", tokens=DEFAULT_TOKENS, out=path, progress=progress,
-                       model_name=DEFAULT_MODEL)
+    if not path.is_file():
+        if progress:
+            print(f"steer: building the default feature atlas into {path} — once", file=sys.stderr)
+        model, tokenizer = load_model(DEFAULT_MODEL)
+        build_atlas(model, tokenizer, sae, "default", tokens=DEFAULT_TOKENS, out=path, progress=progress,
+                    model_name=DEFAULT_MODEL)
+    _write_pointer(path, sae_dir)
+    return path
+
+
+def _pointer_key() -> dict:
+    """What the pointer is valid for: this steer and the default recipe's bytes (a new recipe or version → a new SAE)."""
+    from steer import __version__
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m-resid_post.10.yaml"
+    digest = hashlib.sha256(recipe.read_bytes()).hexdigest() if recipe.is_file() else None
+    return {"steer": __version__, "recipe_sha256": digest, "source": str(Path(__file__).resolve().parents[1])}
+
+
+def _pointer_path() -> Path:
+    from steer.cache import cache_root
+
+    return cache_root() / "atlases" / "default.json"
+
+
+def _write_pointer(atlas: Path, sae_dir: Path) -> None:
+    pointer = _pointer_path()
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**_pointer_key(), "atlas": str(atlas), "sae": str(sae_dir)}, indent=1))
+    os.replace(tmp, pointer)
+
+
+def quick_default_atlas() -> Path | None:
+    """The default atlas from the pointer `default_atlas` leaves, without importing torch; None when unsure."""
+    try:
+        record = json.loads(_pointer_path().read_text())
+    except (OSError, ValueError):
+        return None
+    atlas = Path(record.get("atlas", ""))
+    sae_cfg = Path(record.get("sae", "")) / "cfg.json"
+    if {k: record.get(k) for k in ("steer", "recipe_sha256", "source")} != _pointer_key():
+        return None
+    return atlas if atlas.is_file() and sae_cfg.is_file() else None
 
 
 def build_atlas(model, tokenizer, sae, corpus, *, tokens: int = DEFAULT_TOKENS, out: str | os.PathLike,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from steer.cache import cache_root  # noqa: F401 (re-exported: steer.models.loading.cache_root)
 from steer.errors import ModelError
 
 
@@ -58,10 +59,6 @@ REGISTRY: dict[str, RegistryModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("STEER_CACHE") or Path.home() / ".cache" / "steer")
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
