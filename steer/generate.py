@@ -53,6 +53,15 @@ def prompt_ids(tokenizer, prompts: list[str], *, chat: bool = True) -> dict[str,
         tokenizer.padding_side = side
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a continuation, as ``model.generate`` decides: the generation config's
+    ``eos_token_id`` (an id or a list), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(t) for t in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
+
+
 def generate(model, tokenizer, prompts: list[str], plan: Plan | None = None, sampling: Sampling = Sampling(),
              *, chat: bool = True) -> list[str]:
     """The continuation of each prompt (new tokens only, special tokens dropped)."""

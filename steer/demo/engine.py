@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from steer.errors import SpecError, SteerError
-from steer.generate import Sampling, prompt_ids
+from steer.generate import Sampling, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
@@ -143,10 +143,7 @@ class DemoEngine:
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
         self._plans: OrderedDict[tuple[Edit, ...], Plan] = OrderedDict()
-        eos = model.generation_config.eos_token_id
-        self.eos = {int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if t is not None}
-        if tokenizer.eos_token_id is not None:
-            self.eos.add(int(tokenizer.eos_token_id))
+        self.eos = set(stop_ids(model, tokenizer))
 
     @classmethod
     def load(cls, model: str | None = None, sae: str | None = None, *, limits: Limits = Limits()) -> "DemoEngine":

@@ -195,11 +195,9 @@ def _cache_of(output):
 
 
 def _eos_ids(model, tokenizer) -> torch.Tensor:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-    return torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
+    from steer.generate import stop_ids
+
+    return torch.tensor(stop_ids(model, tokenizer), dtype=torch.long, device=next(model.parameters()).device)
 
 
 def token_set_ids(tokenizer, tokens: tuple[str, ...], where: str) -> list[int]:

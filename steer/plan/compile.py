@@ -27,9 +27,9 @@ from torch import nn
 from steer.errors import SAEError, SpecError, SteerError
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for, hidden_size
 from steer.models.capture import capture
+from steer.models.loading import DEFAULT_MODEL, registry_name
 from steer.ops import OPERATIONS
 from steer.plan.ir import FeatureReader, Plan, SiteEdit, SitePlan
-from steer.models.loading import DEFAULT_MODEL, registry_name
 from steer.sae import DEFAULT_SAE, SAE, load_sae
 from steer.spec import Spec, parse_spec
 from steer.spec.edit import Condition, Edit
@@ -40,8 +40,9 @@ def compile(spec, model: nn.Module, sae=None, *, tokenizer=None) -> Plan:  # noq
 
     ``sae`` is an `SAE`, a path, or a list of them; when None the spec's ``sae``
     entries are loaded, and when the spec names none either, feature edits on
-    the default model use its default SAE (``load_sae("default")``). ``tokenizer`` is needed only for ``feature``/``norm``
-    units that must be calibrated on text.
+    the default model use its default SAE (``load_sae("default")``).
+    ``tokenizer`` is needed only for ``feature``/``norm`` units that must be
+    calibrated on text.
     """
     spec = parse_spec(spec)
     adapter = adapter_for(model)
