@@ -40,7 +40,6 @@ outside a temp dir, and never changes steer's code paths.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import statistics
 import sys
@@ -313,7 +312,9 @@ def paired_steps(model, contexts, inputs, n_steps: int) -> dict[str, list[tuple[
     """
     from transformers import DynamicCache
 
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
+    from steer.generate import cache_keyword
+
+    cache_arg = cache_keyword(model)
     contexts = {**contexts, CONTROL: contexts["unsteered"]}
     names = (*CONFIGS, CONTROL)
     state = {}

@@ -8,6 +8,7 @@ gives identical text. Never keeps hooks installed after it returns.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,30 @@ def prompt_ids(tokenizer, prompts: list[str], *, chat: bool = True) -> dict[str,
         return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special))
     finally:
         tokenizer.padding_side = side
+
+
+def cache_keyword(model) -> str:
+    """The keyword a forward call takes its KV cache by: ``cache`` from transformers 5.24 (``past_key_values``
+    is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def last_logit_only(model) -> dict:
+    """``logits_to_keep=1`` where the model's forward takes it (transformers ≥ 4.50): a caller that reads only the
+    last position's logits skips the rest (a long prompt's would be T × vocab)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def cache_of(output):
+    """The KV cache a forward call returned, under either name (`cache_keyword`)."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
+
+
+def _forward_parameters(model) -> set[str]:
+    """The keyword arguments the underlying transformers model takes (through a PEFT wrapper, its base model's)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
 
 
 def stop_ids(model, tokenizer) -> list[int]:

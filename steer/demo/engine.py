@@ -43,7 +43,6 @@ Never leaves a hook installed after a step; never mutates the model.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import re
 import shutil
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 from steer.errors import SpecError, SteerError
-from steer.generate import Sampling, prompt_ids, stop_ids
+from steer.generate import Sampling, cache_keyword, cache_of, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
@@ -342,8 +341,8 @@ class _Continuation:
         mask = torch.ones(1, past + self.pending.shape[1], dtype=torch.long)
         steering = applied(model, self.plan, prompt_length=self.prompt_length) if self.plan else nullcontext()
         with torch.no_grad(), steering as run:
-            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True, **_forward_arguments(model, self.cache))
-        self.cache = out.cache if "cache" in out else out.past_key_values
+            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True, **{cache_keyword(model): self.cache}, **last_logit_only(model))
+        self.cache = cache_of(out)
         self.logits = out.logits[0, -1].float()
         if self.monitor_index is not None:
             self.activations.extend(run.activations(self.monitor_index)[0, past:].tolist())
@@ -357,16 +356,6 @@ class _Continuation:
 
     def generated_activations(self) -> tuple[float, ...]:
         return tuple(self.activations[self.prompt_length:])
-
-
-def _forward_arguments(model, cache) -> dict:
-    """The KV cache (``cache`` in transformers 5.x, ``past_key_values`` before) and, where the model takes it,
-    ``logits_to_keep=1``: only the last position's logits are read (a long prompt's would be T × vocab)."""
-    parameters = inspect.signature(model.forward).parameters
-    arguments = {"cache" if "cache" in parameters else "past_key_values": cache}
-    if "logits_to_keep" in parameters:
-        arguments["logits_to_keep"] = 1
-    return arguments
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -22,7 +22,6 @@ model: hooks live only inside each batch's context.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import unicodedata
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.evaluate.suites import Prompt, Suite, SuiteError
-from steer.generate import prompt_ids
+from steer.generate import cache_keyword, cache_of, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 
 BATCH = 64
@@ -128,14 +127,14 @@ def run_prompts(model, tokenizer, texts: list[str], plan=None, *, chat: bool = F
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)                             # (B, P+S)
     positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, shared:]                                 # (B, S)
-    keep = _last_logit_only(model)
-    cache_arg = _cache_argument(model)
+    keep = last_logit_only(model)
+    cache_arg = cache_keyword(model)
     stop = _eos_ids(model, tokenizer)
     generated: list[list[int]] = [[] for _ in rows]
     with applied(model, plan, prompt_length=shared + width) if plan is not None else nullcontext():
         cache = None
         if shared:
-            cache = _cache_of(model(input_ids=suffix.new_tensor([encoded[0][:shared]]), use_cache=True))
+            cache = cache_of(model(input_ids=suffix.new_tensor([encoded[0][:shared]]), use_cache=True))
             cache.batch_repeat_interleave(len(rows))
         out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_arg: cache}, **keep)
@@ -153,7 +152,7 @@ def run_prompts(model, tokenizer, texts: list[str], plan=None, *, chat: bool = F
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                        use_cache=True, **{cache_arg: _cache_of(out)}, **keep)
+                        use_cache=True, **{cache_arg: cache_of(out)}, **keep)
             step_logits = out.logits[:, -1]
     return logprobs.cpu(), generated
 
@@ -172,31 +171,7 @@ def _common_prefix(encoded: list[list[int]]) -> int:
     return n if len(encoded) > 1 else 0
 
 
-def _last_logit_only(model) -> dict:
-    """``logits_to_keep=1`` where the model's forward takes it (transformers ≥ 4.50): skip the unused logits."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-
-
-def _cache_argument(model) -> str:
-    """transformers ≥ 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated); older ones, and
-    ``past_key_values``."""
-    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-
-
-def _forward_parameters(model) -> set[str]:
-    """The keyword arguments the underlying transformers model takes (through a PEFT wrapper, its base model's)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(inner.forward).parameters)
-
-
-def _cache_of(output):
-    cache = output.get("cache")
-    return cache if cache is not None else output.get("past_key_values")
-
-
 def _eos_ids(model, tokenizer) -> torch.Tensor:
-    from steer.generate import stop_ids
-
     return torch.tensor(stop_ids(model, tokenizer), dtype=torch.long, device=next(model.parameters()).device)
 
 
