@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import steer
 from steer.spec.edit import Condition, Edit, Spec
-from tests.conftest import D, VOCAB, random_sae, tiny_model
+from tests.conftest import D, random_sae, tiny_model
 
 # site → (module path, input/output), per architecture, written out by hand
 SITE_MODULES = {
