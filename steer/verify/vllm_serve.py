@@ -5,6 +5,7 @@ not have, so it lives in its own virtualenv (``.ci/vllm-venv`` builds it under
 ``$STEER_CACHE/vllm-venv``, DESIGN §9) and runs this file as a script there:
 
     VENV/bin/python steer/verify/vllm_serve.py MODEL_DIR PROMPTS.json OUT.json [--max-tokens 32]
+                                               [--throughput R [--also DIR ...]]
 
 PROMPTS.json is a list of prompts, each a list of token ids (given to vLLM as
 they are, so a reference sees the same ids) or a string (tokenized by vLLM).
@@ -13,9 +14,23 @@ OUT.json gets ``{"outputs": [[token ids] per prompt], "finish_reasons": [...],
 (temperature 0), in fp32, one vLLM engine for all prompts, up to ``--max-tokens``
 new tokens per prompt, stopping after the EOS token as vLLM does by default.
 
+With ``--throughput R`` it times instead of answering (bench/export.py), and
+``--also DIR`` (repeatable) names more checkpoints to time beside MODEL_DIR. All
+engines live in this one process (vLLM's engine core in-process, 1 GiB of KV cache
+each, so several fit; `time_with_vllm` sets that up) and take turns: per round,
+each prompt is served alone (batch 1) by every engine in rotating order, then all
+prompts at once (batched) by every engine in rotating order. On a small shared CPU
+single requests vary by ±10–25% from one to the next while neighbours in time vary
+alike, so only such paired samples give a usable ratio. Greedy, EOS ignored (every
+configuration generates exactly ``--max-tokens`` tokens per prompt), after an
+untimed warm-up. OUT.json then gets ``{"batch1_s": [[seconds per sample] per
+engine], "batched_s": [[seconds per round] per engine], "prompts": P,
+"max_tokens": N, "vllm": version, "load_s": [seconds per engine]}``, engines in
+the order MODEL_DIR, then the ``--also`` ones.
+
 The script part imports only the standard library and vLLM — never steer, which
-is not installed in vLLM's virtualenv. `vllm_python` and `generate_with_vllm`
-are the other side: steer's environment calls them to run the script.
+is not installed in vLLM's virtualenv. `vllm_python`, `generate_with_vllm` and
+`time_with_vllm` are the other side: steer's environment calls them to run the script.
 Never modifies the model directory.
 """
 
@@ -51,17 +66,35 @@ def vllm_python() -> Path | None:
 
 def generate_with_vllm(model_dir, prompts: list, max_tokens: int = 32, *, timeout: float = 900) -> dict:
     """Run this script in vLLM's virtualenv; its JSON result (``outputs``: token ids per prompt)."""
+    return _run_script(model_dir, prompts, ["--max-tokens", str(max_tokens)], {}, timeout)
+
+
+def time_with_vllm(model_dirs: list, prompts: list, max_tokens: int, rounds: int, *, threads: int = 1,
+                   timeout: float = 1800) -> dict:
+    """Time greedy generation of every checkpoint in ``model_dirs``, engines taking turns in one process (the
+    module docstring says how and what comes back). vLLM's compute threads are bound to the last ``threads``
+    cores this process may use, leaving the first to the engines' Python loop."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > threads:
+        cores = cores[-threads:]
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
+    also = [arg for directory in model_dirs[1:] for arg in ("--also", str(directory))]
+    return _run_script(model_dirs[0], prompts,
+                       ["--max-tokens", str(max_tokens), "--throughput", str(rounds), *also], env, timeout)
+
+
+def _run_script(model_dir, prompts: list, options: list[str], extra_env: dict, timeout: float) -> dict:
     python = vllm_python()
     if python is None:
         raise RuntimeError(f"vLLM's virtualenv is not built at {vllm_venv()}: run .ci/vllm-venv")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **extra_env)
     env.pop("PYTHONPATH", None)  # steer's environment must not leak into vLLM's
     with tempfile.TemporaryDirectory(prefix="steer-vllm-") as tmp:
         prompts_file, out_file = Path(tmp) / "prompts.json", Path(tmp) / "out.json"
         prompts_file.write_text(json.dumps(prompts))
-        result = subprocess.run([str(python), __file__, str(model_dir), str(prompts_file), str(out_file),
-                                 "--max-tokens", str(max_tokens)],
+        result = subprocess.run([str(python), __file__, str(model_dir), str(prompts_file), str(out_file), *options],
                                 capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout)
         if result.returncode != 0 or not out_file.is_file():
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
@@ -71,21 +104,61 @@ def generate_with_vllm(model_dir, prompts: list, max_tokens: int = 32, *, timeou
 
 # -- vLLM's side: the script --------------------------------------------------------------
 
-def serve(model_dir: str, prompts: list, max_tokens: int) -> dict:
-    from vllm import LLM, SamplingParams, __version__
+def _engine(model_dir: str, prompts: list):
+    """vLLM's engine on the checkpoint (fp32, eager, seeded), the prompts as vLLM inputs, the seconds loading took."""
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
     llm = LLM(model=model_dir, tokenizer=model_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=1024, seed=0)
-    loaded = time.perf_counter()
     inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) if isinstance(p, list) else p for p in prompts]
+    return llm, inputs, round(time.perf_counter() - start, 2)
+
+
+def serve(model_dir: str, prompts: list, max_tokens: int) -> dict:
+    from vllm import SamplingParams, __version__
+
+    llm, inputs, load_s = _engine(model_dir, prompts)
+    loaded = time.perf_counter()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     results = llm.generate(inputs, params, use_tqdm=False)
     done = time.perf_counter()
     return {"outputs": [list(r.outputs[0].token_ids) for r in results],
             "finish_reasons": [r.outputs[0].finish_reason for r in results], "vllm": __version__,
-            "load_s": round(loaded - start, 2), "generate_s": round(done - loaded, 2)}
+            "load_s": load_s, "generate_s": round(done - loaded, 2)}
+
+
+def throughput(model_dirs: list[str], prompts: list, max_tokens: int, rounds: int) -> dict:
+    """Paired timings of greedy generation on every checkpoint, engines taking turns (module docstring)."""
+    from vllm import SamplingParams, __version__
+
+    engines = [_engine(directory, prompts) for directory in model_dirs]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    def timed(llm, batch) -> float:
+        start = time.perf_counter()
+        results = llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(r.outputs[0].token_ids) == max_tokens for r in results)
+        return seconds
+
+    n = len(engines)
+    for llm, inputs, _ in engines:  # warm-up
+        timed(llm, inputs[:1]), timed(llm, inputs)
+    batch1: list[list[float]] = [[] for _ in engines]
+    batched: list[list[float]] = [[] for _ in engines]
+    turn = 0
+    for _ in range(rounds):
+        for p in range(len(prompts)):
+            for e in [(turn + k) % n for k in range(n)]:
+                batch1[e].append(timed(engines[e][0], [engines[e][1][p]]))
+            turn += 1
+        for e in [(turn + k) % n for k in range(n)]:
+            batched[e].append(timed(engines[e][0], engines[e][1]))
+        turn += 1
+    return {"batch1_s": batch1, "batched_s": batched, "prompts": len(prompts), "max_tokens": max_tokens,
+            "vllm": __version__, "load_s": [load_s for _, _, load_s in engines]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,11 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompts", help="JSON file: a list of prompts, each a list of token ids or a string")
     parser.add_argument("out", help="where to write the JSON result")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    parser.add_argument("--throughput", type=int, default=0, metavar="R",
+                        help="time R rounds instead of answering (EOS ignored; see the module docstring)")
+    parser.add_argument("--also", action="append", default=[], metavar="DIR",
+                        help="with --throughput: another checkpoint to time beside MODEL_DIR (repeatable)")
     args = parser.parse_args(argv)
     prompts = json.loads(Path(args.prompts).read_text())
     if not isinstance(prompts, list) or not prompts:
         parser.error(f"{args.prompts}: expected a non-empty JSON list of prompts")
-    result = serve(args.model_dir, prompts, args.max_tokens)
+    if args.throughput < 0:
+        parser.error(f"--throughput {args.throughput}: expected a number of rounds ≥ 0")
+    if args.also and not args.throughput:
+        parser.error("--also needs --throughput")
+    if args.throughput:
+        result = throughput([args.model_dir, *args.also], prompts, args.max_tokens, args.throughput)
+    else:
+        result = serve(args.model_dir, prompts, args.max_tokens)
     Path(args.out).write_text(json.dumps(result))
     return 0
 
