@@ -222,8 +222,11 @@ def test_export_interrupted_by_sigint_leaves_nothing(llama_base, dirs, tmp_path)
     arch, model, tokenizer, directory = llama_base
     before = _tree_hashes(Path(directory))
     out = tmp_path / "out"
+    # Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when it started, and a parent
+    # started in the background (`.ci/run &`) passes it on ignored: install Python's own handler, as in a terminal
     script = textwrap.dedent(f"""
-        import time, steer, steer.export.checkpoint as checkpoint
+        import signal, time, steer, steer.export.checkpoint as checkpoint
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         model, tokenizer = steer.load_model({directory!r})
         plan = steer.compile("project out direction {dirs}:u site writers", model, tokenizer=tokenizer)
         real = checkpoint.write_file
