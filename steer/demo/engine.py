@@ -341,7 +341,8 @@ class _Continuation:
         mask = torch.ones(1, past + self.pending.shape[1], dtype=torch.long)
         steering = applied(model, self.plan, prompt_length=self.prompt_length) if self.plan else nullcontext()
         with torch.no_grad(), steering as run:
-            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True, **{cache_keyword(model): self.cache}, **last_logit_only(model))
+            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True,
+                        **{cache_keyword(model): self.cache}, **last_logit_only(model))
         self.cache = cache_of(out)
         self.logits = out.logits[0, -1].float()
         if self.monitor_index is not None:
