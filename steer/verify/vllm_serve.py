@@ -37,6 +37,7 @@ Never modifies the model directory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -143,20 +144,18 @@ def throughput(model_dirs: list[str], prompts: list, max_tokens: int, rounds: in
         assert all(len(r.outputs[0].token_ids) == max_tokens for r in results)
         return seconds
 
-    n = len(engines)
     for llm, inputs, _ in engines:  # warm-up
-        timed(llm, inputs[:1]), timed(llm, inputs)
+        timed(llm, inputs[:1])
+        timed(llm, inputs)
     batch1: list[list[float]] = [[] for _ in engines]
     batched: list[list[float]] = [[] for _ in engines]
-    turn = 0
+    turns = ([(turn + k) % len(engines) for k in range(len(engines))] for turn in itertools.count())  # rotating
     for _ in range(rounds):
         for p in range(len(prompts)):
-            for e in [(turn + k) % n for k in range(n)]:
+            for e in next(turns):
                 batch1[e].append(timed(engines[e][0], [engines[e][1][p]]))
-            turn += 1
-        for e in [(turn + k) % n for k in range(n)]:
+        for e in next(turns):
             batched[e].append(timed(engines[e][0], engines[e][1]))
-        turn += 1
     return {"batch1_s": batch1, "batched_s": batched, "prompts": len(prompts), "max_tokens": max_tokens,
             "vllm": __version__, "load_s": [load_s for _, _, load_s in engines]}
 
