@@ -68,6 +68,22 @@ def default_model():
     return steer.load_model("smollm2-135m-instruct")
 
 
+def pytest_sessionstart(session):
+    """First line of every run (even with -q): the llama.cpp build and the CPU flags that pick its kernels,
+    so a log says which case it ran (issue 11: AMX weight repacking crashed llama.cpp)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from steer.verify.llamacpp import cpu_features
+
+    try:
+        llama = f"llama-cpp-python {version('llama_cpp_python')} (weight repacking off in steer)"
+    except PackageNotFoundError:
+        llama = "llama-cpp-python not installed"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"steer tests: {llama}; CPU {cpu_features()}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -75,6 +78,62 @@ def test_llamacpp_runs_the_cvec_export_like_the_hooks(default_model, tmp_path):
     assert fidelity.kl <= 0.1 * fidelity.kl_without_vector  # the vector accounts for the shift …
     assert fidelity.kl <= 2 * fidelity.kl_unedited  # … as closely as the quantised kernels allow
     assert fidelity.shift_correlation > max(neighbours.values()) + 0.02
+
+
+@pytest.mark.default_model
+def test_llamacpp_decodes_the_default_gguf_with_steers_settings(default_model):
+    """The load path and settings every llama.cpp measurement in steer uses (LlamaCppModel: a child process,
+    weight repacking off, F32 KV cache, one thread) decode the packaged GGUF, and the logits agree with the fp32
+    model. On a CPU where llama.cpp crashes under these settings (as it did with AMX weight repacking on) this
+    fails with the crash as its message."""
+    model, tokenizer = default_model
+    with LlamaCppModel() as llama:
+        print(f"\nllama-cpp-python {llama.version}, repacking {llama.repacking}; {llama.system_info}")
+        assert llama.repacking == "off"
+        assert (llama.n_layer, llama.n_embd, llama.n_vocab) == (30, 576, model.config.vocab_size)
+        agree = total = 0
+        for text in calibration_texts()[:4]:
+            ids = tokenizer(text).input_ids
+            logits = llama.logits(ids)
+            assert logits.shape == (len(ids), llama.n_vocab) and np.isfinite(logits).all()
+            with torch.no_grad():
+                reference = model(torch.tensor([ids])).logits[0]
+            agree += int((reference.argmax(-1).numpy() == logits.argmax(-1)).sum())
+            total += len(ids)
+    assert agree / total >= 0.9, f"top-1 agreement with the fp32 model {agree}/{total}"
+
+
+@pytest.mark.default_model
+def test_a_crash_in_llamacpp_is_one_error_and_the_caller_lives_on(default_model, tmp_path, monkeypatch):
+    """llama.cpp dies of a real SIGSEGV (sent to its process; or raised where it would decode, through the
+    STEER_LLAMACPP_FAULT test switch): the caller gets one LlamaCppError naming llama.cpp, the signal and the
+    likely cause, and carries on; `steer compile --target cvec` still writes the vector and says why it was not
+    measured, `steer verify` fails with one line, and neither prints a traceback."""
+    from steer.verify.llamacpp import LlamaCppError
+
+    with LlamaCppModel() as llama:
+        os.kill(llama.pid, signal.SIGSEGV)
+        with pytest.raises(LlamaCppError, match=r"llama\.cpp crashed \(SIGSEGV\) while decoding 3 tokens.*likely cause"):
+            llama.logits([1, 2, 3])
+    monkeypatch.setenv("STEER_LLAMACPP_FAULT", "decode")
+    with LlamaCppModel() as llama, pytest.raises(LlamaCppError, match=r"crashed \(SIGSEGV\) while decoding"):
+        llama.logits([1, 2, 3])
+
+    out = tmp_path / "cvec"
+    steer_cli = [sys.executable, "-m", "steer.cli.main"]
+    compiled = subprocess.run([*steer_cli, "compile", str(ROOT / "edits" / "weddings.yaml"), "--target", "cvec",
+                               "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "Traceback" not in compiled.stderr + compiled.stdout
+    notes = [line for line in compiled.stdout.splitlines() if "llama.cpp fidelity not measured" in line]
+    assert len(notes) == 1 and "crashed (SIGSEGV)" in notes[0], compiled.stdout
+    assert (out / "control_vector.gguf").is_file()
+    assert json.loads((out / "steer_manifest.json").read_text())["llamacpp_fidelity"] is None
+
+    verified = subprocess.run([*steer_cli, "verify", str(out)], capture_output=True, text=True, timeout=600)
+    assert verified.returncode == 1 and "Traceback" not in verified.stderr + verified.stdout
+    fails = [line for line in verified.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "llama.cpp fidelity could not be measured" in fails[0] and "SIGSEGV" in fails[0]
 
 
 def test_control_vector_reader_checks_what_llamacpp_checks(tmp_path):

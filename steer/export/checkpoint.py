@@ -231,10 +231,13 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
             del artifact
         elif target == "cvec":
             from steer.lower.cvec import write_cvec
-            from steer.verify.llamacpp import measure_cvec_export
+            from steer.verify.llamacpp import LlamaCppError, measure_cvec_export
 
             lowerings = write_cvec(plan, tmp / "control_vector.gguf", plan.model_type)
-            cvec_fidelity, why = measure_cvec_export(model, tokenizer, plan, tmp / "control_vector.gguf", base)
+            try:  # the vector is written either way; a failing llama.cpp costs only its measurement
+                cvec_fidelity, why = measure_cvec_export(model, tokenizer, plan, tmp / "control_vector.gguf", base)
+            except LlamaCppError as exc:
+                cvec_fidelity, why = None, str(exc)
             if why:
                 notes.append(f"llama.cpp fidelity not measured: {why}")
         elif target == "pack":

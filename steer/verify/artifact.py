@@ -112,10 +112,14 @@ def verify_artifact(directory, spec=None) -> Verdict:
 
 
 def _verify_cvec(directory: Path, manifest: dict, model, tokenizer, plan, verdict: Verdict) -> None:
-    from steer.verify.llamacpp import measure_cvec_export
+    from steer.verify.llamacpp import LlamaCppError, measure_cvec_export
 
-    measured, why = measure_cvec_export(model, tokenizer, plan, directory / "control_vector.gguf",
-                                        manifest["base_model"]["name"])
+    try:
+        measured, why = measure_cvec_export(model, tokenizer, plan, directory / "control_vector.gguf",
+                                            manifest["base_model"]["name"])
+    except LlamaCppError as exc:
+        verdict.fail(f"llama.cpp fidelity could not be measured: {exc}")
+        return
     if measured is None:
         verdict.lines.append(f"note llama.cpp fidelity not measured: {why}")
         return

@@ -4,7 +4,9 @@ This is how steer checks its ``cvec`` artifacts against a real llama.cpp: the
 control-vector file is read with the ``gguf`` package's ``GGUFReader`` (a reader
 independent of the writer in `steer.lower.cvec`), laid out as llama.cpp's own
 loader lays it out, and handed to llama.cpp's C API; the model then runs with
-next-token logits at every position.
+next-token logits at every position. llama.cpp always runs in a child process
+(`LlamaCppModel`, `steer.verify.llamacpp_child`) with weight repacking off: a
+crash there is one error here, never the end of steer, a test run or the demo.
 
 How llama.cpp indexes a control vector — read in llama.cpp's source
 (github.com/ggml-org/llama.cpp), not assumed:
@@ -60,14 +62,20 @@ Never writes files; never changes the GGUF model or the control-vector file.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from steer.errors import SteerError
+from steer.verify.llamacpp_child import read_message, write_message
 
 ARCHITECTURE = "controlvector"
 KL_FACTOR = 2.0
@@ -160,56 +168,158 @@ def control_vector_buffer(cvec: ControlVector, n_layer: int, n_embd: int) -> np.
 
 # -- the model -----------------------------------------------------------------------
 
+class LlamaCppError(SteerError):
+    """llama.cpp failed: it could not load or run the model, or its process crashed or hung."""
+
+
 class LlamaCppModel:
-    """A GGUF model in llama.cpp that returns next-token logits for every position."""
+    """A GGUF model in llama.cpp that returns next-token logits for every position.
+
+    llama.cpp runs in a child process (`steer.verify.llamacpp_child`, which says how it loads the model and why
+    weight repacking is off): if llama.cpp dies of a fatal signal, the child goes and this object raises one
+    `LlamaCppError` naming llama.cpp, the signal and the likely cause; the caller's process lives on."""
+
+    TIMEOUT_S = 600.0
+    """The longest one request (load, or one sequence's logits) may take before the child is killed."""
 
     def __init__(self, gguf_path=None, *, n_ctx: int = 512, n_threads: int = 1, f32_kv_cache: bool = True):
         """``n_threads`` 1: on a small model and a busy 2-core machine, two threads spinning at ggml's barriers
         were 2.3× slower than one. ``f32_kv_cache``: keep K/V in F32 (llama.cpp's default is F16), so what
         separates llama.cpp from an fp32 reference is its quantised matmuls (e.g. Q4_1 weights × Q8_1 inputs)."""
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
         self.path = Path(gguf_path) if gguf_path is not None else default_gguf()
-        kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_kv_cache else {}
-        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                   n_threads=n_threads, n_threads_batch=n_threads, verbose=False, **kv)
-        self.n_layer = int(llama_cpp.llama_model_n_layer(self.llm.model))
-        self.n_embd = int(self.llm.n_embd())
-        self.n_vocab = int(self.llm.n_vocab())
-        self._buffer: np.ndarray | None = None
+        if not self.path.is_file():
+            raise SteerError("no such GGUF file", where=str(self.path))
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen([sys.executable, "-m", "steer.verify.llamacpp_child"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._stderr)
+        self.version, self.system_info = "unknown", ""
+        facts = self._request("loading the model", {"op": "open", "path": str(self.path), "n_ctx": n_ctx,
+                                                    "n_threads": n_threads, "f32_kv_cache": f32_kv_cache})[0]
+        self.n_layer, self.n_embd, self.n_vocab = int(facts["n_layer"]), int(facts["n_embd"]), int(facts["n_vocab"])
+        self.n_ctx = n_ctx
+        self.version = facts["version"]
+        self.repacking = facts["repacking"]
+        """``off``: steer switched off llama.cpp's weight repacking (``use_extra_bufts``); else why it could not."""
+        self.system_info = facts["system_info"]
+        """llama.cpp's ``llama_print_system_info()``: the CPU features its kernels use (``AVX512 = 1``, ``AMX_INT8 = 1``…)."""
+
+    @property
+    def pid(self) -> int:
+        """The process llama.cpp runs in."""
+        return self._process.pid
 
     def set_control_vector(self, cvec: ControlVector | None, *, layer_start: int = 1, layer_end: int | None = None) -> None:
         """Apply ``cvec`` to every later evaluation (None clears it); layers as llama.cpp's defaults."""
-        set_cvec = getattr(self._llama_cpp, "llama_set_adapter_cvec", None) or self._llama_cpp.llama_apply_adapter_cvec
         if cvec is None:
-            self._buffer = None
-            err = set_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
-        else:
-            self._buffer = control_vector_buffer(cvec, self.n_layer, self.n_embd)  # kept alive while applied
-            data = self._buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            end = self.n_layer if layer_end is None else layer_end
-            err = set_cvec(self.llm.ctx, data, self._buffer.size, self.n_embd, layer_start, end)
-        if err:
-            raise SteerError(f"llama.cpp refused the control vector (error {err})", where=str(self.path))
+            self._request("clearing the control vector", {"op": "cvec"})
+            return
+        buffer = control_vector_buffer(cvec, self.n_layer, self.n_embd)
+        end = self.n_layer if layer_end is None else layer_end
+        self._request("applying the control vector", {"op": "cvec", "layer_start": layer_start, "layer_end": end},
+                      buffer.tobytes())
 
     def logits(self, token_ids) -> np.ndarray:
         """``(T, n_vocab)`` float32: the next-token logits after each of ``token_ids`` (a fresh sequence)."""
         ids = [int(t) for t in token_ids]
-        if not 0 < len(ids) <= self.llm.n_ctx():
-            raise SteerError(f"{len(ids)} tokens; llama.cpp's context here holds 1..{self.llm.n_ctx()}", where="tokens")
-        self.llm.reset()  # also drops the KV cache of the previous sequence
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        if not 0 < len(ids) <= self.n_ctx:
+            raise SteerError(f"{len(ids)} tokens; llama.cpp's context here holds 1..{self.n_ctx}", where="tokens")
+        header, payload = self._request(f"decoding {len(ids)} tokens", {"op": "logits", "ids": ids})
+        return np.frombuffer(payload, dtype=np.float32).reshape(header["shape"]).copy()
 
     def close(self) -> None:
-        self.llm.close()
+        if self._process.poll() is None:
+            try:
+                write_message(self._process.stdin, {"op": "close"})
+            except OSError:
+                pass
+        self._finalizer()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def _request(self, doing: str, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
+        """Send one request and read its answer; a dead or silent child becomes a `SteerError`."""
+        if self._process.poll() is not None:
+            raise self._crashed(doing)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            self._process.kill()
+
+        timer = threading.Timer(self.TIMEOUT_S, expire)
+        timer.start()
+        try:
+            write_message(self._process.stdin, header, payload)
+            answer = read_message(self._process.stdout)
+        except OSError:  # a broken pipe: the child is gone
+            answer = None
+        finally:
+            timer.cancel()
+        if answer is None:
+            raise self._crashed(doing, timed_out=expired.is_set())
+        if "error" in answer[0]:
+            raise LlamaCppError(answer[0]["error"], where=f"llama.cpp ({self.path.name})")
+        return answer
+
+    def _crashed(self, doing: str, *, timed_out: bool = False) -> LlamaCppError:
+        code = self._process.wait()
+        self._finalizer()
+        where = f"llama.cpp ({self.path.name})"
+        if timed_out:
+            return LlamaCppError(f"llama.cpp gave no answer in {self.TIMEOUT_S:g} s while {doing}; its process was "
+                              "stopped", where=where)
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            return LlamaCppError(
+                f"llama.cpp crashed ({name}) while {doing}, in its own process, so steer carries on without this "
+                f"measurement; likely cause: a CPU kernel of this llama-cpp-python build ({self.version}) on this "
+                f"CPU ({cpu_features()}); weight repacking was {getattr(self, 'repacking', 'off')}. Rebuild it "
+                "without CPU-specific kernels: CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall "
+                "--no-cache-dir llama-cpp-python", where=where)
+        return LlamaCppError(f"llama.cpp's process exited with code {code} while {doing}: "
+                          f"{_last_line(self._stderr) or 'no message'}", where=where)
+
+
+def _stop(process: subprocess.Popen, stderr) -> None:
+    """End the llama.cpp process (if it still runs) and drop its captured stderr."""
+    if process.poll() is None:
+        try:
+            process.wait(timeout=10)  # after a "close" request it ends by itself
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdin, process.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    stderr.close()
+
+
+def _last_line(stream) -> str:
+    stream.seek(0)
+    lines = [line.strip() for line in stream.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def cpu_features() -> str:
+    """The CPU flags that decide which llama.cpp kernels run here (Linux ``/proc/cpuinfo``), e.g.
+    ``AVX2 yes, AVX-512 no, AMX no``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "CPU flags unknown"
+    has = set(flags)
+    avx512 = sorted(f for f in has if f.startswith("avx512"))
+    amx = sorted(f for f in has if f.startswith("amx"))
+    return (f"AVX2 {'yes' if 'avx2' in has else 'no'}, AVX-512 {'yes (' + ' '.join(avx512) + ')' if avx512 else 'no'}, "
+            f"AMX {'yes (' + ' '.join(amx) + ')' if amx else 'no'}")
 
 
 # -- the check: llama.cpp + control vector against the hooked reference --------------------
@@ -314,7 +424,9 @@ def is_default_model(base: str) -> bool:
 
 
 def measure_cvec_export(model, tokenizer, plan, path, base: str) -> tuple[dict | None, str | None]:
-    """``(fidelity as a dict, None)``, or ``(None, why it was not measured)``, for a control vector made for ``base``."""
+    """``(fidelity as a dict, None)``, or ``(None, why it cannot be measured here)``, for a control vector made for
+    ``base``. A failure of llama.cpp itself (a crash included) is raised as `LlamaCppError`: the export records it
+    as a note, ``steer verify`` fails on it."""
     from steer.models.loading import DEFAULT_MODEL
 
     if not is_default_model(base):
