@@ -1,0 +1,232 @@
+"""Hardening (issue 15): faults, full disks, bad files, limits and checkpoint shapes, each one clear answer.
+
+Process faults run as real processes: an export SIGKILLed mid-write, two
+exports to one target at once, an overwrite watched by another process. A full
+disk is a real one — a 64 KiB tmpfs mounted for the test (root), else a child
+whose RLIMIT_FSIZE is below the export's size; a read-only target is a tmpfs
+mounted read-only. A test skips only where neither can be made. Every bad case
+checks the three things a user sees: one ``steer: error:`` line, exit 2, no
+traceback — and that nothing is left beside the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steer.errors import SteerError
+from steer.export.atomic import atomic_directory
+from tests.conftest import D, save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+SPEC = "project out direction {dirs}:u site writers"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama checkpoint and a direction file, in a world-readable directory (a child may drop root)."""
+    root = Path(tempfile.mkdtemp(prefix="steer-hardening-"))
+    os.chmod(root, 0o755)
+    save_tiny("llama", root / "model")
+    g = torch.Generator().manual_seed(3)
+    save_file({"u": torch.randn(D, generator=g), "v": torch.randn(D, generator=g)}, str(root / "dirs.safetensors"))
+    for p in root.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    yield root
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def export_argv(files: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "steer.cli.main", "export", SPEC.format(dirs=files / "dirs.safetensors"),
+            "--model", str(files / "model"), "-o", str(out), *extra]
+
+
+def slow_export_script(files: Path, out: Path, seconds: float) -> str:
+    """A child that runs `steer export` with a pause after the first shard is written (printing "writing")."""
+    argv = export_argv(files, out)[3:]
+    return textwrap.dedent(f"""
+        import sys, time, steer.export.checkpoint as checkpoint
+        from steer.cli.main import main
+        real = checkpoint.write_file
+        def slow(*a, **k):
+            n = real(*a, **k)
+            print("writing", flush=True)
+            time.sleep({seconds})
+            return n
+        checkpoint.write_file = slow
+        sys.exit(main({argv!r}))
+    """)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in lines if line.startswith("steer: error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@contextlib.contextmanager
+def tmpfs(size: str, *options: str):
+    """A fresh tmpfs of ``size`` mounted on a temp directory (yields it), or None where mounting is refused."""
+    point = Path(tempfile.mkdtemp(prefix="steer-tmpfs-"))
+    opts = ",".join((f"size={size}", "mode=0755", *options))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True).returncode == 0
+    try:
+        yield point if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(point)], capture_output=True)
+        os.rmdir(point)
+
+
+# -- item 3: exports under faults -----------------------------------------------------------------------------------
+
+def test_sigkill_mid_export_leaves_a_partial_that_the_next_export_removes(files, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", slow_export_script(files, out, 60)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith(".out.partial-") for name in left), left  # what SIGKILL leaves: nobody could clean up
+    result = subprocess.run(export_argv(files, out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 leftover(s) of an interrupted write" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "steer_manifest.json").is_file()
+
+
+def test_two_exports_to_one_target_at_once_one_wins_the_other_says_so(files, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", slow_export_script(files, out, 8)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert first.stdout.readline().strip() == "writing", first.stderr.read()
+        second = subprocess.run(export_argv(files, out, "--overwrite"), capture_output=True, text=True, env=ENV,
+                                timeout=300)
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    assert_one_line_error(second, str(out), f"(pid {first.pid}) is writing this output right now")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "steer_manifest.json").is_file()
+
+
+def test_overwrite_never_leaves_the_target_missing(tmp_path):
+    """A child replaces the target 300 times with --overwrite semantics while this process looks for it."""
+    target = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from steer.export.atomic import atomic_directory
+        for i in range(300):
+            with atomic_directory({str(target)!r}, overwrite=True) as tmp:
+                (Path(tmp) / "marker").write_text(str(i))
+            if i == 0:
+                print("ready", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "ready"
+    looks = misses = 0
+    while proc.poll() is None:
+        looks += 1
+        try:
+            (target / "marker").read_text()
+        except FileNotFoundError:
+            misses += 1
+    assert proc.returncode == 0
+    assert looks > 100 and misses == 0, (looks, misses)
+    assert (target / "marker").read_text() == "299"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_overwrite_keeps_the_old_directory(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "old").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+        raise RuntimeError("the export failed")
+    assert sorted(os.listdir(target)) == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_full_disk_gives_one_line_and_leaves_nothing(files, tmp_path):
+    with tmpfs("64k") as disk:
+        if disk is not None:
+            out = disk / "out"
+            result = subprocess.run(export_argv(files, out), capture_output=True, text=True, env=ENV, timeout=300)
+            assert_one_line_error(result, str(out), "No space left on device", "nothing was written")
+            assert os.listdir(disk) == []
+            return
+    limit = 48 * 1024  # no mount here: a child that may not write a file past 48 KiB (the export's shard is larger)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    result = subprocess.run(export_argv(files, out), capture_output=True, text=True, env=ENV, timeout=300,
+                            preexec_fn=small_files)
+    assert_one_line_error(result, str(out), "File too large", "nothing was written")
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_only_and_permission_denied_targets_give_one_line(files, tmp_path):
+    with tmpfs("1m", "ro") as disk:
+        if disk is not None:
+            result = subprocess.run(export_argv(files, disk / "out"), capture_output=True, text=True, env=ENV,
+                                    timeout=300)
+            assert_one_line_error(result, str(disk / "out"), "Read-only file system")
+            assert os.listdir(disk) == []
+    # a directory we may not write in: as root, a child without CAP_DAC_OVERRIDE (setpriv drops every capability)
+    locked = Path(tempfile.mkdtemp(prefix="steer-locked-"))
+    os.chmod(locked, 0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if not Path("/usr/bin/setpriv").exists():
+            pytest.skip("root without setpriv: cannot make a permission-denied directory")
+        prefix = ["/usr/bin/setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    try:
+        result = subprocess.run([*prefix, *export_argv(files, locked / "out")], capture_output=True, text=True,
+                                env=ENV, timeout=300)
+        assert_one_line_error(result, str(locked / "out"), "Permission denied")
+        assert os.listdir(locked) == []
+    finally:
+        os.chmod(locked, 0o755)
+        os.rmdir(locked)
+
+
+def test_atomic_directory_turns_a_refusing_disk_into_a_steer_error(tmp_path):
+    with tmpfs("16k") as disk:
+        if disk is None:
+            pytest.skip("mount refused")
+        with pytest.raises(SteerError, match="No space left on device"):
+            with atomic_directory(disk / "out") as tmp:
+                (tmp / "big").write_bytes(b"x" * 65536)
+        with pytest.raises(SteerError, match="No space left on device"):  # safetensors' own writer (Rust) too
+            with atomic_directory(disk / "out") as tmp:
+                save_file({"t": torch.zeros(65536)}, str(tmp / "t.safetensors"))
+        assert os.listdir(disk) == []
