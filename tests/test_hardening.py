@@ -230,3 +230,59 @@ def test_atomic_directory_turns_a_refusing_disk_into_a_steer_error(tmp_path):
             with atomic_directory(disk / "out") as tmp:
                 save_file({"t": torch.zeros(65536)}, str(tmp / "t.safetensors"))
         assert os.listdir(disk) == []
+
+
+# -- item 2: readers check what they read -----------------------------------------------------------------------------
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from steer.cli.main import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("steer: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("tensor,index,value", [("W_dec", (3, 5), float("nan")), ("W_enc", (0, 0), float("inf"))])
+def test_an_sae_with_one_nan_or_inf_is_refused_naming_file_and_tensor(files, tmp_path, capsys, tensor, index, value):
+    import dataclasses
+
+    from steer.sae import save_sae
+    from tests.conftest import random_sae
+
+    sae_dir = tmp_path / "sae"
+    save_sae(dataclasses.replace(random_sae(), site="resid_post.1"), sae_dir)
+    weights = sae_dir / "sae_weights.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    tensors[tensor][index] = value
+    save_file(tensors, str(weights))
+    code, out, err = run_cli(["generate", "--spec", "suppress feature 3 by 80%", "--model", str(files / "model"),
+                              "--sae", str(sae_dir), "--max-new-tokens", "2", "Hello"], capsys)
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert str(weights) in line and f"tensor {tensor!r} has 1 non-finite value(s)" in line, line
+
+
+@pytest.mark.parametrize("values,needle", [
+    (torch.zeros(D), "is all zeros"),
+    (torch.full((D,), float("nan")), "non-finite"),
+    (torch.ones(D, dtype=torch.float64) * 1e300, "too large for float32"),
+    (torch.ones(D, dtype=torch.int32), "expected a float vector [32]"),
+    (torch.ones(D + 1), "has shape [33]"),
+])
+def test_a_bad_direction_is_refused_naming_file_and_key(files, tmp_path, capsys, values, needle):
+    path = tmp_path / "bad.safetensors"
+    save_file({"d": values}, str(path))
+    code, out, err = run_cli(["compile", f"add direction {path}:d by 2 site resid_post.1", "--target", "pack",
+                              "--model", str(files / "model"), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert needle in line and str(path) in line and "'d'" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]

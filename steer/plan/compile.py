@@ -194,12 +194,19 @@ def _reader(sae: SAE, ids: list[int]) -> FeatureReader:
 
 
 def _load_direction(ref: str, spec: Spec, d_model: int, where: str) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
-
     file, _, key = ref.rpartition(":")
     path = Path(file).expanduser()
     if not path.is_absolute() and spec.base_dir:
         path = Path(spec.base_dir) / path
+    return read_direction(path, key, d_model, where)
+
+
+def read_direction(path: Path, key: str, d_model: int, where: str) -> torch.Tensor:
+    """Tensor ``key`` of the safetensors file ``path`` as a float32 vector ``[d_model]``, checked: a float dtype,
+    that shape, finite (also after the cast) and a non-zero norm. Any unreadable, truncated or corrupt file is a
+    `SpecError` naming the file and key; the file is never unpickled (safetensors holds no code)."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         raise SpecError(f"direction file {str(path)!r} does not exist", where=where)
     try:
@@ -208,13 +215,22 @@ def _load_direction(ref: str, spec: Spec, d_model: int, where: str) -> torch.Ten
             if key not in keys:
                 raise SpecError(f"direction file {path} has no tensor {key!r}; it has: {', '.join(keys) or 'none'}", where=where)
             vector = f.get_tensor(key)
-    except SafetensorError as exc:
-        raise SpecError(f"cannot read direction file {path}: {exc}", where=where) from None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise SpecError(f"cannot read direction file {path} as safetensors: {_first_line(exc)}", where=where) from None
     if vector.dim() != 1 or vector.numel() != d_model or not vector.is_floating_point():
-        raise SpecError(f"direction {key!r} has shape {tuple(vector.shape)} ({vector.dtype}); expected a float vector [{d_model}]", where=where)
-    if not torch.isfinite(vector).all():
-        raise SpecError(f"direction {key!r} has non-finite values", where=where)
+        raise SpecError(f"direction {key!r} in {path} has shape {list(vector.shape)} ({str(vector.dtype).removeprefix('torch.')}); "
+                        f"expected a float vector [{d_model}]", where=where)
+    vector64 = vector.double()
+    if not torch.isfinite(vector64).all() or not torch.isfinite(vector.float()).all():
+        raise SpecError(f"direction {key!r} in {path} has non-finite values (NaN or infinity, or too large for float32)",
+                        where=where)
+    if float(vector64.norm()) == 0.0:
+        raise SpecError(f"direction {key!r} in {path} is all zeros: a direction needs a non-zero norm", where=where)
     return vector.float()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
 
 
 def _raw_amount(edit: Edit, vector: torch.Tensor, site: Site, calibration: "_Calibration", where: str) -> tuple[float, str]:

@@ -26,15 +26,18 @@ no site; outside the release layout both stay None. This module only reads.
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from steer.errors import SAEError
-from steer.sae.formats.saelens import check_shapes, parse_dtype, stored_dtype, take_tensors
+from steer.sae.formats.saelens import check_finite, check_shapes, parse_dtype, stored_dtype, take_tensors
 from steer.sae.sae import SAE
 
 PARAMS_FILENAME = "params.npz"
@@ -52,12 +55,7 @@ def read_gemmascope(path: str | Path, *, dtype: str | torch.dtype | None = None)
     where = str(path)
     if not path.is_file():
         raise SAEError(f"missing {path.name}", where=where)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise SAEError(f"cannot read {path.name} as a numpy .npz archive: {e}", where=where) from None
-
+    arrays = _read_npz(path, where)
     tensors = {}
     for name, array in arrays.items():
         if not np.issubdtype(array.dtype, np.floating):
@@ -77,6 +75,7 @@ def read_gemmascope(path: str | Path, *, dtype: str | torch.dtype | None = None)
         f"W_enc is [d_in={d_in}, d_sae={d_sae}]",
     )
     stored_dtype(weights, where)
+    check_finite(weights, where)
     if dtype is not None:
         target = parse_dtype(dtype)
         weights = {n: t.to(target) for n, t in weights.items()}
@@ -92,6 +91,39 @@ def read_gemmascope(path: str | Path, *, dtype: str | torch.dtype | None = None)
         metadata={"gemma_scope": release} if release else {},
         source=str(path),
     )
+
+
+def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive, each header checked against its member's size before anything is allocated
+    (a damaged header may claim terabytes); object arrays (pickles) are refused, never unpickled."""
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    if dtype.hasobject:
+                        raise SAEError(f"array {name!r} holds Python objects (a pickle); steer never unpickles", where=where)
+                    size = dtype.itemsize * math.prod(shape)
+                    data = f.read(size + 1)
+                    if len(data) != size:
+                        raise ValueError(f"array {name!r} is {len(data)} bytes, its header says {size}")
+                    array = np.frombuffer(bytearray(data), dtype=dtype)
+                    arrays[name] = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    except SAEError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, TypeError, SyntaxError, OverflowError, RuntimeError,
+            NotImplementedError, MemoryError, zipfile.BadZipFile, zlib.error, struct.error) as e:
+        raise SAEError(f"cannot read {path.name} as a numpy .npz archive: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                       where=where) from None
+    return arrays
 
 
 def _release_layout(path: Path) -> tuple[str | None, str | None, dict | None]:

@@ -74,7 +74,7 @@ comes from the ``sparsity`` argument, else ``feature_stats["log10_density"]``,
 else ``log10(feature_stats["density"] + 1e-10)``.
 
 The small file helpers here (`read_json`, `read_safetensors`, `take_tensors`,
-`check_shapes`, `stored_dtype`, `parse_dtype`) are shared by the other format
+`check_shapes`, `stored_dtype`, `check_finite`, `parse_dtype`) are shared by the other format
 readers. This module never touches the network and never replaces a directory
 (`steer.sae.save_sae` does the atomic replace).
 """
@@ -195,6 +195,16 @@ def stored_dtype(tensors: dict[str, torch.Tensor], where: str) -> torch.dtype:
     return dtypes.pop()
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """SAEError naming the first tensor holding a NaN or an infinity (and how many, and the first index)."""
+    for name, t in tensors.items():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = [int(i) for i in torch.nonzero(bad)[0]]
+            raise SAEError(f"tensor {name!r} has {int(bad.sum())} non-finite value(s) (NaN or infinity; the first at "
+                           f"index {first}); a usable SAE holds finite numbers only", where=where)
+
+
 def parse_dtype(value: str | torch.dtype, *, field: str = "dtype", where: str | None = None) -> torch.dtype:
     """A torch dtype from a torch dtype or a SAELens dtype name ("float32", "torch.bfloat16", ...)."""
     if isinstance(value, torch.dtype):
@@ -269,6 +279,7 @@ def read_saelens(directory: str | Path, *, dtype: str | torch.dtype | None = Non
         f"cfg.json says d_in={d_in}, d_sae={d_sae}",
     )
     stored_dtype(weights, wwhere)
+    check_finite(weights, wwhere)
     target = parse_dtype(dtype) if dtype is not None else cfg_dtype
     weights = {n: t.to(target) for n, t in weights.items()}
 
@@ -279,6 +290,9 @@ def read_saelens(directory: str | Path, *, dtype: str | torch.dtype | None = Non
     model_name = meta.pop("model_name", None)
     hook_name = meta.pop("hook_name", None)
     steer_site = meta.pop(SITE_KEY, None)
+    for field, value in (("model_name", model_name), ("hook_name", hook_name), (SITE_KEY, steer_site)):
+        if value is not None and not isinstance(value, str):
+            raise SAEError(f"field {field!r} must be a string, found {value!r}", where=where)
     site = steer_site if steer_site is not None and saelens_hook_name(steer_site) == hook_name else hook_name
     # SAELens' default: "none" in v6, derived from the hook name in v5; kept only where the writer would differ
     reshape = top.pop("reshape_activations", "none" if nested is not None else default_reshape(hook_name))
@@ -302,6 +316,8 @@ def read_saelens(directory: str | Path, *, dtype: str | torch.dtype | None = Non
 def _architecture_settings(top: dict, meta: dict, where: str) -> dict:
     """``architecture``, ``k`` and ``rescale_acts_by_decoder_norm`` from the config (popped from ``top``)."""
     name = top.pop("architecture", "standard")  # SAELens' default for configs that predate the field
+    if not isinstance(name, str):
+        raise SAEError(f"field 'architecture' must be a string, found {name!r}", where=where)
     if name == "gated":
         raise SAEError("architecture 'gated' is not supported yet (steer reads standard, jumprelu and topk SAEs)", where=where)
     if name in TRANSCODER_ARCHITECTURES or "hook_name_out" in meta or "d_out" in top:
@@ -317,6 +333,8 @@ def _architecture_settings(top: dict, meta: dict, where: str) -> dict:
             f"unknown architecture {name!r}; steer reads: {', '.join(ARCHITECTURE_FROM_SAELENS)}", where=where
         )
     activation = top.pop("activation_fn", None)
+    if activation is not None and not isinstance(activation, str):
+        raise SAEError(f"field 'activation_fn' must be a string, found {activation!r}", where=where)
     kwargs = top.pop("activation_fn_kwargs", None) or {}
     if not isinstance(kwargs, dict):
         raise SAEError(f"field 'activation_fn_kwargs' must be an object, found {kwargs!r}", where=where)
@@ -380,11 +398,17 @@ def _read_feature_stats(directory: Path, d_sae: int) -> dict[str, torch.Tensor]:
     if stats_path.is_file():
         stats = read_safetensors(stats_path)
         check_shapes(stats, {n: (d_sae,) for n in stats}, str(stats_path), f"one value per feature, d_sae={d_sae}")
+        for name, t in stats.items():
+            if not t.is_floating_point():
+                raise SAEError(f"tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype", where=str(stats_path))
+        check_finite(stats, str(stats_path))
     sparsity_path = directory / SPARSITY_FILENAME
     if sparsity_path.is_file():
         held = read_safetensors(sparsity_path)
         log10_density = take_tensors(held, ("sparsity",), sparsity_path)["sparsity"]
         check_shapes({"sparsity": log10_density}, {"sparsity": (d_sae,)}, str(sparsity_path), f"d_sae={d_sae}")
+        stored_dtype({"sparsity": log10_density}, str(sparsity_path))
+        check_finite({"sparsity": log10_density}, str(sparsity_path))
         stats.setdefault("log10_density", log10_density)
         stats.setdefault("density", torch.pow(10.0, log10_density))
     return stats

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from steer.errors import SAEError
-from steer.sae.formats.saelens import check_shapes, parse_dtype, read_json, read_safetensors, stored_dtype, take_tensors
+from steer.sae.formats.saelens import check_finite, check_shapes, parse_dtype, read_json, read_safetensors, stored_dtype, take_tensors
 from steer.sae.sae import SAE
 
 CFG_FILENAME = "cfg.json"
@@ -83,6 +83,7 @@ def read_sparsify(directory: str | Path, *, dtype: str | torch.dtype | None = No
         f"cfg.json says d_in={d_in}, {'num_latents' if num_latents else 'd_in·expansion_factor'}={d_sae}",
     )
     stored_dtype(weights, wwhere)
+    check_finite(weights, wwhere)
     if dtype is not None:
         target = parse_dtype(dtype)
         weights = {n: t.to(target) for n, t in weights.items()}
