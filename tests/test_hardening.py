@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import steer
 from steer.errors import SteerError
 from steer.export.atomic import atomic_directory
 from tests.conftest import D, save_tiny
@@ -286,3 +287,66 @@ def test_a_bad_direction_is_refused_naming_file_and_key(files, tmp_path, capsys,
     line = one_error_line(err)
     assert needle in line and str(path) in line and "'d'" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+# -- item 1: no pickle runs -------------------------------------------------------------------------------------------
+
+class _Payload:
+    """A pickle that, if ever unpickled by a full Unpickler, creates the marker file (foreign code running)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_pickle(path: Path, marker: Path) -> None:
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _Payload(marker)}, f)
+
+
+def test_a_pickled_base_runs_no_code_and_cannot_be_exported(files, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil"
+    shutil.copytree(files / "model", evil)
+    (evil / "model.safetensors").unlink()
+    _evil_pickle(evil / "pytorch_model.bin", marker)
+    code, out, err = run_cli(["generate", "--spec", "add direction {}:v by 1 site resid_post.1".format(
+        files / "dirs.safetensors"), "--model", str(evil), "--max-new-tokens", "2", "Hi"], capsys)
+    assert code == 2 and "steer unpickles only plain tensors" in one_error_line(err)
+    assert not marker.exists()
+
+    plain = tmp_path / "plain"  # an honest .bin-only base: loads (weights_only), export says how to convert
+    shutil.copytree(files / "model", plain)
+    torch.save(AutoModelForCausalLM.from_pretrained(str(plain)).state_dict(), plain / "pytorch_model.bin")
+    (plain / "model.safetensors").unlink()
+    steer.load_model(str(plain))  # plain tensors: read with weights_only=True, so this loads
+    code, out, err = run_cli(["export", SPEC.format(dirs=files / "dirs.safetensors"), "--model", str(plain),
+                              "-o", str(tmp_path / "out")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "only pickled weights" in line and "Convert it once" in line, line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_a_pickled_sae_is_refused_with_how_to_convert_and_runs_no_code(tmp_path, capsys, layout):
+    marker = tmp_path / "code-ran"
+    if layout == "file":
+        target = tmp_path / "sae.pt"
+        _evil_pickle(target, marker)
+    else:
+        target = tmp_path / "sae"
+        target.mkdir()
+        (target / "cfg.json").write_text('{"d_in": 32, "d_sae": 24}')
+        _evil_pickle(target / "sae_weights.pt", marker)
+    code, out, err = run_cli(["sae", "inspect", str(target)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "is a pickle (torch.save), which steer does not load" in line and "save_file" in line, line
+    assert not marker.exists()

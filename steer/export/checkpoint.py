@@ -61,6 +61,11 @@ def base_shards(base: Path) -> list[str]:
         return sorted(set(json.loads((base / INDEX).read_text())["weight_map"].values()))
     if (base / "model.safetensors").is_file():
         return ["model.safetensors"]
+    if any(base.glob("pytorch_model*.bin")):
+        raise SteerError("the base checkpoint has only pickled weights (pytorch_model*.bin); exports stream safetensors "
+                         "files and never unpickle. Convert it once: `AutoModelForCausalLM.from_pretrained(DIR)"
+                         ".save_pretrained(NEW_DIR)` (transformers reads the .bin with weights_only=True and writes "
+                         "safetensors), copy the tokenizer files, and export from NEW_DIR", where=str(base))
     raise SteerError("the base checkpoint has no safetensors weights (model.safetensors or an index)", where=str(base))
 
 

@@ -17,7 +17,9 @@ without ``quantization_config``, the dequantised state dict loaded, and saved as
 a plain checkpoint, written to a temp dir and renamed, so a crash never leaves a
 half-written cache entry.
 
-Never modifies the source files; never downloads anything unless given a hub id.
+Never modifies the source files; never downloads anything unless given a hub id;
+never unpickles anything but plain tensors (a ``pytorch_model.bin`` goes through
+transformers' ``torch.load(weights_only=True)``; a pickle that holds more is refused).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -152,9 +155,16 @@ def _load_hf(checkpoint: str, *, dtype: torch.dtype, device: str):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    try:  # a pytorch_model.bin is read by torch.load(weights_only=True): tensors only, never code
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise ModelError(
+            f"cannot load {checkpoint}: its pickled weights (.bin) hold more than tensors, or are damaged "
+            f"({_one_line(exc).split('.')[0]}); steer unpickles only plain tensors (torch.load weights_only=True), "
+            "since a pickle can run code. Convert the checkpoint to safetensors where you trust the file, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)`", where="model",
+        ) from None
     except (OSError, ValueError, SafetensorError) as exc:  # what transformers raises for a checkpoint it cannot read
         if isinstance(exc, OSError) and not Path(checkpoint).exists():
             raise ModelError(

@@ -99,6 +99,8 @@ def find_sae(path: str | os.PathLike) -> tuple[str, Path]:
             return "gemmascope", path
         if path.name in (saelens.CFG_FILENAME, saelens.WEIGHTS_FILENAME, sparsify.WEIGHTS_FILENAME):
             return find_sae(path.parent)
+        if path.suffix in saelens.PICKLE_SUFFIXES:
+            raise saelens.pickle_refusal(path)
         raise SAEError(f"not an SAE file steer reads; expected {EXPECTED_LAYOUTS}", where=str(path))
     if not path.is_dir():
         raise SAEError("no such file or directory", where=str(path))
@@ -111,6 +113,8 @@ def find_sae(path: str | os.PathLike) -> tuple[str, Path]:
             return "saelens", path
         if has(sparsify.WEIGHTS_FILENAME):
             return "sparsify", path
+        if saelens.pickled_files(path):
+            raise saelens.pickle_refusal(saelens.pickled_files(path)[0])
         raise SAEError(
             f"has {saelens.CFG_FILENAME} but no weights: missing {saelens.WEIGHTS_FILENAME} (SAELens) "
             f"or {sparsify.WEIGHTS_FILENAME} (sparsify)",
@@ -128,6 +132,8 @@ def find_sae(path: str | os.PathLike) -> tuple[str, Path]:
             f"e.g. {hookpoints[0]}",
             where=str(path),
         )
+    if saelens.pickled_files(path):
+        raise saelens.pickle_refusal(saelens.pickled_files(path)[0])
     raise SAEError(f"no SAE found; expected {EXPECTED_LAYOUTS}", where=str(path))
 
 

@@ -139,6 +139,26 @@ SITE_KEY = "steer_site"
 # -- shared file helpers ---------------------------------------------------------
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+"""Files that are Python pickles (torch.save): steer never loads them as SAEs, since unpickling can run code."""
+
+
+def pickle_refusal(path: Path) -> SAEError:
+    """The error for an SAE shipped as a pickle, saying how to convert it."""
+    return SAEError(
+        f"{Path(path).name} is a pickle (torch.save), which steer does not load: unpickling can run code from the "
+        "file. Convert it once where you trust it: load it with torch.load(weights_only=True), then write "
+        f"{WEIGHTS_FILENAME} (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec[, threshold]) with "
+        f"safetensors.torch.save_file and a SAELens {CFG_FILENAME} — or build a steer.SAE and steer.sae.save_sae it",
+        where=str(path),
+    )
+
+
+def pickled_files(directory: Path) -> list[Path]:
+    """The pickle files directly in ``directory``, sorted."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; SAEError naming the file when absent or malformed."""
     path = Path(path)
