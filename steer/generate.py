@@ -54,6 +54,37 @@ def prompt_ids(tokenizer, prompts: list[str], *, chat: bool = True) -> dict[str,
         tokenizer.padding_side = side
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Config fields that name a model's context length, in the order transformers' configs use them."""
+
+
+def context_length(model) -> int | None:
+    """The longest sequence (prompt + new tokens) ``model`` was built for, from its config; None if it says none."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_fits(model, tokenizer, prompts: list[str], max_new_tokens: int, *, chat: bool = True,
+                      where: str = "PROMPT") -> None:
+    """`SteerError` unless every prompt (as tokenized, with the chat template) plus ``max_new_tokens`` fits the model's
+    context: past it a model either fails inside or silently writes nonsense, so say it before running."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, prompt in enumerate(prompts):
+        n = prompt_ids(tokenizer, [prompt], chat=chat)["input_ids"].shape[1]
+        if n + max_new_tokens > limit:
+            which = where if len(prompts) == 1 else f"{where}, prompt {i + 1} ({prompt[:40]!r}…)"
+            raise SteerError(f"the prompt is {n:,} tokens{' with the chat template' if chat else ''}; with "
+                             f"{max_new_tokens} new tokens that is {n + max_new_tokens:,}, over the model's context of "
+                             f"{limit:,} tokens: shorten it to at most {max(0, limit - max_new_tokens):,} tokens or ask "
+                             "for fewer new tokens", where=which)
+
+
 def cache_keyword(model) -> str:
     """The keyword a forward call takes its KV cache by: ``cache`` from transformers 5.24 (``past_key_values``
     is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
@@ -92,6 +123,7 @@ def generate(model, tokenizer, prompts: list[str], plan: Plan | None = None, sam
     """The continuation of each prompt (new tokens only, special tokens dropped)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise SteerError("the prompt is empty", where="PROMPT")
+    check_prompt_fits(model, tokenizer, prompts, sampling.max_new_tokens, chat=chat)
     inputs = {k: v.to(model.device) for k, v in prompt_ids(tokenizer, prompts, chat=chat).items()}
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if sampling.temperature > 0:

@@ -107,6 +107,7 @@ def run_eval(args) -> int:
 
         spec, model, tokenizer, name = _load(args)
         plan, steered_model, subject = compile_plan(spec, model, tokenizer=tokenizer), None, None
+    check_suites_fit(model, tokenizer, suites, args.split)
     baseline = measure_baseline(model, tokenizer, neutral=args.neutral, neutral_tokens=args.neutral_tokens)
     report = evaluate(plan, model, tokenizer, suites, steered_model=steered_model, baseline=baseline, split=args.split,
                       subject=subject, model_name=name)
@@ -115,6 +116,15 @@ def run_eval(args) -> int:
         write_text_atomic(args.json, json.dumps(report.as_dict(details=True), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def check_suites_fit(model, tokenizer, suites, split: str) -> None:
+    """Every prompt of the suites, with its new tokens, fits the model's context (else one line naming it)."""
+    from steer.generate import check_prompt_fits
+
+    for s in suites:
+        check_prompt_fits(model, tokenizer, [p.text for p in s.select(split)], s.scoring.max_new_tokens, chat=s.chat,
+                          where=f"suite {s.name} ({s.path})")
 
 
 def _artifact(directory: str):
