@@ -114,6 +114,127 @@ def test_logprob_gap_equals_log_softmax_formula_per_prompt(tiny, steered):
     assert result.extras["r_share"] == pytest.approx(r, abs=1e-4)
 
 
+@pytest.mark.parametrize("steered", [False, True])
+def test_stereotype_headline_is_the_occupation_effect_apart_from_the_lean(tiny, steered):
+    """headline: stereotype = mean over jobs with share < midpoint of their mean gap minus that over jobs with
+    share > midpoint (a job at exactly the midpoint counts in neither); the slope is least squares on the job means,
+    per 100 of share. Computed here from each prompt run alone."""
+    model, tokenizer = tiny
+    text = GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n  midpoint: 40\n")
+    suite = load_suite_text(text, "tiny-stereotype.yaml")
+    plan = None if not steered else steer.compile(
+        steer.parse_spec("suppress feature 3 by 80%; add feature 5 by 2", site="resid_post.1"), model, random_sae())
+    result = score_suite(model, tokenizer, suite, plan)
+    h, H, s = (tokenizer.convert_tokens_to_ids(c) for c in "hHs")
+    gap = {}
+    for prompt in result.prompts:
+        p = alone_logprobs(model, tokenizer, prompt, plan).exp()
+        gap[prompt] = math.log(float(p[h] + p[H])) - math.log(float(p[s]))
+    share = {"cook": 10, "pilot": 40, "nurse": 90, "clerk": 60, "judge": 25}
+    job_mean = {j: np.mean([g for t, g in gap.items() if f" {j} " in t]) for j in share}
+    low = np.mean([job_mean["cook"], job_mean["judge"]])  # shares 10, 25 (pilot at 40 is the midpoint: neither)
+    high = np.mean([job_mean["nurse"], job_mean["clerk"]])  # 90, 60
+    assert result.headline == "stereotype" and result.better == "lower"
+    assert result.extras["stereotype"] == pytest.approx(low - high, abs=2e-5)
+    assert result.score == pytest.approx(abs(low - high), abs=2e-5)
+    slope = np.polyfit([share[j] for j in share], [job_mean[j] for j in share], 1)[0]
+    assert result.extras["slope_share"] == pytest.approx(100 * slope, abs=1e-4)
+    assert result.extras["signed"] == pytest.approx(np.mean(list(gap.values())), abs=2e-5)
+    assert result.extras["mean_abs"] == pytest.approx(np.mean(np.abs(list(gap.values()))), abs=2e-5)
+    # a constant lean added to every gap leaves the stereotype unchanged: it is what the occupation adds
+    assert "stereotype" in result.meaning
+
+
+EXPLICIT_SUITE = """\
+name: tiny-explicit
+scoring:
+  rule: logprob_gap
+  a: ["h", "H"]
+  b: ["s"]
+  labels: [male, female]
+  headline: accuracy
+templates:
+  - {text: "{who} is a {job}. Then", split: dev}
+  - {text: "{who}, the {job}, knew", split: held_out}
+fill:
+  who:
+    - {value: "Ma", expect: male, split: dev}
+    - {value: "Sis", expect: female, split: dev}
+    - {value: "Bo", expect: male, split: held_out}
+    - {value: "Eve", expect: female, split: held_out}
+  job: [cook, nurse]
+"""
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_accuracy_headline_counts_prompts_where_the_stated_gender_wins(tiny, steered):
+    """headline: accuracy = share of prompts whose expected set has the higher summed probability; margin = the gap
+    signed toward the expected set; accuracy per label over its prompts. Computed here from each prompt alone."""
+    model, tokenizer = tiny
+    suite = load_suite_text(EXPLICIT_SUITE, "tiny-explicit.yaml")
+    plan = None if not steered else steer.compile(
+        steer.parse_spec("suppress feature 3 by 80%; add feature 5 by 2", site="resid_post.1"), model, random_sae())
+    result = score_suite(model, tokenizer, suite, plan)
+    assert len(result.prompts) == 16 and result.better == "higher"
+    h, H, s = (tokenizer.convert_tokens_to_ids(c) for c in "hHs")
+    male_names = ("Ma", "Bo")
+    toward, by_label = [], {"male": [], "female": []}
+    for prompt in result.prompts:
+        p = alone_logprobs(model, tokenizer, prompt, plan).exp()
+        gap = math.log(float(p[h] + p[H])) - math.log(float(p[s]))
+        label = "male" if prompt.startswith(male_names) else "female"
+        t = gap if label == "male" else -gap
+        toward.append(t)
+        by_label[label].append(t > 0)
+    assert result.score == pytest.approx(np.mean([t > 0 for t in toward]))
+    assert result.extras["margin"] == pytest.approx(np.mean(toward), abs=2e-5)
+    assert result.extras["accuracy_male"] == pytest.approx(np.mean(by_label["male"]))
+    assert result.extras["accuracy_female"] == pytest.approx(np.mean(by_label["female"]))
+    assert {p.text for p in suite.select("held_out")} == {f"{w}, the {j}, knew" for w in ("Bo", "Eve")
+                                                           for j in ("cook", "nurse")}
+
+
+@pytest.mark.parametrize("text, message", [
+    (EXPLICIT_SUITE.replace('expect: male, split: dev}', 'expect: boy, split: dev}'), "`expect` must be male or female"),
+    (EXPLICIT_SUITE.replace('    - {value: "Ma", expect: male, split: dev}\n', '    - {value: "Ma", split: dev}\n'),
+     "needs `expect` on every prompt"),
+    (GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n"), "needs `midpoint`"),
+    (GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n  midpoint: 95\n"),
+     "both sides"),
+    (GAP_SUITE.replace("  correlate: share\n", "  headline: stereotype\n  midpoint: 50\n"), "needs `correlate"),
+    (GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: loud\n"), "unknown headline"),
+])
+def test_headline_mistakes_are_one_line_errors(text, message):
+    from steer.evaluate.suites import SuiteError
+
+    with pytest.raises(SuiteError, match=message):
+        load_suite_text(text, "bad.yaml")
+
+
+def test_constraints_parse_and_judge_reports_by_their_formula(tiny):
+    """`--keep` bounds: relative suite bounds against the base score, absolute ones, kl and ppl; the violation
+    is by how much the measured value misses the bound."""
+    from steer.evaluate.constraints import parse_constraint
+
+    model, tokenizer = tiny
+    plan = steer.compile(steer.parse_spec("add feature 5 by 3", site="resid_post.1"), model, random_sae())
+    suite = load_suite_text(EXPLICIT_SUITE, "tiny-explicit.yaml")
+    report = evaluate(plan, model, tokenizer, [suite], neutral="calibration", neutral_tokens=256)
+    base, steered = report.suite("tiny-explicit").base.score, report.suite("tiny-explicit").steered.score
+    keep = parse_constraint("tiny-explicit >= 95%")
+    assert keep.relative and keep.bound(report) == pytest.approx(0.95 * base)
+    assert keep.violation(report) == pytest.approx(max(0.0, 0.95 * base - steered))
+    absolute = parse_constraint("tiny-explicit<=0.25")
+    assert absolute.violation(report) == pytest.approx(max(0.0, steered - 0.25))
+    kl = parse_constraint("kl<=0.001")
+    assert kl.violation(report) == pytest.approx(max(0.0, report.neutral.kl_mean - 0.001))
+    ppl = parse_constraint("ppl≤3%")
+    assert ppl.violation(report) == pytest.approx(max(0.0, report.neutral.ppl_change_pct - 3))
+    for bad in ("kl>=0.1", "gender", "x>=abc", "ppl>=2%"):
+        with pytest.raises(steer.SteerError):
+            parse_constraint(bad)
+
+
 def test_splits_hold_out_templates_and_fill_values_together(tiny):
     model, tokenizer = tiny
     suite = load_suite_text(GAP_SUITE, "tiny-gap.yaml")
@@ -368,6 +489,53 @@ def test_tune_runs_trials_and_writes_a_spec_that_parses(saved, capsys, tmp_path)
     assert trials[best]["score"] == min(t["score"] for t in trials)  # max-kl 10: the lowest score wins
 
 
+def test_sweep_and_tune_draw_the_front_under_keep_constraints(saved, capsys, tmp_path):
+    """--keep SUITE>=P% / kl<=X: sweep marks the points that miss a bound and draws the front among the rest;
+    tune scores the kept suite every trial and chooses only a trial that meets every bound. Feasibility is
+    recomputed here from the written numbers and the bound's formula."""
+    gap = write(tmp_path / "gap.yaml", GAP_SUITE)
+    explicit = write(tmp_path / "explicit.yaml", EXPLICIT_SUITE)
+    out = tmp_path / "sweep"
+    code, stdout, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[0].factor=0:1:0.25",
+                            "--param", "edits[0].feature=3,7", "--suite", str(gap), "--suite", str(explicit),
+                            "--keep", "tiny-explicit>=100%", "--keep", "kl<=0.02", "--neutral", "calibration",
+                            "--neutral-tokens", "256", "-o", str(out), "--no-progress")
+    assert code == 0, err
+    document = json.loads((out / "sweep.json").read_text())
+    base_kept = document["base"]["tiny-explicit"]["score"]
+    rows = document["rows"]
+    ok = [i for i, r in enumerate(rows) if r["tiny-explicit"] >= base_kept and r["kl_mean"] <= 0.02]
+    assert [r["feasible"] for r in rows] == [int(i in ok) for i in range(len(rows))]
+    assert ok and set(document["pareto"]) <= set(ok)
+    for i in document["pareto"]:  # no feasible point dominates a front point
+        assert not any(rows[j]["kl_mean"] < rows[i]["kl_mean"] and rows[j]["tiny-gap"] < rows[i]["tiny-gap"] for j in ok)
+    assert "misses tiny-explicit>=100%, kl<=0.02" in stdout and "under the constraints" in stdout
+
+    code, stdout, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[0].factor=0,1",
+                            "--suite", str(gap), "--keep", "age>=90%", "--neutral", "calibration",
+                            "--neutral-tokens", "256", "-o", str(tmp_path / "s2"), "--no-progress")
+    assert code == 2 and "not evaluated here" in err and err.count("\n") == 1
+
+    code, stdout, err = cli(capsys, "tune", str(spec_file(saved)), "--suite", str(gap), "--trials", "6",
+                            "--param", "edits[0].factor=0:1", "--keep", f"{explicit}>=100%".replace(str(explicit), "tiny-explicit"),
+                            "--max-kl", "10", "--neutral", "calibration", "--neutral-tokens", "256",
+                            "--json", str(tmp_path / "t.json"), "--no-progress")
+    assert code == 2 and "tiny-explicit" in err  # a --keep suite must be loadable: a name that is neither shipped nor a file
+    code, stdout, err = cli(capsys, "tune", str(spec_file(saved)), "--suite", str(gap), "--trials", "6",
+                            "--param", "edits[0].factor=0:1", "--keep", f"{explicit}>=100%", "--max-kl", "10",
+                            "--neutral", "calibration", "--neutral-tokens", "256", "--json", str(tmp_path / "t.json"),
+                            "--no-progress")
+    assert code == 0, err
+    tuning = json.loads((tmp_path / "t.json").read_text())
+    base_kept = tuning["base_kept"]["tiny-explicit"]
+    feasible = [t for t in tuning["trials"] if t["kept"]["tiny-explicit"] >= base_kept and t["kl"] <= 10]
+    assert [t["feasible"] for t in tuning["trials"]] == [t in feasible for t in tuning["trials"]]
+    chosen = tuning["trials"][tuning["chosen"]]
+    if feasible:
+        assert chosen in feasible and chosen["score"] == min(t["score"] for t in feasible)
+    assert "kept: tiny-explicit base" in stdout
+
+
 # -- bad input: one line, exit 2 -------------------------------------------------
 
 
@@ -435,6 +603,14 @@ def test_shipped_suites_parse_with_the_figures_they_cite():
     assert len(gender.select("dev")) > 50 and len(gender.select("held_out")) > 50
     assert not {p.text for p in gender.select("dev")} & {p.text for p in gender.select("held_out")}
     assert len(load_suite("capability").prompts) >= 40
+    assert gender.scoring.headline == "stereotype" and gender.scoring.midpoint == 50
+    explicit = load_suite("gender-explicit")
+    assert explicit.scoring.headline == "accuracy" and explicit.scoring.better == "higher"
+    dev, held = explicit.select("dev"), explicit.select("held_out")
+    assert len(dev) >= 200 and len(held) >= 200 and not {p.text for p in dev} & {p.text for p in held}
+    for split in (dev, held):  # both genders stated equally often, each with both kinds of occupation
+        assert sum(p.expect == "female" for p in split) == sum(p.expect == "male" for p in split)
+    assert any(p.text.startswith("My sister") and "welder" in p.text and p.expect == "female" for p in explicit.prompts)
 
 
 @pytest.mark.default_model
@@ -443,8 +619,11 @@ def test_shipped_suites_run_on_the_default_model(default_model):
 
     model, tokenizer = default_model
     gender = score_suite(model, tokenizer, load_suite("gender-occupation"), split="dev")
-    assert gender.score > 0.3
+    assert gender.score > 0.3 and gender.extras["stereotype"] > 0.3  # male-held jobs lean "he" more than female-held
     assert gender.extras["r_share_women"] < -0.5  # SmolLM2 mirrors the labour statistics
+    explicit = load_suite("gender-explicit")
+    stated = score_suite(model, tokenizer, dataclasses.replace(explicit, prompts=explicit.select("dev")[::4]))
+    assert stated.score > 0.65  # the stated gender's pronoun mostly wins on the unedited model
     for name in ("age", "capability"):
         suite = load_suite(name)
         result = score_suite(model, tokenizer, dataclasses.replace(suite, prompts=suite.prompts[::4]))

@@ -8,7 +8,9 @@ from pathlib import Path
 from steer.cli.generate import HELP_SPEC, add_model_arguments
 from steer.errors import SteerError
 
-HELP_SUITE = ("a shipped suite (gender-occupation, age, capability) or a suite file (.yaml); repeat for several")
+HELP_SUITE = ("a shipped suite (gender-occupation, gender-explicit, age, capability) or a suite file (.yaml); repeat for several")
+HELP_KEEP = ("a constraint the Pareto front is drawn under, repeatable: SUITE>=95%% (of base), SUITE>=0.9, "
+             "SUITE<=0.1, kl<=0.05 (nats/token), ppl<=3%% (perplexity change)")
 HELP_SPLIT = "which prompts: dev, held_out or all (a suite without split marks uses all of them for every split)"
 
 
@@ -42,6 +44,7 @@ def register(commands) -> None:
     s.add_argument("--suite", action="append", required=True, metavar="NAME_OR_FILE", help=HELP_SUITE)
     s.add_argument("--target", metavar="NAME", help="the suite plotted against KL (default: the first --suite)")
     s.add_argument("--split", default="dev", choices=("all", "dev", "held_out"), help=HELP_SPLIT + " (default dev)")
+    s.add_argument("--keep", action="append", metavar="BOUND", help=HELP_KEEP)
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,6 +67,7 @@ def register(commands) -> None:
                         "add strengths between 0 and twice the spec's)")
     t.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, metavar="NATS",
                    help="KL bound for the chosen trial (default %(default)s nats/token)")
+    t.add_argument("--keep", action="append", metavar="BOUND", help=HELP_KEEP + "; its suites are scored every trial")
     t.add_argument("--seed", type=int, default=0, help="sampler seed (default %(default)s)")
     t.add_argument("--split", default="dev", choices=("all", "dev", "held_out"), help=HELP_SPLIT + " (default dev)")
     t.add_argument("-o", "--output", metavar="FILE", help="write the chosen spec here as YAML (default: print it)")
@@ -152,19 +156,33 @@ def _artifact(directory: str):
 def run_sweep(args) -> int:
     from steer.evaluate.sweep import parse_param, run_sweep as sweep, write_sweep
 
+    from steer.evaluate.constraints import binding, parse_constraint
+
     params = [parse_param(p) for p in args.param]
+    constraints = [parse_constraint(k) for k in args.keep or []]
     spec, model, tokenizer, _ = _load(args)
     result = sweep(spec, model, tokenizer, params, args.suite, target=args.target, split=args.split,
-                   neutral=args.neutral, neutral_tokens=args.neutral_tokens, progress=not args.no_progress)
+                   neutral=args.neutral, neutral_tokens=args.neutral_tokens, constraints=constraints,
+                   progress=not args.no_progress)
     write_sweep(result, args.output, overwrite=args.overwrite)
-    front = set(result.front)
-    print(f"{'':2}{'point':<40} {'target':>9} {'KL':>9} {'ppl':>8}")
+    front, ok = set(result.front), set(result.feasible)
+    names = [s.name for s in result.reports[0].suites] if result.reports else []
+    others = [n for n in names if n != result.target]
+    print(f"{'':2}{'point':<40} {result.target[:16]:>16} {'KL':>9} {'ppl':>8}" + "".join(f" {n[:16]:>16}" for n in others))
+    base = result.reports[0] if result.reports else None
+    if base is not None:
+        print(f"{'':2}{'(base)':<40} {base.suite(result.target).base.score:>16.4g} {0:>9.4g} {0:>+7.2f}%"
+              + "".join(f" {base.suite(n).base.score:>16.4g}" for n in others))
     for i, (values, report) in enumerate(zip(result.points, result.reports)):
-        mark = "* " if i in front else "  "
+        mark = "* " if i in front else ("  " if i in ok else "x ")
         label = ", ".join(f"{k}={v}" for k, v in values.items())
-        print(f"{mark}{label:<40} {report.suite(result.target).steered.score:>9.4g} {report.neutral.kl_mean:>9.4g} "
-              f"{report.neutral.ppl_change_pct:>+7.2f}%")
-    print(f"* = Pareto front; wrote {args.output}/sweep.csv, sweep.json, sweep.png")
+        print(f"{mark}{label:<40} {report.suite(result.target).steered.score:>16.4g} {report.neutral.kl_mean:>9.4g} "
+              f"{report.neutral.ppl_change_pct:>+7.2f}%" + "".join(f" {report.suite(n).steered.score:>16.4g}" for n in others))
+    if constraints:
+        print(f"x = misses {', '.join(str(c) for c in constraints)}"
+              + ("" if ok else f"; no point meets them: {binding(constraints, result.reports)}"))
+    print(f"* = Pareto front{' under the constraints' if constraints else ''}; wrote {args.output}/sweep.csv, "
+          "sweep.json, sweep.png")
     return 0
 
 
@@ -173,12 +191,15 @@ def run_tune(args) -> int:
     from steer.evaluate.tune import as_dict, describe, parse_candidates, parse_range, tune, write_chosen
     from steer.spec.yaml_io import dump_spec
 
+    from steer.evaluate.constraints import parse_constraint
+
     ranges = [parse_range(p) for p in args.param or []]
     candidates = parse_candidates(args.candidates or [])
+    constraints = [parse_constraint(k) for k in args.keep or []]
     spec, model, tokenizer, _ = _load(args)
     result = tune(spec, model, tokenizer, args.suite, trials=args.trials, ranges=ranges or None, candidates=candidates,
                   max_kl=args.max_kl, seed=args.seed, split=args.split, neutral=args.neutral,
-                  neutral_tokens=args.neutral_tokens, progress=not args.no_progress)
+                  neutral_tokens=args.neutral_tokens, constraints=constraints, progress=not args.no_progress)
     print(describe(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(as_dict(result), indent=2) + "\n")

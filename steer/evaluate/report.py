@@ -192,8 +192,8 @@ class SuiteComparison:
 
     def as_dict(self, *, details: bool = False) -> dict:
         base, steered = self.base.as_dict(details=details), self.steered.as_dict(details=details)
-        head = {k: base.pop(k) for k in ("suite", "rule", "better", "split", "prompts")}
-        for k in ("suite", "rule", "better", "split", "prompts"):
+        head = {k: base.pop(k) for k in ("suite", "rule", "meaning", "better", "split", "prompts")}
+        for k in ("suite", "rule", "meaning", "better", "split", "prompts"):
             steered.pop(k)
         return {**head, "base": base, "steered": steered, "change_pct": self.change_pct}
 
@@ -232,22 +232,23 @@ class Report:
             change = "—" if s.change_pct is None else f"{s.change_pct:+.1f}%"
             b = s.base
             lines.append(f"{s.name:<22} {b.rule:<13} {b.split:<9} {b.n:>4}  {b.score:>9.4g} {s.steered.score:>9.4g} "
-                         f"{change:>8}   ({_score_meaning(b)}, {b.better} is better)")
+                         f"{change:>8}   ({b.meaning}, {b.better} is better)")
             for key in b.extras:
                 lines.append(f"  {_extra_label(key):<44}  {_fmt(b.extras[key]):>9} {_fmt(s.steered.extras.get(key)):>9}")
         return "\n".join(lines)
 
 
-def _score_meaning(result: SuiteResult) -> str:
-    return {"logprob_gap": "mean |log-prob gap|", "keyword_rate": "keyword rate",
-            "exact_match": "exact-match accuracy"}[result.rule]
-
-
 def _extra_label(key: str) -> str:
-    if key == "signed":
-        return "mean signed gap"
+    labels = {"signed": "mean signed gap (the lean)", "stereotype": "stereotype gap (signed)", "mean_abs": "mean |gap|",
+              "margin": "mean margin toward the expected set"}
+    if key in labels:
+        return labels[key]
     if key.startswith("r_"):
         return f"Pearson r with {key[2:]}"
+    if key.startswith("slope_"):
+        return f"slope per 100 of {key[6:]}"
+    if key.startswith("accuracy_"):
+        return f"accuracy where {key[9:]} is expected"
     return key
 
 
@@ -305,8 +306,7 @@ def evaluation_for_export(report: Report) -> tuple[dict, list[str]]:
         lines += ["| suite | score | base | edited | change |", "| --- | --- | --- | --- | --- |"]
         for s in data["suites"]:
             change = "—" if s["change_pct"] is None else f"{s['change_pct']:+}%"
-            meaning = {"logprob_gap": "mean abs log-prob gap", "keyword_rate": "keyword rate",
-                       "exact_match": "exact-match accuracy"}[s["rule"]]
+            meaning = s["meaning"].replace("|", "\\|")  # a literal bar inside a markdown table cell
             lines.append(f"| {s['suite']} | {meaning} ({s['better']} is better) | {s['base']['score']} | "
                          f"{s['steered']['score']} | {change} |")
             for key in s["base"]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steer.evaluate.suites import Prompt, Suite, SuiteError
+from steer.evaluate.suites import HEADLINE_MEANING, Prompt, Scoring, Suite, SuiteError
 from steer.generate import cache_keyword, cache_of, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 
@@ -50,16 +50,23 @@ class SuiteResult:
     values: tuple[float, ...]
     """Per prompt: the signed gap, or 1.0/0.0 for a keyword hit / a correct answer."""
     extras: dict[str, float | None] = field(default_factory=dict)
-    """logprob_gap: ``signed`` (mean signed gap) and ``r_<field>`` (Pearson r with a fill field)."""
+    """Secondary numbers, by headline (`logprob_extras`): e.g. ``signed`` (mean signed gap), ``r_<field>``."""
     outputs: tuple[str, ...] = ()
     """Generated text per prompt (keyword_rate, exact_match)."""
+    headline: str = ""
+    """logprob_gap: the headline score (mean_abs, stereotype, accuracy); else empty."""
+
+    @property
+    def meaning(self) -> str:
+        """What ``score`` is, in words."""
+        return HEADLINE_MEANING[self.headline or self.rule]
 
     @property
     def n(self) -> int:
         return len(self.values)
 
     def as_dict(self, *, details: bool = False) -> dict:
-        out = {"suite": self.suite, "rule": self.rule, "better": self.better, "split": self.split,
+        out = {"suite": self.suite, "rule": self.rule, "meaning": self.meaning, "better": self.better, "split": self.split,
                "prompts": self.n, "score": self.score, **self.extras}
         if details:
             out["per_prompt"] = [
@@ -85,11 +92,7 @@ def score_suite(model, tokenizer, suite: Suite, plan=None, *, split: str = "all"
         for start in range(0, len(texts), batch_size):
             logp = next_token_logprobs(model, tokenizer, texts[start:start + batch_size], plan, chat=suite.chat)  # (B, V)
             values += (logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)).tolist()
-        score = sum(abs(v) for v in values) / len(values)
-        extras["signed"] = sum(values) / len(values)
-        if suite.scoring.correlate:
-            field_name = suite.scoring.correlate
-            extras[f"r_{field_name}"] = correlation_with(prompts, values, field_name)
+        score, extras = logprob_scores(suite.scoring, prompts, values)
     else:
         outputs = tuple(_generate(model, tokenizer, texts, plan, suite, batch_size))
         if rule == "keyword_rate":
@@ -99,7 +102,41 @@ def score_suite(model, tokenizer, suite: Suite, plan=None, *, split: str = "all"
             values = [float(answer_matches(o, p.answers, suite.scoring.match)) for o, p in zip(outputs, prompts)]
         score = sum(values) / len(values)
     return SuiteResult(suite=suite.name, rule=rule, better=suite.scoring.better, split=split, score=float(score),
-                       prompts=tuple(texts), values=tuple(float(v) for v in values), extras=extras, outputs=outputs)
+                       prompts=tuple(texts), values=tuple(float(v) for v in values), extras=extras, outputs=outputs,
+                       headline=suite.scoring.headline if rule == "logprob_gap" else "")
+
+
+def logprob_scores(scoring: Scoring, prompts: tuple[Prompt, ...], gaps: list[float]) -> tuple[float, dict]:
+    """``(score, extras)`` of a logprob_gap suite from its per-prompt signed gaps, by the scoring's headline
+    (the formulas are in `steer.evaluate.suites`)."""
+    n = len(gaps)
+    mean_abs, signed = sum(abs(g) for g in gaps) / n, sum(gaps) / n
+    extras: dict[str, float | None] = {}
+    if scoring.headline == "accuracy":
+        a_label, b_label = scoring.labels
+        toward = [g if p.expect == a_label else -g for p, g in zip(prompts, gaps)]  # > 0: the expected set wins
+        extras["margin"] = sum(toward) / n
+        for label in scoring.labels:
+            wins = [t > 0 for p, t in zip(prompts, toward) if p.expect == label]
+            extras[f"accuracy_{label}"] = sum(wins) / len(wins) if wins else None
+        extras["signed"] = signed
+        return sum(t > 0 for t in toward) / n, extras
+    field_name = scoring.correlate
+    if scoring.headline == "stereotype":
+        by_value = per_value_means(prompts, gaps, field_name)  # [(x_v, g_v)]
+        low = [g for x, g in by_value if x < scoring.midpoint]
+        high = [g for x, g in by_value if x > scoring.midpoint]
+        stereotype = sum(low) / len(low) - sum(high) / len(high)
+        extras["stereotype"] = stereotype
+        extras[f"slope_{field_name}"] = 100.0 * _slope([x for x, _ in by_value], [g for _, g in by_value])
+        extras["signed"] = signed
+        extras["mean_abs"] = mean_abs
+        extras[f"r_{field_name}"] = correlation_with(prompts, gaps, field_name)
+        return abs(stereotype), extras
+    extras["signed"] = signed
+    if field_name:
+        extras[f"r_{field_name}"] = correlation_with(prompts, gaps, field_name)
+    return mean_abs, extras
 
 
 # -- running prompts: one shared-prefix, left-padded batch ------------------------
@@ -232,16 +269,27 @@ def answer_matches(output: str, answers: tuple[str, ...], match: str) -> bool:
 # -- correlation ---------------------------------------------------------------
 
 
-def correlation_with(prompts: tuple[Prompt, ...], values: list[float], field_name: str) -> float | None:
-    """Pearson r between each fill value's mean signed gap and its ``field_name`` number (None if < 3 values)."""
+def per_value_means(prompts: tuple[Prompt, ...], values: list[float], field_name: str) -> list[tuple[float, float]]:
+    """``(number, mean value)`` for each fill value that carries ``field_name``, in order of first appearance."""
     groups: dict[tuple[str, float], list[float]] = {}
     for p, v in zip(prompts, values):
         for key, value, number in p.data:
             if key == field_name:
                 groups.setdefault((value, number), []).append(v)
-    xs = [number for _, number in groups]
-    ys = [sum(g) / len(g) for g in groups.values()]
-    return pearson(xs, ys)
+    return [(number, sum(g) / len(g)) for (_, number), g in groups.items()]
+
+
+def correlation_with(prompts: tuple[Prompt, ...], values: list[float], field_name: str) -> float | None:
+    """Pearson r between each fill value's mean signed gap and its ``field_name`` number (None if < 3 values)."""
+    pairs = per_value_means(prompts, values, field_name)
+    return pearson([x for x, _ in pairs], [y for _, y in pairs])
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:

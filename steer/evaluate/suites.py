@@ -15,6 +15,8 @@ A suite says what to measure about a model's behaviour, not how steer runs it
       b: [" she", " She", " her"]
       labels: [male, female]
       correlate: share_women    # Pearson r of the per-value signed gap with this fill field
+      headline: stereotype      # mean_abs (default) | stereotype (with midpoint) | accuracy (with expect)
+      midpoint: 50              # stereotype: fill values below vs above it
     templates:
       - {text: "The {occupation} said that", split: dev}
       - {text: "I asked the {occupation} whether", split: held_out}
@@ -27,9 +29,23 @@ A suite says what to measure about a model's behaviour, not how steer runs it
 
 **Rules.** ``logprob_gap``: per prompt, ``log P(A) − log P(B)`` of the next
 token, P(set) the summed probability of its tokens (each entry must be one
-token); score = mean |gap| (lower = less bias by default), also the mean signed
-gap and, with ``correlate``, Pearson's r of each fill value's mean signed gap
-with that value's number. ``keyword_rate``: generate ``max_new_tokens``
+token). Its ``headline`` picks the score:
+
+- ``mean_abs`` (default): mean |gap| (lower = less lean either way); also the
+  mean signed gap and, with ``correlate``, Pearson's r of each fill value's
+  mean signed gap with that value's number.
+- ``stereotype`` (needs ``correlate: FIELD`` and ``midpoint: M``): how much the
+  fill value moves the gap, kept apart from the model's overall lean. With
+  g_v each fill value's mean signed gap, ``stereotype = mean(g_v : x_v < M) −
+  mean(g_v : x_v > M)`` (values at exactly M count in neither); score =
+  |stereotype| (lower is better); also the signed stereotype, the
+  least-squares slope of g_v against x_v (per 100 units of x), the mean
+  signed gap (the lean), mean |gap| and r.
+- ``accuracy`` (needs ``expect`` on every prompt): ``expect: LABEL`` on a
+  template or fill value (one of ``labels``) says which set should win; score =
+  share of prompts where it does (gap > 0 for the first label, < 0 for the
+  second; higher is better); also the mean margin (the gap signed towards the
+  expected set) and the accuracy per label. ``keyword_rate``: generate ``max_new_tokens``
 greedily; score = fraction of outputs containing any keyword (whole words,
 case-insensitive). ``exact_match``: generate greedily, keep the first line;
 score = fraction whose normalised text equals (``match: equals``) or starts
@@ -69,11 +85,19 @@ BETTER: tuple[str, ...] = ("lower", "higher")
 MATCHES: tuple[str, ...] = ("prefix", "equals")
 TOP_KEYS: tuple[str, ...] = ("name", "description", "source", "chat", "prefix", "scoring", "prompts", "templates", "fill")
 SCORING_KEYS: dict[str, tuple[str, ...]] = {
-    "logprob_gap": ("rule", "better", "a", "b", "labels", "correlate"),
+    "logprob_gap": ("rule", "better", "a", "b", "labels", "correlate", "headline", "midpoint"),
     "keyword_rate": ("rule", "better", "keywords", "max_new_tokens"),
     "exact_match": ("rule", "better", "max_new_tokens", "match"),
 }
 DEFAULT_BETTER: dict[str, str] = {"logprob_gap": "lower", "keyword_rate": "lower", "exact_match": "higher"}
+HEADLINES: tuple[str, ...] = ("mean_abs", "stereotype", "accuracy")
+"""logprob_gap's headline scores (see the module docstring)."""
+HEADLINE_BETTER: dict[str, str] = {"mean_abs": "lower", "stereotype": "lower", "accuracy": "higher"}
+HEADLINE_MEANING: dict[str, str] = {
+    "mean_abs": "mean |log-prob gap|", "stereotype": "|stereotype gap|", "accuracy": "expected-set accuracy",
+    "keyword_rate": "keyword rate", "exact_match": "exact-match accuracy",
+}
+"""What a result's score is, by logprob_gap headline or by rule: the one wording for reports, sweeps and cards."""
 DEFAULT_NEW_TOKENS: dict[str, int] = {"keyword_rate": 32, "exact_match": 8}
 MAX_NEW_TOKENS = 512
 SHIPPED_PACKAGE = "steer.data"
@@ -96,6 +120,8 @@ class Prompt:
     """The (placeholder, value) pairs a template was filled with."""
     data: tuple[tuple[str, str, float], ...] = ()
     """(field, fill value, number): numbers attached to the fill values (e.g. share_women), for `correlate`."""
+    expect: str | None = None
+    """logprob_gap ``accuracy``: the label of the token set that should win (from the template or a fill value)."""
 
     def in_split(self, split: str) -> bool:
         return split == "all" or self.split == "any" or self.split == split
@@ -115,6 +141,10 @@ class Scoring:
     """logprob_gap: names of the two sets, for reports."""
     correlate: str | None = None
     """logprob_gap: a numeric fill field; report Pearson r of the per-value signed gap with it."""
+    headline: str = "mean_abs"
+    """logprob_gap: the score — mean_abs, stereotype or accuracy (module docstring)."""
+    midpoint: float | None = None
+    """logprob_gap ``stereotype``: fill values whose `correlate` number is below it vs above it."""
     keywords: tuple[str, ...] = ()
     """keyword_rate: the words looked for."""
     max_new_tokens: int = 0
@@ -301,6 +331,18 @@ def load_suite_text(text: str, source: str = "<text>") -> Suite:
     if scoring.correlate is not None and not any(key == scoring.correlate for p in prompts for key, _, _ in p.data):
         raise r.fail(f"`correlate: {scoring.correlate}` names no numeric field of the fill values", data["scoring"],
                      "correlate", "scoring.correlate")
+    if scoring.headline == "accuracy":
+        missing = next((p for p in prompts if p.expect is None), None)
+        if missing is not None:
+            raise r.fail(f"`headline: accuracy` needs `expect` on every prompt; {show(missing.text)} has none",
+                         data["scoring"], "headline", "scoring.headline")
+    elif any(p.expect is not None for p in prompts):
+        raise r.fail("`expect` is only used with `headline: accuracy`", data["scoring"], field="scoring")
+    if scoring.headline == "stereotype":
+        numbers = {number for p in prompts for key, _, number in p.data if key == scoring.correlate}
+        if not (any(x < scoring.midpoint for x in numbers) and any(x > scoring.midpoint for x in numbers)):
+            raise r.fail(f"`midpoint: {scoring.midpoint:g}` must have fill values on both sides of it",
+                         data["scoring"], "midpoint", "scoring.midpoint")
     return Suite(name=name, scoring=scoring, prompts=tuple(prompts), description=description.strip(),
                  source=citation.strip(), chat=chat, path=source)
 
@@ -327,7 +369,26 @@ def _read_scoring(r: _Reader, node: Any, top: dict) -> Scoring:
         if len(labels) != 2:
             raise r.fail(f"`labels` names the two sets: give 2, got {len(labels)}", node, "labels", "scoring.labels")
         correlate = r.string(node, "correlate", "scoring.correlate")
-        return Scoring(rule, better, a=a, b=b, labels=(labels[0], labels[1]), correlate=correlate)
+        headline = node.get("headline", "mean_abs")
+        if headline not in HEADLINES:
+            raise r.fail(f"unknown headline {show(headline)}; allowed: {', '.join(HEADLINES)}", node, "headline",
+                         "scoring.headline")
+        better = node.get("better", HEADLINE_BETTER[headline])
+        if better not in BETTER:
+            raise r.fail(f"`better` must be lower or higher, got {show(better)}", node, "better", "scoring.better")
+        midpoint = node.get("midpoint")
+        if headline == "stereotype":
+            if correlate is None:
+                raise r.fail("`headline: stereotype` needs `correlate: FIELD` (the fill number it splits on)", node,
+                             "headline", "scoring.headline")
+            if isinstance(midpoint, bool) or not isinstance(midpoint, (int, float)):
+                raise r.fail(f"`headline: stereotype` needs `midpoint`, a number, got {show(midpoint)}", node,
+                             "midpoint" if "midpoint" in node else "headline", "scoring.midpoint")
+            midpoint = float(midpoint)
+        elif midpoint is not None:
+            raise r.fail("`midpoint` is only used with `headline: stereotype`", node, "midpoint", "scoring.midpoint")
+        return Scoring(rule, better, a=a, b=b, labels=(labels[0], labels[1]), correlate=correlate, headline=headline,
+                       midpoint=midpoint)
     new_tokens = node.get("max_new_tokens", DEFAULT_NEW_TOKENS[rule])
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= MAX_NEW_TOKENS:
         raise r.fail(f"`max_new_tokens` must be an integer from 1 to {MAX_NEW_TOKENS}, got {show(new_tokens)}",
@@ -351,7 +412,7 @@ def _read_prompts(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> list[
             node: Any = _ItemLine(items, i)
         else:
             node = item
-            r.mapping(item, ("text", "answer", "split"), field, "a prompt")
+            r.mapping(item, ("text", "answer", "split", "expect"), field, "a prompt")
         if not isinstance(item, dict) or "text" not in item or not isinstance(item["text"], str) or not item["text"].strip():
             raise r.fail(f"a prompt needs non-empty `text`, got {show(item.get('text') if isinstance(item, dict) else item)}",
                          node, field=field)
@@ -362,7 +423,8 @@ def _read_prompts(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> list[
         if scoring.rule != "exact_match" and answers:
             raise r.fail(f"`answer` is only used by exact_match, not {scoring.rule}", node, "answer", f"{field}.answer")
         split = r.split(item, field) if isinstance(node, dict) else None
-        out.append(Prompt(text=prefix + item["text"], split=split or "any", answers=answers))
+        expect = _expect(r, item, field, scoring) if isinstance(node, dict) else None
+        out.append(Prompt(text=prefix + item["text"], split=split or "any", answers=answers, expect=expect))
     return out
 
 
@@ -370,7 +432,7 @@ def _read_templates(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> lis
     if scoring.rule == "exact_match":
         raise r.fail("exact_match needs `prompts` with answers; templates carry none", top, "templates", "templates")
     items = r.items(top, "templates", "templates")
-    fill = _read_fill(r, top)
+    fill = _read_fill(r, top, scoring)
     used: set[str] = set()
     out: list[Prompt] = []
     for i, item in enumerate(items):
@@ -379,7 +441,7 @@ def _read_templates(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> lis
             item, node = {"text": item}, _ItemLine(items, i)
         else:
             node = item
-            r.mapping(item, ("text", "split"), field, "a template")
+            r.mapping(item, ("text", "split", "expect"), field, "a template")
         text = item.get("text") if isinstance(item, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise r.fail(f"a template needs non-empty `text`, got {show(text)}", node, field=field)
@@ -390,6 +452,7 @@ def _read_templates(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> lis
                 raise r.fail(f"placeholder {{{name}}} has no `fill` entry (fill has: {known})", node, field=field)
         used.update(names)
         template_split = r.split(item, field) if isinstance(node, dict) else None
+        template_expect = _expect(r, item, field, scoring) if isinstance(node, dict) else None
         combos: list[list[tuple[str, _FillValue]]] = [[]]
         for name in names:
             combos = [c + [(name, v)] for c in combos for v in fill[name]]
@@ -397,10 +460,15 @@ def _read_templates(r: _Reader, top: dict, scoring: Scoring, prefix: str) -> lis
             marks = {m for m in [template_split] + [v.split for _, v in combo] if m is not None}
             split = "any" if not marks else marks.pop() if len(marks) == 1 else "mixed"
             values = {name: v.value for name, v in combo}
+            expects = {e for e in [template_expect] + [v.expect for _, v in combo] if e is not None}
+            if len(expects) > 1:
+                raise r.fail(f"the prompt {show(text.format(**values))} is expected to be both "
+                             f"{' and '.join(sorted(expects))} (its template and fill values disagree)", node, field=field)
             out.append(Prompt(
                 text=prefix + text.format(**values), split=split,
                 fill=tuple((name, v.value) for name, v in combo),
                 data=tuple((k, v.value, x) for _, v in combo for k, x in v.data),
+                expect=expects.pop() if expects else None,
             ))
     unused = [name for name in fill if name not in used]
     if unused:
@@ -413,9 +481,21 @@ class _FillValue:
     value: str
     split: str | None
     data: tuple[tuple[str, float], ...]
+    expect: str | None = None
 
 
-def _read_fill(r: _Reader, top: dict) -> dict[str, list[_FillValue]]:
+def _expect(r: _Reader, node: dict, field: str, scoring: Scoring) -> str | None:
+    """A template's or fill value's ``expect``: one of the scoring's two labels."""
+    if "expect" not in node:
+        return None
+    value = node["expect"]
+    if scoring.rule != "logprob_gap" or value not in scoring.labels:
+        allowed = " or ".join(scoring.labels) if scoring.rule == "logprob_gap" else "nothing (logprob_gap only)"
+        raise r.fail(f"`expect` must be {allowed}, got {show(value)}", node, "expect", f"{field}.expect")
+    return value
+
+
+def _read_fill(r: _Reader, top: dict, scoring: Scoring) -> dict[str, list[_FillValue]]:
     if "fill" not in top:
         return {}
     node = top["fill"]
@@ -439,13 +519,13 @@ def _read_fill(r: _Reader, top: dict) -> dict[str, list[_FillValue]]:
                              else _ItemLine(values, i), field=at)
             data = []
             for key, x in item.items():
-                if key in ("value", "split"):
+                if key in ("value", "split", "expect"):
                     continue
                 if isinstance(x, bool) or not isinstance(x, (int, float)):
-                    raise r.fail(f"`{key}` must be a number (fields beside value and split are data), got {show(x)}",
-                                 item, key, f"{at}.{key}")
+                    raise r.fail(f"`{key}` must be a number (fields beside value, split and expect are data), got "
+                                 f"{show(x)}", item, key, f"{at}.{key}")
                 data.append((str(key), float(x)))
-            out.append(_FillValue(item["value"], r.split(item, at), tuple(data)))
+            out.append(_FillValue(item["value"], r.split(item, at), tuple(data), _expect(r, item, at, scoring)))
         fill[name] = out
     return fill
 
@@ -475,6 +555,6 @@ def _check_unique(r: _Reader, prompts: list[Prompt], top: dict) -> None:
 
 
 __all__ = [
-    "Prompt", "RULES", "SPLITS", "Scoring", "Suite", "SuiteError", "load_suite", "load_suite_text", "load_suites",
+    "HEADLINE_MEANING", "HEADLINES", "Prompt", "RULES", "SPLITS", "Scoring", "Suite", "SuiteError", "load_suite", "load_suite_text", "load_suites",
     "shipped_suites",
 ]

@@ -18,7 +18,9 @@ and evaluated against one `Baseline`, so the base model is measured once.
 (the same plus the base numbers and the Pareto front) and ``sweep.png`` — the
 target suite's score against KL(base‖steered) on neutral text, each point
 labelled by its values, the Pareto front (no other point has both a lower KL
-and a better score) marked — into a directory written atomically.
+and a better score) marked — into a directory written atomically. With
+``constraints`` (``--keep gender-explicit>=95%``, ``--keep kl<=0.05``), the
+front is drawn among the points that meet them all (`steer.evaluate.constraints`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steer.errors import SpecError, SteerError
+from steer.evaluate.constraints import Constraint, feasible, resolve
 from steer.evaluate.report import NEUTRAL_TOKENS, Baseline, Report, evaluate, measure_baseline
 from steer.evaluate.suites import load_suites
 from steer.spec.edit import AMOUNT_KEY, Condition, Spec
@@ -216,17 +219,28 @@ class Sweep:
     points: tuple[dict, ...]
     reports: tuple[Report, ...]
     baseline: Baseline
+    constraints: tuple[Constraint, ...] = ()
+    """``--keep`` bounds (`steer.evaluate.constraints`): the front is drawn among the points meeting all of them."""
+
+    @property
+    def feasible(self) -> list[int]:
+        """Indices of the points that meet every constraint."""
+        return [i for i, r in enumerate(self.reports) if feasible(self.constraints, r)]
 
     @property
     def front(self) -> list[int]:
+        """The Pareto front (target score vs KL) of the feasible points."""
         better = self.reports[0].suite(self.target).base.better if self.reports else "lower"
-        return pareto_front([(r.neutral.kl_mean, r.suite(self.target).steered.score) for r in self.reports], better)
+        ok = self.feasible
+        points = [(self.reports[i].neutral.kl_mean, self.reports[i].suite(self.target).steered.score) for i in ok]
+        return [ok[j] for j in pareto_front(points, better)]
 
 
 def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, target: str | None = None, split: str = "dev",
               sae=None, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS, baseline: Baseline | None = None,
-              progress: bool = True) -> Sweep:
-    """Evaluate ``spec`` at every grid point of ``params`` on ``suites`` (the first is the target unless named)."""
+              constraints=(), progress: bool = True) -> Sweep:
+    """Evaluate ``spec`` at every grid point of ``params`` on ``suites`` (the first is the target unless named);
+    ``constraints`` (`Constraint` s) decide which points the Pareto front is drawn from."""
     from tqdm.auto import tqdm
 
     from steer.plan import compile as compile_plan
@@ -240,6 +254,7 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
     target = target or names[0]
     if target not in names:
         raise SteerError(f"the target {target!r} is not one of the suites ({', '.join(names)})", where="--target")
+    constraints = resolve(constraints, suites, "--keep")
     points = grid(params)
     specs = [apply_values(spec, p) for p in points]  # every bad value fails here, before any model work
     for s in suites:
@@ -254,7 +269,7 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
             raise type(exc)(exc.message, where=f"{_label(values)}: {exc.where}" if exc.where else _label(values)) from None
         reports.append(evaluate(plan, model, tokenizer, suites, baseline=baseline, split=split, subject=_label(values)))
     return Sweep(spec=spec, params=tuple(params), target=target, split=split, points=tuple(points),
-                 reports=tuple(reports), baseline=baseline)
+                 reports=tuple(reports), baseline=baseline, constraints=tuple(constraints))
 
 
 def _label(values: dict) -> str:
@@ -277,6 +292,7 @@ def sweep_rows(sweep: Sweep) -> list[dict]:
             row[f"{s.name}.change_pct"] = s.change_pct
             for key, value in s.steered.extras.items():
                 row[f"{s.name}.{key}"] = value
+        row["feasible"] = int(feasible(sweep.constraints, report))
         row["pareto"] = int(i in front)
         rows.append(row)
     return rows
@@ -297,7 +313,7 @@ def write_sweep(sweep: Sweep, out, *, overwrite: bool = False) -> Path:
         base = {name[0]: result.as_dict() for name, result in sweep.baseline.suites.items() if name[1] == sweep.split}
         document = {
             "spec": dump_spec(sweep.spec), "params": [{"path": p.path, "values": list(p.values)} for p in sweep.params],
-            "target": sweep.target, "split": sweep.split,
+            "target": sweep.target, "split": sweep.split, "constraints": [str(c) for c in sweep.constraints],
             "neutral": {"source": sweep.baseline.neutral.source, "predictions": sweep.baseline.neutral.predictions},
             "base": base, "rows": rows, "pareto": sweep.front,
             "reports": [r.as_dict() for r in sweep.reports],
@@ -335,10 +351,9 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
         ax.annotate(", ".join(f"{_short(p)}={v:g}" if isinstance(v, (int, float)) else f"{_short(p)}={v}"
                               for p, v in values.items()),
                     (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.25")
-    rule = {"logprob_gap": "mean |log-prob gap|", "keyword_rate": "keyword rate", "exact_match": "accuracy"}
     better = base.better if base is not None else "lower"
     ax.set_xlabel(f"KL(base ‖ steered) on neutral text, nats/token ({sweep.baseline.neutral.predictions} predictions)")
-    ax.set_ylabel(f"{sweep.target}: {rule.get(base.rule, 'score') if base else 'score'} ({better} is better)")
+    ax.set_ylabel(f"{sweep.target}: {base.meaning if base else 'score'} ({better} is better)")
     ax.set_title(f"{sweep.target} ({sweep.split} split) vs side effect")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

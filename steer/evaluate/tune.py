@@ -16,8 +16,11 @@ The two objectives are the target suite's score on ``split`` (default
 ``dev``, so the held-out half stays for the report; minimised when lower is
 better, else maximised) and the mean KL(base‖steered) on neutral text. The
 **chosen** trial is the one with the best score among those with KL ≤
-``max_kl``, ties to the lower KL; if none meets the bound, the one with the
-lowest KL, flagged. `write_chosen` writes it as canonical YAML, with relative
+``max_kl`` that meet every ``constraints`` bound (``--keep
+gender-explicit>=95%``: the constrained suites are scored every trial and fed
+to the sampler as Optuna constraints), ties to the lower KL; if none meets
+them, the one missing the fewest, lowest KL, flagged, naming the binding
+constraint. The printed front is drawn among the trials meeting ``--keep``. `write_chosen` writes it as canonical YAML, with relative
 SAE and direction paths rewritten to stay valid from the output file's folder.
 """
 
@@ -29,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steer.errors import SpecError, SteerError
+from steer.evaluate.constraints import Constraint, binding, constraint_suites, resolve
 from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline, write_text_atomic
-from steer.evaluate.suites import load_suite
+from steer.evaluate.suites import load_suite, load_suites
 from steer.evaluate.sweep import parse_number, pareto_front, set_param
 from steer.spec.edit import Spec
 
@@ -104,6 +108,14 @@ class Trial:
     kl: float
     ppl_change_pct: float
     report: Report | None
+    violations: tuple[float, ...] = ()
+    """Per constraint of the tuning, by how much this trial misses it (0: holds)."""
+    kept: dict | None = None
+    """The constrained suites' steered scores, by name."""
+
+    @property
+    def feasible(self) -> bool:
+        return not any(self.violations)
 
 
 @dataclass(frozen=True)
@@ -114,28 +126,41 @@ class Tuning:
     max_kl: float
     base_score: float
     trials: tuple[Trial, ...]
+    constraints: tuple[Constraint, ...] = ()
+    """``--keep`` bounds besides ``max_kl``; a trial is feasible when it meets them and KL ≤ max_kl."""
+    base_kept: dict | None = None
+    """The constrained suites' base scores, by name."""
+
+    def meets(self, t: Trial) -> bool:
+        return t.kl <= self.max_kl and t.feasible
 
     @property
     def front(self) -> list[Trial]:
-        return [self.trials[i] for i in pareto_front([(t.kl, t.score) for t in self.trials], self.better)]
+        """The Pareto front (score vs KL) of the trials that meet the ``--keep`` constraints."""
+        ok = [t for t in self.trials if t.feasible]
+        return [ok[i] for i in pareto_front([(t.kl, t.score) for t in ok], self.better)]
 
     @property
     def chosen(self) -> Trial:
-        within = [t for t in self.trials if t.kl <= self.max_kl]
+        """The best score among trials meeting every bound; if none does, the one missing them least (lowest KL)."""
+        within = [t for t in self.trials if self.meets(t)]
         sign = 1.0 if self.better == "lower" else -1.0
         if within:
             return min(within, key=lambda t: (sign * t.score, t.kl, t.number))
-        return min(self.trials, key=lambda t: (t.kl, sign * t.score, t.number))
+        return min(self.trials, key=lambda t: (sum(1 for v in t.violations if v), t.kl, sign * t.score, t.number))
 
     @property
     def chosen_meets_bound(self) -> bool:
-        return self.chosen.kl <= self.max_kl
+        return self.meets(self.chosen)
 
 
 def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range] | None = None,
          candidates: dict[str | None, tuple[int, ...]] | None = None, max_kl: float = DEFAULT_MAX_KL, seed: int = 0,
          split: str = "dev", sae=None, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS,
-         progress: bool = True) -> Tuning:
+         constraints=(), progress: bool = True) -> Tuning:
+    """``trials`` Optuna trials over ``ranges`` / ``candidates``; ``constraints`` (`Constraint` s, e.g. keep a
+    preservation suite ≥ 95% of base) are evaluated every trial, steer the sampler (Optuna's constraints_func)
+    and decide the front and the choice."""
     try:
         import optuna
     except ImportError:
@@ -159,8 +184,16 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
     for r in ranges:  # a bad path fails now, not in trial 17
         set_param(spec, r.path, int(r.low) if r.integer else r.low)
 
-    baseline = measure_baseline(model, tokenizer, [suite], neutral=neutral, neutral_tokens=neutral_tokens, split=split)
+    kept = load_suites(constraint_suites(constraints))
+    constraints = resolve(constraints, kept, "--keep")
+    if suite.name in {k.name for k in kept}:
+        raise SteerError(f"the target suite {suite.name!r} cannot also be a --keep constraint", where="--keep")
+    for k in kept:
+        k.select(split)
+    suites = [suite, *kept]
+    baseline = measure_baseline(model, tokenizer, suites, neutral=neutral, neutral_tokens=neutral_tokens, split=split)
     base = baseline.suite(model, tokenizer, suite, split)
+    base_kept = {k.name: baseline.suite(model, tokenizer, k, split).score for k in kept}
     better = suite.scoring.better
     done: list[Trial] = []
     bar = tqdm(total=trials, desc="tune", unit="trial", disable=not progress)
@@ -173,28 +206,42 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
             trial_spec = set_param(trial_spec, r.path, value)
         if candidates:
             trial_spec = _with_candidates(trial, trial_spec, candidates)
-        if trial_spec is None:
-            result = Trial(trial.number, dict(trial.params), None, base.score, 0.0, 0.0, None)
+        if trial_spec is None:  # the unedited model meets every relative bound at 100%
+            result = Trial(trial.number, dict(trial.params), None, base.score, 0.0, 0.0, None,
+                           tuple(0.0 for _ in constraints), dict(base_kept))
         else:
             try:
                 plan = compile_plan(trial_spec, model, sae, tokenizer=tokenizer)
             except SteerError as exc:
                 raise type(exc)(exc.message, where=f"trial {trial.number} {dict(trial.params)}: {exc.where}") from None
-            report = evaluate(plan, model, tokenizer, [suite], baseline=baseline, split=split)
+            report = evaluate(plan, model, tokenizer, suites, baseline=baseline, split=split)
             result = Trial(trial.number, dict(trial.params), trial_spec, report.suites[0].steered.score,
-                           report.neutral.kl_mean, report.neutral.ppl_change_pct, report)
+                           report.neutral.kl_mean, report.neutral.ppl_change_pct, report,
+                           tuple(c.violation(report) for c in constraints),
+                           {s.name: s.steered.score for s in report.suites[1:]})
+        bounds = {str(c): v for c, v in zip(constraints, result.violations)}
+        bounds[f"kl<={max_kl:g}"] = result.kl - max_kl  # ≤ 0: met (Optuna's convention)
+        if hasattr(trial, "set_constraint"):  # Optuna ≥ 5
+            for key, value in bounds.items():
+                trial.set_constraint(key, value)
+        else:
+            trial.set_user_attr("constraints", list(bounds.values()))
         done.append(result)
         bar.update(1)
         return result.score, result.kl
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    if hasattr(optuna.trial.Trial, "set_constraint"):
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: t.user_attrs["constraints"])
     study = optuna.create_study(directions=["minimize" if better == "lower" else "maximize", "minimize"], sampler=sampler)
     try:
         study.optimize(objective, n_trials=trials, catch=())
     finally:
         bar.close()
-    return Tuning(suite=suite.name, better=better, split=split, max_kl=max_kl, base_score=base.score, trials=tuple(done))
+    return Tuning(suite=suite.name, better=better, split=split, max_kl=max_kl, base_score=base.score, trials=tuple(done),
+                  constraints=constraints, base_kept=base_kept)
 
 
 def _with_candidates(trial, spec: Spec, candidates: dict[str | None, tuple[int, ...]]) -> Spec | None:
@@ -212,16 +259,29 @@ def _with_candidates(trial, spec: Spec, candidates: dict[str | None, tuple[int, 
 def describe(tuning: Tuning) -> str:
     from steer.spec.dsl import format_edit
 
+    kept = list(tuning.base_kept or {})
+    under = f" under {', '.join(str(c) for c in tuning.constraints)}" if tuning.constraints else ""
     lines = [f"{len(tuning.trials)} trials on {tuning.suite} ({tuning.split} split); base score {tuning.base_score:.4g} "
-             f"({tuning.better} is better)", "", "Pareto front (score vs KL on neutral text):",
-             f"  {'trial':>5} {'score':>9} {'KL':>9} {'ppl':>8}  edits"]
+             f"({tuning.better} is better)"]
+    lines += [f"  kept: {name} base {score:.4g}" for name, score in (tuning.base_kept or {}).items()]
+    lines += ["", f"Pareto front (score vs KL on neutral text){under}:",
+              f"  {'trial':>5} {'score':>9} {'KL':>9} {'ppl':>8} " + "".join(f"{n[:16]:>17}" for n in kept) + "  edits"]
     for t in tuning.front:
         edits = "; ".join(format_edit(e) for e in t.spec.edits) if t.spec else "(no edit)"
-        lines.append(f"  {t.number:>5} {t.score:>9.4g} {t.kl:>9.4g} {t.ppl_change_pct:>+7.2f}%  {edits}")
+        scores = "".join(f"{(t.kept or {}).get(n, float('nan')):>17.4g}" for n in kept)
+        lines.append(f"  {t.number:>5} {t.score:>9.4g} {t.kl:>9.4g} {t.ppl_change_pct:>+7.2f}% {scores}  {edits}")
+    if not tuning.front:
+        lines.append("  (no trial meets the constraints)")
     c = tuning.chosen
-    rule = (f"best score with KL ≤ {tuning.max_kl:g}" if tuning.chosen_meets_bound
-            else f"no trial reached KL ≤ {tuning.max_kl:g}: the lowest-KL trial")
-    lines += ["", f"chosen: trial {c.number} ({rule}): score {c.score:.4g}, KL {c.kl:.4g}, ppl {c.ppl_change_pct:+.2f}%"]
+    bounds = ", ".join([f"KL ≤ {tuning.max_kl:g}"] + [str(k) for k in tuning.constraints])
+    if tuning.chosen_meets_bound:
+        rule = f"best score with {bounds}"
+    else:
+        reports = [t.report for t in tuning.trials if t.report is not None]
+        binds = binding(tuning.constraints, reports) if any(not t.feasible for t in tuning.trials) else ""
+        rule = f"no trial met {bounds}: the one missing fewest bounds, lowest KL" + (f"; {binds}" if binds else "")
+    lines += ["", f"chosen: trial {c.number} ({rule}): score {c.score:.4g}, KL {c.kl:.4g}, ppl {c.ppl_change_pct:+.2f}%"
+              + "".join(f", {n} {(c.kept or {}).get(n, float('nan')):.4g}" for n in kept)]
     return "\n".join(lines)
 
 
@@ -231,9 +291,11 @@ def as_dict(tuning: Tuning) -> dict:
     front = {t.number for t in tuning.front}
     return {
         "suite": tuning.suite, "better": tuning.better, "split": tuning.split, "max_kl": tuning.max_kl,
+        "constraints": [str(c) for c in tuning.constraints], "base_kept": tuning.base_kept,
         "base_score": tuning.base_score, "chosen": tuning.chosen.number,
         "trials": [{"number": t.number, "params": t.params, "score": t.score, "kl": t.kl,
-                    "ppl_change_pct": t.ppl_change_pct, "pareto": t.number in front,
+                    "ppl_change_pct": t.ppl_change_pct, "pareto": t.number in front, "kept": t.kept,
+                    "feasible": t.feasible and t.kl <= tuning.max_kl,
                     "spec": dump_spec(t.spec) if t.spec else None} for t in tuning.trials],
     }
 
