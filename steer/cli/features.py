@@ -16,7 +16,7 @@ ATLAS_HELP = "atlas file made by `steer features index` (default: the default SA
 
 
 def register(commands) -> None:
-    p = commands.add_parser("features", help="find features: atlas (index, show, search) and contrast",
+    p = commands.add_parser("features", help="find features: atlas (index, show, search), contrast and attribute",
                             description="Find the SAE features worth editing.")
     sub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND", required=True)
 
@@ -84,6 +84,28 @@ def register(commands) -> None:
                                                         "atlas when the SAE is the default one and it is built)")
     contrast.add_argument("--json", action="store_true", help="print the rows as JSON")
     contrast.set_defaults(run=run_contrast)
+
+    attribute = sub.add_parser(
+        "attribute", help="rank features at every given site by their causal effect on a suite's score",
+        description="Attribution patching: one forward and one backward pass give every feature's activation × "
+                    "gradient of the suite's headline score (|stereotype|, the accuracy margin or mean |gap|), at "
+                    "every SAE's site; features are ranked across sites. --contrast SUITE ranks by selectivity: the "
+                    "share of the target a feature carries minus the share of the contrast suite's score it touches. "
+                    "--verify N ablates the top N for real and prints the true effect beside the estimate.")
+    attribute.add_argument("--suite", required=True, metavar="NAME_OR_FILE",
+                           help="the target: a logprob_gap suite (shipped name or file), e.g. gender-occupation")
+    attribute.add_argument("--sae", action="append", metavar="SAE",
+                           help=SAE_HELP + "; repeat, one per site, to rank across depths")
+    attribute.add_argument("--contrast", metavar="NAME_OR_FILE",
+                           help="a suite whose score must not move, e.g. gender-explicit")
+    attribute.add_argument("--split", default="dev", choices=("all", "dev", "held_out"),
+                           help="which prompts of the suites (default %(default)s)")
+    attribute.add_argument("--model", help="model (default: the model the first SAE's config names)")
+    attribute.add_argument("--top", type=int, default=20, metavar="N", help="features to list (default %(default)s)")
+    attribute.add_argument("--verify", type=int, default=0, metavar="N",
+                           help="ablate the top N one at a time and print the measured effect (default: none)")
+    attribute.add_argument("--json", metavar="OUT", help="also write the listed rows (and verification) as JSON")
+    attribute.set_defaults(run=run_attribute)
 
 
 # -- shared ---------------------------------------------------------------------------------
@@ -273,3 +295,50 @@ def _cached_default_atlas(sae) -> str | None:
 
     path = default_atlas_path(sae)
     return str(path) if path.is_file() else None
+
+
+# -- attribute ------------------------------------------------------------------------------
+
+
+def run_attribute(args) -> int:
+    from steer.discover.attribution import attribute, verify_attribution
+    from steer.errors import SteerError
+    from steer.evaluate.report import write_text_atomic
+    from steer.evaluate.suites import load_suite
+    from steer.models import load_model
+
+    for flag, value in (("--top", args.top), ("--verify", args.verify)):
+        if value < 0:
+            raise SteerError(f"must be ≥ 0, got {value}", where=flag)
+    suite = load_suite(args.suite)  # bad files fail before any model work
+    contrast = load_suite(args.contrast) if args.contrast else None
+    saes = [_load_sae(spec)[0] for spec in (args.sae or [None])]
+    model, tokenizer = load_model(_model_name(args, saes[0]))
+    result = attribute(model, tokenizer, saes, suite, split=args.split, contrast=contrast)
+    checked = verify_attribution(model, tokenizer, result, saes, min(args.verify, len(result.rows))) if args.verify else []
+    print(f"{suite.name} ({args.split} split), target = {result.suite.scoring.headline} in differentiable form: "
+          f"m = {result.metric:.4g}" + (f"; contrast {contrast.name}: m = {result.contrast_metric:.4g}" if contrast else ""))
+    print("attribution a = Σ activation × gradient: zeroing the feature changes m by about −a")
+    head = f"{'rank':>4} {'site':<16} {'feature':>7} {'a':>10}"
+    if contrast:
+        head += f" {'a(contrast)':>11} {'selectivity':>11}"
+    print(head)
+    for rank, row in enumerate(result.top(args.top), start=1):
+        line = f"{rank:>4} {row.site:<16} {row.feature:>7} {row.attribution:>10.4g}"
+        if contrast:
+            line += f" {row.contrast:>11.4g} {row.selectivity:>11.4g}"
+        print(line)
+    if checked:
+        print(f"\nverified by ablation (scale 0 at the site, error term kept), top {len(checked)}:")
+        print(f"{'site':<16} {'feature':>7} {'estimate':>10} {'true':>10} {'score change':>13}")
+        for v in checked:
+            print(f"{v.row.site:<16} {v.row.feature:>7} {v.estimate:>10.4g} {v.true:>10.4g} {v.score_change:>+13.4g}")
+    if args.json:
+        document = {"suite": suite.name, "split": args.split, "metric": result.metric,
+                    "contrast": contrast.name if contrast else None, "contrast_metric": result.contrast_metric,
+                    "rows": [r.to_dict() for r in result.top(args.top)],
+                    "verified": [{**v.row.to_dict(), "estimate": v.estimate, "true": v.true,
+                                  "score_change": v.score_change} for v in checked]}
+        write_text_atomic(args.json, json.dumps(document, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0

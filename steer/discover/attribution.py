@@ -1,0 +1,307 @@
+"""Causal feature discovery: which SAE features, at which depths, drive a suite's score (attribution patching).
+
+For a ``logprob_gap`` suite (`steer.evaluate.suites`) the *target* is its
+headline score written as a differentiable function of the per-prompt gaps
+``g_p = log P(A) − log P(B)`` of the next token, linear around the clean run:
+
+- ``stereotype``: ``sign(s) · s`` with ``s = mean_v∈low(ḡ_v) − mean_v∈high(ḡ_v)``
+  (ḡ_v a fill value's mean gap): the |stereotype| score itself;
+- ``accuracy``: the mean margin toward the expected set (the accuracy is a
+  step function; its margin is what moves it);
+- ``mean_abs``: ``mean_p sign(g_p) · g_p``, the mean |gap|.
+
+So ``m = Σ_p w_p g_p`` with weights fixed from the clean run. One forward and
+one backward pass give ``∂m/∂x_t`` at every given site at once: each site's
+activation is replaced by ``x + z`` with ``z`` a zero leaf tensor, so values are
+unchanged and gradients flow through every path (an earlier site's gradient
+includes the paths through later sites). A feature's **attribution** at a site is
+
+    a_i = Σ_p Σ_t f_i(x_pt) · σ_pt · (d_i · ∂m/∂x_pt)
+
+(σ the SAE's input scale, as the hooks use it): the first-order change of
+``m`` when the feature is zeroed is ``−a_i`` — zeroing is what ``ablate``
+(``scale`` by 0) does, keeping the SAE's error term. ``a_i > 0``: the feature
+carries the score (removing it lowers a stereotype, or a preservation margin).
+Features of every site are ranked together, largest ``a_i`` first.
+
+**Contrast** (``contrast=`` a second suite, e.g. ``gender-explicit``): each
+feature's attribution to the contrast suite's target is computed the same way,
+and features are ranked by *selectivity* ``a_i / |m| − |c_i| / |m_c|`` — the
+share of the target score the feature carries minus the share of the contrast
+score it touches either way: features that drive the stereotype prompts but not
+the stated-gender ones come first.
+
+**Verification** (`verify_attribution`): the top N are ablated for real, one at a
+time, under `steer.applied`; each row gets the true change of ``m`` (same
+weights) beside the estimate ``−a_i``, and the true change of the suite's
+headline score. Exact where ``m`` is linear in the feature (a linear model
+past the site); a correlation elsewhere (attention and MLP nonlinearities,
+and the SAE's own encoder for topk SAEs, whose other features re-rank).
+
+Designed to extend to transcoders and cross-layer graphs: an attribution is a
+``(site, feature) → number`` table from one backward pass; a transcoder adds a
+reader (its encoder input) and a writer (its decoder output) per site.
+
+Never changes the model: hooks are removed on exit.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+
+import torch
+
+from steer.errors import SteerError
+from steer.evaluate.scoring import logprob_scores, token_set_ids
+from steer.evaluate.suites import Prompt, Suite, load_suite
+from steer.generate import prompt_ids
+
+BATCH = 32
+"""Prompts per forward/backward pass."""
+
+
+@dataclass(frozen=True)
+class FeatureAttribution:
+    site: str
+    feature: int
+    attribution: float
+    """a_i: the target's first-order drop if the feature were zeroed (the estimate of the ablation is −a_i)."""
+    contrast: float | None = None
+    """c_i: the same for the contrast suite's target (None without one)."""
+    selectivity: float | None = None
+    """a_i/|m| − |c_i|/|m_c| (contrast mode): what the ranking sorts by."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    suite: Suite
+    """The target suite (its headline is the target)."""
+    split: str
+    metric: float
+    """The target m on the clean model (the suite's headline in its differentiable form)."""
+    rows: tuple[FeatureAttribution, ...]
+    """Every feature at every site, ranked (selectivity in contrast mode, else attribution), best first."""
+    contrast_suite: Suite | None = None
+    contrast_metric: float | None = None
+
+    def top(self, n: int) -> list[FeatureAttribution]:
+        return list(self.rows[:n])
+
+
+# -- the target as a linear form of the gaps ------------------------------------------
+
+
+def target_weights(suite: Suite, prompts: tuple[Prompt, ...], gaps: list[float]) -> list[float]:
+    """``w_p`` with ``m = Σ w_p g_p`` equal to the suite's headline (module docstring) at these gaps."""
+    scoring = suite.scoring
+    n = len(prompts)
+    if scoring.rule != "logprob_gap":
+        raise SteerError(f"attribution needs a logprob_gap suite (a log-prob target); {suite.name} is {scoring.rule}",
+                         where=suite.path)
+    if scoring.headline == "accuracy":
+        a_label = scoring.labels[0]
+        return [(1.0 if p.expect == a_label else -1.0) / n for p in prompts]
+    if scoring.headline == "stereotype":
+        groups: dict[tuple[str, float], list[int]] = {}
+        for i, p in enumerate(prompts):
+            for key, value, number in p.data:
+                if key == scoring.correlate:
+                    groups.setdefault((value, number), []).append(i)
+        low = [g for (_, x), g in groups.items() if x < scoring.midpoint]
+        high = [g for (_, x), g in groups.items() if x > scoring.midpoint]
+        if not low or not high:
+            raise SteerError(f"this split of {suite.name} has no fill values on one side of the midpoint",
+                             where=suite.path)
+        weights = [0.0] * n
+        for members in low:
+            for i in members:
+                weights[i] += 1.0 / (len(low) * len(members))
+        for members in high:
+            for i in members:
+                weights[i] -= 1.0 / (len(high) * len(members))
+        stereotype = sum(w * g for w, g in zip(weights, gaps))
+        sign = 1.0 if stereotype >= 0 else -1.0
+        return [sign * w for w in weights]
+    return [(1.0 if g >= 0 else -1.0) / n for g in gaps]
+
+
+# -- one pass: gaps, and gradients at the sites -------------------------------------------
+
+
+def _batch(tokenizer, texts: list[str], chat: bool, device):
+    """Left-padded ``(ids, mask, positions)`` for ``texts``; positions count real tokens only."""
+    encoded = [prompt_ids(tokenizer, [t], chat=chat)["input_ids"][0].tolist() for t in texts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)              # (B, T)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)    # (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _gaps(model, ids, mask, positions, a: list[int], b: list[int]) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].double()  # (B, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)                                       # (B,)
+
+
+def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size: int = BATCH) -> list[float]:
+    """The per-prompt gaps (no gradient), under ``plan`` if given."""
+    from contextlib import nullcontext
+
+    from steer.lower.hooks import applied
+
+    a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
+    b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            ids, mask, positions = _batch(tokenizer, [p.text for p in prompts[start:start + batch_size]], suite.chat, device)
+            with applied(model, plan, prompt_length=ids.shape[1]) if plan is not None else nullcontext():
+                out += _gaps(model, ids, mask, positions, a, b).tolist()
+    return out
+
+
+def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weights: list[float], *,
+                      batch_size: int = BATCH) -> dict[str, torch.Tensor]:
+    """``{site: (d_sae,)}`` float64 attributions ``a_i`` of ``m = Σ w_p g_p`` (module docstring) for every SAE."""
+    from steer.models.capture import rewritten
+
+    adapter_sites = {name: _parse_site(model, name) for name in saes}
+    a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
+    b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
+    param = next(model.parameters())
+    here = {name: sae.to(dtype=param.dtype, device=param.device) for name, sae in saes.items()}
+    totals = {name: torch.zeros(sae.d_sae, dtype=torch.float64) for name, sae in saes.items()}
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask, positions = _batch(tokenizer, [p.text for p in chunk], suite.chat, param.device)
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def splice(x, name):
+            z = torch.zeros_like(x, requires_grad=True)  # x + z: same values; ∂m/∂z = ∂m/∂x, through every path
+            seen[name] = (x.detach(), z)
+            return x + z
+
+        with ExitStack() as stack, torch.enable_grad():
+            for name, site in adapter_sites.items():
+                stack.enter_context(rewritten(model, site, lambda x, name=name: splice(x, name)))
+            gaps = _gaps(model, ids, mask, positions, a, b)                                            # (B,)
+            w = torch.tensor(weights[start:start + len(chunk)], dtype=gaps.dtype, device=gaps.device)
+            (w * gaps).sum().backward()
+        valid = mask.bool()[..., None]                                                                  # (B, T, 1)
+        with torch.no_grad():
+            for name, sae in here.items():
+                x, z = seen[name]
+                grad = z.grad                                                                           # (B, T, d)
+                f = sae.encode(x)                                                                       # (B, T, d_sae)
+                _, _, sigma = sae.normalize(x)
+                sigma = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(x[..., :1], float(sigma))
+                along = (grad * sigma) @ sae.W_dec.T                                                    # (B, T, d_sae)
+                totals[name] += (f * along * valid).sum(dim=(0, 1)).double().cpu()
+    return totals
+
+
+def _parse_site(model, name: str):
+    from steer.models.adapters import adapter_for
+
+    return adapter_for(model).parse_site(str(name), model)
+
+
+# -- the ranking ------------------------------------------------------------------------
+
+
+def attribute(model, tokenizer, saes, suite, *, split: str = "dev", contrast=None, batch_size: int = BATCH) -> Attribution:
+    """Attributions of ``suite``'s target on its ``split`` prompts to every feature of ``saes`` (a list of SAEs,
+    each read at the site its config names, or a ``{site: SAE}`` mapping), ranked across sites; with
+    ``contrast`` (a suite), ranked by selectivity against that suite's target."""
+    saes = _by_site(saes)
+    suite = load_suite(suite)
+    prompts = suite.select(split)
+    gaps = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size)
+    weights = target_weights(suite, prompts, gaps)
+    metric = sum(w * g for w, g in zip(weights, gaps))
+    scores = site_attributions(model, tokenizer, saes, suite, prompts, weights, batch_size=batch_size)
+    other, other_metric, other_scores = None, None, None
+    if contrast is not None:
+        other = load_suite(contrast)
+        other_prompts = other.select(split)
+        other_gaps = suite_gaps(model, tokenizer, other, other_prompts, batch_size=batch_size)
+        other_weights = target_weights(other, other_prompts, other_gaps)
+        other_metric = sum(w * g for w, g in zip(other_weights, other_gaps))
+        other_scores = site_attributions(model, tokenizer, saes, other, other_prompts, other_weights,
+                                         batch_size=batch_size)
+    rows = []
+    for site, values in scores.items():
+        for i, value in enumerate(values.tolist()):
+            if other_scores is None:
+                rows.append(FeatureAttribution(site, i, value))
+            else:
+                c = float(other_scores[site][i])
+                selectivity = value / max(abs(metric), 1e-12) - abs(c) / max(abs(other_metric), 1e-12)
+                rows.append(FeatureAttribution(site, i, value, c, selectivity))
+    key = (lambda r: -r.selectivity) if other_scores is not None else (lambda r: -r.attribution)
+    rows.sort(key=lambda r: (key(r), r.site, r.feature))
+    return Attribution(suite=suite, split=split, metric=metric, rows=tuple(rows), contrast_suite=other,
+                       contrast_metric=other_metric)
+
+
+def _by_site(saes) -> dict:
+    if isinstance(saes, dict):
+        return dict(saes)
+    out = {}
+    for sae in saes:
+        if sae.site is None:
+            raise SteerError("the SAE's config names no site", where=sae.source or "sae")
+        if str(sae.site) in out:
+            raise SteerError(f"two SAEs read the same site {sae.site}; give one per site", where=sae.source or "sae")
+        out[str(sae.site)] = sae
+    if not out:
+        raise SteerError("give at least one SAE", where="--sae")
+    return out
+
+
+# -- checking the estimate against real ablations -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verified:
+    row: FeatureAttribution
+    estimate: float
+    """−a_i: the first-order change of the target when the feature is zeroed."""
+    true: float
+    """The measured change of the same target (weights of the clean run) with the feature ablated by steer's hooks."""
+    score_change: float
+    """The measured change of the suite's headline score."""
+
+
+def verify_attribution(model, tokenizer, attribution: Attribution, saes, n: int, *,
+                       batch_size: int = BATCH) -> list[Verified]:
+    """Ablate each of the top ``n`` features alone (``scale`` by 0 at its site, error term kept) and measure."""
+    from steer.plan import compile as compile_plan
+    from steer.spec import parse_spec
+
+    saes = _by_site(saes)
+    suite = attribution.suite
+    prompts = suite.select(attribution.split)
+    clean = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size)
+    weights = target_weights(suite, prompts, clean)
+    clean_score, _ = logprob_scores(suite.scoring, prompts, clean)
+    out = []
+    for row in attribution.top(n):
+        spec = parse_spec(f"ablate feature {row.feature} site {row.site}")
+        plan = compile_plan(spec, model, saes[row.site])
+        gaps = suite_gaps(model, tokenizer, suite, prompts, plan, batch_size=batch_size)
+        score, _ = logprob_scores(suite.scoring, prompts, gaps)
+        true = sum(w * (g - g0) for w, g, g0 in zip(weights, gaps, clean))
+        out.append(Verified(row, -row.attribution, true, score - clean_score))
+    return out
+
+
+__all__ = ["Attribution", "FeatureAttribution", "Verified", "attribute", "site_attributions", "suite_gaps",
+           "target_weights", "verify_attribution"]

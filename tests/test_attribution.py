@@ -1,0 +1,164 @@
+"""Causal discovery by attribution patching (steer.discover.attribution, `steer features attribute`).
+
+The attribution a_i is checked three ways on a tiny random Llama, independently of the code under test:
+against a central finite difference of the target through steer's own `scale` hook (a_i is the derivative of
+the target along the feature's own contribution, s = 1 ± ε, in float64); against real ablations, which it
+matches closely where the model is linear in the feature (decoder rows scaled down, so every ablation is a
+small perturbation) and correlates with otherwise; and the target it differentiates equals the suite's headline
+score written out here (|stereotype|, the accuracy margin, mean |gap|).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steer
+from steer.cli.main import main
+from steer.discover.attribution import attribute, suite_gaps, target_weights, verify_attribution
+from steer.evaluate.suites import load_suite_text
+from steer.sae import SAE, save_sae
+from tests.conftest import random_sae, save_tiny, tiny_model, tiny_tokenizer
+from tests.test_evaluate import EXPLICIT_SUITE, GAP_SUITE
+
+STEREOTYPE_SUITE = GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n  midpoint: 40\n")
+SITES = ("resid_post.0", "resid_post.2")
+
+
+def saes(scale: float = 1.0, dtype=torch.float32) -> list[SAE]:
+    out = []
+    for n, site in enumerate(SITES):
+        s = random_sae(site=site, d_sae=24, seed=1 + n)
+        out.append(SAE(W_enc=s.W_enc.to(dtype), W_dec=(scale * s.W_dec).to(dtype), b_enc=s.b_enc.to(dtype),
+                       b_dec=s.b_dec.to(dtype), architecture="relu", site=site))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+def target_by_hand(suite, gaps: list[float]) -> float:
+    """The suite's headline, from the gaps, as the suites module defines it (written out independently)."""
+    prompts = suite.select("all")
+    if suite.scoring.headline == "stereotype":
+        by_job: dict[tuple[str, float], list[float]] = {}
+        for p, g in zip(prompts, gaps):
+            (_, job, share), = p.data
+            by_job.setdefault((job, share), []).append(g)
+        low = [np.mean(v) for (_, x), v in by_job.items() if x < suite.scoring.midpoint]
+        high = [np.mean(v) for (_, x), v in by_job.items() if x > suite.scoring.midpoint]
+        return abs(np.mean(low) - np.mean(high))
+    if suite.scoring.headline == "accuracy":
+        return float(np.mean([g if p.expect == "male" else -g for p, g in zip(prompts, gaps)]))
+    return float(np.mean(np.abs(gaps)))
+
+
+@pytest.mark.parametrize("text", [STEREOTYPE_SUITE, EXPLICIT_SUITE, GAP_SUITE], ids=["stereotype", "accuracy", "mean_abs"])
+def test_the_target_is_the_suites_headline_in_linear_form(tiny, text):
+    model, tokenizer = tiny
+    suite = load_suite_text(text, "t.yaml")
+    prompts = suite.select("all")
+    gaps = suite_gaps(model, tokenizer, suite, prompts)
+    weights = target_weights(suite, prompts, gaps)
+    assert sum(w * g for w, g in zip(weights, gaps)) == pytest.approx(target_by_hand(suite, gaps), abs=1e-6)
+    result = attribute(model, tokenizer, saes(), suite, split="all")
+    assert result.metric == pytest.approx(target_by_hand(suite, gaps), abs=1e-5)
+    assert len(result.rows) == 2 * 24 and {r.site for r in result.rows} == set(SITES)
+    assert [r.attribution for r in result.rows] == sorted((r.attribution for r in result.rows), reverse=True)
+
+
+def test_attribution_is_the_derivative_along_each_features_own_contribution(tiny):
+    """a_i = d m / d ε of the target with feature i's contribution scaled by (1 + ε) at its site — a central
+    finite difference through steer's `scale` hook (float64 model), at both sites at once (one backward pass)."""
+    model, tokenizer = tiny
+    model = tiny_model("llama").double()
+    suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    prompts = suite.select("all")
+    dictionaries = saes(dtype=torch.float64)
+    result = attribute(model, tokenizer, dictionaries, suite, split="all")
+    clean = suite_gaps(model, tokenizer, suite, prompts)
+    weights = target_weights(suite, prompts, clean)
+    by_key = {(r.site, r.feature): r.attribution for r in result.rows}
+    def central(sae, feature, eps):
+        m = []
+        for s in (1 + eps, 1 - eps):
+            plan = steer.compile(steer.parse_spec(f"scale feature {feature} by {s!r} site {sae.site}"), model, sae)
+            gaps = suite_gaps(model, tokenizer, suite, prompts, plan)
+            m.append(sum(w * g for w, g in zip(weights, gaps)))
+        return (m[0] - m[1]) / (2 * eps)
+
+    # the plan's slices are float32, so steps stay ≥ 5e-3; Richardson's (4 D(ε/2) − D(ε)) / 3 cancels the ε² term
+    for sae in dictionaries:
+        for feature in (0, 5, 17):
+            derivative = (4 * central(sae, feature, 5e-3) - central(sae, feature, 1e-2)) / 3
+            assert by_key[(sae.site, feature)] == pytest.approx(derivative, rel=2e-4, abs=1e-6), (sae.site, feature)
+
+
+def test_estimates_match_real_ablations_where_linear_and_correlate_otherwise(tiny):
+    model, tokenizer = tiny
+    suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    # decoder rows scaled by 0.01: every ablation is a small perturbation, the target ~linear in each feature
+    small = saes(scale=0.01)
+    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, small, suite, split="all"), small, 12)
+    estimate, true = np.array([v.estimate for v in checked]), np.array([v.true for v in checked])
+    assert np.abs(estimate - true).max() <= 0.05 * np.abs(true).max()
+    assert np.corrcoef(estimate, true)[0, 1] > 0.999
+    # full-size features: a first-order estimate of a nonlinear network, still correlated with the truth
+    full = saes()
+    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, full, suite, split="all"), full, 48)
+    estimate, true = np.array([v.estimate for v in checked]), np.array([v.true for v in checked])
+    r = np.corrcoef(estimate, true)[0, 1]
+    print(f"\nfull-size features: Pearson r(estimate, true ablation) = {r:.3f} over 48")
+    assert r > 0.5
+    # the headline score change is the real |stereotype| change, measured here with the hook directly
+    v = checked[0]
+    plan = steer.compile(steer.parse_spec(f"ablate feature {v.row.feature} site {v.row.site}"), model,
+                         full[SITES.index(v.row.site)])
+    before = target_by_hand(suite, suite_gaps(model, tokenizer, suite, suite.select("all")))
+    after = target_by_hand(suite, suite_gaps(model, tokenizer, suite, suite.select("all"), plan))
+    assert v.score_change == pytest.approx(after - before, abs=1e-5)
+
+
+def test_contrast_ranks_by_selectivity(tiny):
+    model, tokenizer = tiny
+    target = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    keep = load_suite_text(EXPLICIT_SUITE, "e.yaml")
+    result = attribute(model, tokenizer, saes(), target, split="all", contrast=keep)
+    alone = {(r.site, r.feature): r.attribution for r in attribute(model, tokenizer, saes(), keep, split="all").rows}
+    for r in result.rows:
+        assert r.contrast == pytest.approx(alone[(r.site, r.feature)], rel=1e-6, abs=1e-9)
+        expected = r.attribution / abs(result.metric) - abs(r.contrast) / abs(result.contrast_metric)
+        assert r.selectivity == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert [r.selectivity for r in result.rows] == sorted((r.selectivity for r in result.rows), reverse=True)
+
+
+def test_cli_attribute_ranks_across_sites_and_verifies(tmp_path, capsys):
+    model, tokenizer, model_dir = save_tiny("llama", tmp_path / "model")
+    paths = [str(save_sae(dataclasses.replace(s, source=None), tmp_path / s.site.replace(".", "_"))) for s in saes()]
+    suite = tmp_path / "stereo.yaml"
+    suite.write_text(STEREOTYPE_SUITE)
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(EXPLICIT_SUITE)
+    args = ["features", "attribute", "--suite", str(suite), "--sae", paths[0], "--sae", paths[1], "--model", model_dir,
+            "--split", "all", "--top", "5", "--verify", "3", "--contrast", str(explicit), "--json", str(tmp_path / "a.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    document = json.loads((tmp_path / "a.json").read_text())
+    assert len(document["rows"]) == 5 and len(document["verified"]) == 3
+    assert {r["site"] for r in document["rows"]} <= set(SITES)
+    assert "verified by ablation" in out and "selectivity" in out
+    for v in document["verified"]:
+        assert math.isclose(v["estimate"], -v["attribution"])
+
+    bad = tmp_path / "words.yaml"
+    bad.write_text("name: w\nscoring: {rule: keyword_rate, keywords: [a]}\nprompts: [The cook]\n")
+    assert main(["features", "attribute", "--suite", str(bad), "--sae", paths[0], "--model", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a logprob_gap suite" in err
