@@ -536,6 +536,30 @@ def test_sweep_and_tune_draw_the_front_under_keep_constraints(saved, capsys, tmp
     assert "kept: tiny-explicit base" in stdout
 
 
+def test_tune_combines_candidates_across_sites(saved, capsys, tmp_path):
+    """Two SAEs at two depths, one candidate group each: trials may include features of both sites in one edit,
+    and such a trial's score is what the spec it wrote scores when compiled and evaluated again."""
+    model, tokenizer, directory, _, root = saved
+    sae_dirs = [save_sae(random_sae(site=site, seed=3 + n), tmp_path / f"sae{n}")
+                for n, site in enumerate(("resid_post.0", "resid_post.2"))]
+    spec = write(tmp_path / "multi.yaml", f"model: {directory}\nsae: [{sae_dirs[0]}, {sae_dirs[1]}]\n"
+                                          "edits:\n  - ablate: 3\n    site: resid_post.0\n")
+    suite = write(tmp_path / "stereo.yaml", GAP_SUITE.replace(
+        "  correlate: share\n", "  correlate: share\n  headline: stereotype\n  midpoint: 40\n"))
+    code, out, err = cli(capsys, "tune", str(spec), "--suite", str(suite), "--trials", "8", "--candidates",
+                         "resid_post.0:3,7", "--candidates", "resid_post.2:5,9", "--max-kl", "10", "--neutral",
+                         "calibration", "--neutral-tokens", "256", "--json", str(tmp_path / "t.json"), "--no-progress")
+    assert code == 0, err
+    trials = json.loads((tmp_path / "t.json").read_text())["trials"]
+    both = [t for t in trials if t["spec"] and {"resid_post.0", "resid_post.2"} <= set(re.findall(r"resid_post\.\d", t["spec"]))]
+    assert both, "no trial combined the two sites"
+    again = steer.spec.load_spec_file(write(tmp_path / "again.yaml", both[0]["spec"]))
+    plan = steer.compile(again, model)
+    assert {str(s.site) for s in plan.sites} == {"resid_post.0", "resid_post.2"}
+    rescored = score_suite(model, tokenizer, load_suite_text(suite.read_text(), str(suite)), plan, split="dev")
+    assert rescored.score == pytest.approx(both[0]["score"], abs=1e-5)
+
+
 # -- bad input: one line, exit 2 -------------------------------------------------
 
 

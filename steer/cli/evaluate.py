@@ -61,7 +61,7 @@ def register(commands) -> None:
     t.add_argument("--trials", type=int, required=True, metavar="N", help="number of trials")
     t.add_argument("--candidates", action="append", metavar="IDS",
                    help="candidate features for edits[0], e.g. 12,57,301; with several SAEs one group per site, "
-                        "SITE:12,57 (the site is searched too)")
+                        "SITE:12,57 (a trial may combine candidates of several sites)")
     t.add_argument("--param", action="append", metavar="PATH=LOW:HIGH",
                    help="a range to search, e.g. edits[0].factor=0:1 (default: scale/project_out amounts in [0, 1], "
                         "add strengths between 0 and twice the spec's)")

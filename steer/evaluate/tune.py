@@ -9,8 +9,9 @@ What is searched, per trial (Optuna's multi-objective TPE sampler, seeded):
 - **candidate features** ``12,57,301``: ``edits[0]`` is the template — a
   trial applies it (same op, amount, modifiers) to each included candidate;
   the spec's other edits stay. Groups ``SITE:12,57`` (one per SAE given)
-  also search the site: a trial picks one site, then its candidates. A trial
-  that includes no candidate is the unedited model.
+  search across depths: a trial includes any subset of every group's
+  candidates, so the chosen edit may combine features of several sites. A
+  trial that includes no candidate is the unedited model.
 
 The two objectives are the target suite's score on ``split`` (default
 ``dev``, so the held-out half stays for the report; minimised when lower is
@@ -245,11 +246,15 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
 
 
 def _with_candidates(trial, spec: Spec, candidates: dict[str | None, tuple[int, ...]]) -> Spec | None:
-    sites = sorted(candidates, key=str)
-    site = trial.suggest_categorical("site", sites) if len(sites) > 1 else sites[0]
-    template = spec.edits[0] if site is None else dataclasses.replace(spec.edits[0], site=site)
-    chosen = [f for f in candidates[site] if trial.suggest_categorical(f"use {site + ':' if site else ''}{f}", [False, True])]
-    edits = [dataclasses.replace(template, feature=f) for f in chosen] + list(spec.edits[1:])
+    """The spec with ``edits[0]`` applied to every candidate the trial includes — candidates of every site group
+    together, so one edit can combine features at several depths (each edit keeps its site)."""
+    edits = []
+    for site in sorted(candidates, key=str):
+        template = spec.edits[0] if site is None else dataclasses.replace(spec.edits[0], site=site)
+        for f in candidates[site]:
+            if trial.suggest_categorical(f"use {site + ':' if site else ''}{f}", [False, True]):
+                edits.append(dataclasses.replace(template, feature=f))
+    edits += list(spec.edits[1:])
     return dataclasses.replace(spec, edits=tuple(edits)) if edits else None
 
 
