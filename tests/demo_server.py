@@ -28,14 +28,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_demo(*args: str, timeout: float = 300.0):
-    """``steer demo --port P ARGS`` until the block ends; yields ``http://127.0.0.1:P/``.
+def running_demo(*args: str, timeout: float = 300.0, env: dict | None = None):
+    """``steer demo --port P ARGS`` until the block ends (``env``: extra environment); yields ``http://127.0.0.1:P/``.
 
     Waits until the page answers 200; fails with the server's log if it exits or times out.
     Stops it with SIGINT (as Ctrl-C), then SIGKILL if it does not stop.
     """
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen([sys.executable, "-m", "steer.cli.main", "demo", "--port", str(port), *args],
                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

@@ -327,3 +327,108 @@ def test_server_enforces_the_bounds_whatever_the_client_sends(demo_server):
     assert out[0] == out[1] == "" and "prompt: the prompt is 3000 characters; the demo takes at most 2000" in out[-1]
     out = client.predict("Hi", "", "abc", 4, 0, 1, 0, True, api_name="/generate")
     assert out[0] == out[1] == "" and "monitor feature: expected a feature id" in out[-1]
+
+
+# -- the server under abuse (issue 15): tiny model, one slot, one waiting place -------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """`steer demo` on a tiny Llama: ``--concurrency 1 --max-waiting 1``, 1,500 new tokens allowed (a long stream to
+    interrupt), its temp files under a directory of the test's own (TMPDIR)."""
+    import dataclasses
+
+    from demo_server import running_demo
+    from steer.sae import save_sae
+
+    root = tmp_path_factory.mktemp("tiny-demo")
+    save_tiny("llama", root / "model")
+    save_sae(dataclasses.replace(random_sae(), site="resid_post.1"), root / "sae")
+    (root / "tmp").mkdir()
+    with running_demo("--model", str(root / "model"), "--sae", str(root / "sae"), "--atlas", "none",
+                      "--concurrency", "1", "--max-waiting", "1", "--max-new-tokens", "1500",
+                      env={"TMPDIR": str(root / "tmp")}) as url:
+        yield url, root
+
+
+def test_server_answers_multi_megabyte_requests_with_one_message(tiny_server):
+    from gradio_client import Client
+
+    url, _ = tiny_server
+    client = Client(url, verbose=False)
+    out = client.predict("x" * 5_000_000, "", None, 4, 0, 1, 0, True, api_name="/generate")
+    assert out[0] == out[1] == "" and "the prompt is 5000000 characters; the demo takes at most 2000" in out[-1]
+    out = client.predict("Hi", "steer feature 1 by 2\n" * 200_000, None, 4, 0, 1, 0, True, api_name="/generate")
+    assert out[0] == out[1] == "" and "the edit list is 4200000 characters; the demo takes at most 4000" in out[-1]
+
+
+def test_more_clients_than_slots_are_told_the_queue_is_full_and_a_disconnect_frees_the_slot(tiny_server):
+    """One running (a 1,500-token stream), one waiting, the third turned away; the running client then disconnects
+    mid-stream and the waiting one is served at once."""
+    import time
+
+    from gradio_client import Client
+
+    url, _ = tiny_server
+    long, waiting, extra = (Client(url, verbose=False) for _ in range(3))
+    running = long.submit("Tell me a long story", "", None, 1500, 0, 1, 0, True, api_name="/generate")
+    deadline = time.monotonic() + 120
+    while not running.outputs():  # streaming has begun
+        assert time.monotonic() < deadline and not running.done(), "the long generation never started"
+        time.sleep(0.05)
+    queued = waiting.submit("Hi", "", None, 4, 0, 1, 0, True, api_name="/generate")
+    time.sleep(1.0)
+    with pytest.raises(Exception, match="(?i)queue is full"):
+        extra.predict("Hi", "", None, 4, 0, 1, 0, True, api_name="/generate")
+    assert not running.done(), "the long stream should still be running"
+    running.cancel()  # the client goes away mid-stream
+    long.close()
+    started = time.monotonic()
+    unsteered, steered, *_, status = queued.result(timeout=120)
+    assert "steer-error" not in status and unsteered == steered != ""
+    assert time.monotonic() - started < 60
+
+
+def test_exports_are_reaped_and_the_server_hands_out_only_its_own_files(tiny_server):
+    import urllib.request
+
+    from demo_server import _NO_PROXY
+
+    url, root = tiny_server
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, download_files=False)
+    served = []
+    for strength in range(1, 7):  # six exports in a row
+        archive, report = client.predict(f"steer feature 3 by {strength}", "pack", api_name="/export")
+        assert "verified" in report
+        served.append(archive["url"])
+    own = [p for p in (root / "tmp").iterdir() if p.name.startswith("steer-demo-")]
+    assert len(own) == 1, own
+    zips = sorted(p.name for p in own[0].rglob("*.zip"))
+    assert len(zips) <= 5, zips  # the newest 4 downloads and the exporter's own latest copy
+
+    def status(path: str) -> int:
+        try:
+            with _NO_PROXY.open(url.rstrip("/") + path, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status(served[-1].split(url.rstrip("/"), 1)[-1]) == 200  # the newest export downloads
+    assert status(served[0].split(url.rstrip("/"), 1)[-1]) in (403, 404)  # the oldest was reaped
+    for path in ("/etc/passwd", str(root / "model" / "config.json"), str(root / "sae" / "cfg.json"),
+                 str(ROOT / "pyproject.toml")):
+        assert status(f"/gradio_api/file={path}") == 403, path
+    assert status("/gradio_api/file=https://example.com/x") == 403
+    assert status("/gradio_api/proxy=https://example.com/x") in (403, 404)
+
+
+def test_a_stream_closed_mid_way_releases_the_model_and_leaves_no_hook():
+    """What Gradio does when a client disconnects: it closes the generator. The lock is free and no hook stays."""
+    engine = tiny_engine()
+    frames = engine.stream(PROMPT, "steer feature 3 by 3", Sampling(max_new_tokens=32))
+    next(frames), next(frames)
+    frames.close()
+    assert engine._lock.acquire(blocking=False)
+    engine._lock.release()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in engine.model.modules())

@@ -21,6 +21,9 @@ def register(commands) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, metavar="N",
                    help="generations that run at once, interleaved token by token (default %(default)s); more wait in the queue")
+    p.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                   help="requests that may wait for a free slot (default %(default)s); past that a user is told the "
+                        "queue is full")
     p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens, metavar="N",
                    help="most tokens a user may ask for (default %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens, metavar="N",
@@ -38,5 +41,6 @@ def run(args) -> int:
     if not 0 < args.port < 65536:
         raise SteerError(f"must be in 1..65535, got {args.port}", where="--port")
     serve(model=args.model, sae=args.sae, atlas=args.atlas, host=args.host, port=args.port, concurrency=args.concurrency,
+          max_waiting=args.max_waiting,
           limits=Limits(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens))
     return 0

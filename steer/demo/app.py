@@ -25,6 +25,7 @@ on first use (the panel says so until it is ready).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.util
 import math
@@ -313,6 +314,7 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         for old in export_dir.glob("*.zip"):
             if old != result.archive:
                 old.unlink(missing_ok=True)  # Gradio keeps its own copy for the download; ours is only the latest
+        reap_downloads(result.archive)
         return str(result.archive), result.report
 
     with gr.Blocks(title="steer — steered vs unsteered", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
@@ -384,14 +386,41 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
     return app
 
 
+KEEP_DOWNLOADS = 4
+"""Export zips the server keeps for download (the newest); older ones are deleted when a new export is made."""
+
+
+def reap_downloads(newest: Path | None = None, keep: int = KEEP_DOWNLOADS) -> list[Path]:
+    """Delete all but the ``keep`` newest export zips in Gradio's cache (this server's own directory, see `serve`):
+    Gradio copies each zip there for the download, and many exports would otherwise fill the disk. Returns the
+    deleted paths. ``newest`` (the zip just made, not yet copied) counts as one of the kept."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder())
+    zips = sorted(cache.rglob("steer-*.zip"), key=lambda p: p.stat().st_mtime, reverse=True)
+    doomed = zips[max(0, keep - (1 if newest is not None else 0)):]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # Gradio's per-file folder, now empty
+    return doomed
+
+
 def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None = None, host: str = "127.0.0.1",
-          port: int = 7860, concurrency: int = 4, limits: Limits = Limits()) -> None:
-    """Load, build and serve the demo until interrupted."""
+          port: int = 7860, concurrency: int = 4, max_waiting: int = 64, limits: Limits = Limits()) -> None:
+    """Load, build and serve the demo until interrupted.
+
+    Everything the server writes — its export zips and Gradio's cache of the files it hands out — lives in one
+    temp directory of its own, deleted on exit; Gradio serves files from that cache only (no other
+    ``allowed_paths``), and no URL through its ``file=`` route (`OwnFilesOnly`). More than ``concurrency`` running
+    plus ``max_waiting`` queued requests are turned away with Gradio's "queue is full" message."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio reads it
     if importlib.util.find_spec("gradio") is None:
         raise SteerError("the demo needs Gradio: pip install -e '.[demo]'", where="steer demo")
     if concurrency < 1:
         raise SteerError(f"concurrency must be ≥ 1, got {concurrency}", where="--concurrency")
+    if max_waiting < 0:
+        raise SteerError(f"must be ≥ 0, got {max_waiting}", where="--max-waiting")
     _check_port(host, port)  # before the model loads: a taken port fails in a second, not after the load
     search = FeatureSearch.open(atlas) if atlas not in (None, "none") else FeatureSearch()  # a bad file fails first
     engine = DemoEngine.load(model, sae, limits=limits)
@@ -399,19 +428,45 @@ def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None
         search.state = "feature search is off (--atlas none); type a feature id"
     elif atlas is None and sae in (None, "default"):
         search = FeatureSearch.default()  # after the load: the default SAE exists (trained on first use) by now
-    export_dir = Path(tempfile.mkdtemp(prefix="steer-demo-exports-"))
+    own = Path(tempfile.mkdtemp(prefix="steer-demo-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(own / "downloads")  # Gradio's cache: read when it copies a file, not at import
+    export_dir = own / "exports"
     app = build_app(engine, search, export_dir=export_dir)
-    app.queue(default_concurrency_limit=concurrency, max_size=64)
+    app.queue(default_concurrency_limit=concurrency, max_size=max_waiting)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: Gradio closes, the export directory goes
     print(f"steer demo: serving {engine.model_name} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    from starlette.middleware import Middleware
+
     try:
         app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False, pwa=False,
-                   show_error=False, quiet=True, footer_links=["api"], allowed_paths=[str(export_dir)], css=CSS)
+                   show_error=False, quiet=True, footer_links=["api"], css=CSS,
+                   app_kwargs={"middleware": [Middleware(OwnFilesOnly)]})
     except OSError as exc:
         raise SteerError(f"cannot serve on {host}:{port}: {exc}", where="--port") from None
     finally:
-        shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
+
+
+class OwnFilesOnly:
+    """ASGI middleware: Gradio's ``file=`` and ``proxy=`` routes would fetch a public URL for any caller and hand
+    it out; the demo hands out only its own files, so such requests get 403 before Gradio sees them."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            from urllib.parse import unquote
+
+            path = unquote(scope.get("path", ""))
+            _, marker, rest = path.partition("/file=") if "/file=" in path else path.partition("/proxy=")
+            if marker and (marker == "/proxy=" or "://" in rest or rest.lower().startswith(("http:", "https:"))):
+                from starlette.responses import PlainTextResponse
+
+                await PlainTextResponse("steer demo: serves only its own files", status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _interrupt(_signum, _frame):

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from steer.errors import SpecError, SteerError
-from steer.generate import Sampling, cache_keyword, cache_of, last_logit_only, prompt_ids, stop_ids
+from steer.generate import Sampling, cache_keyword, cache_of, context_length, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
@@ -139,6 +139,10 @@ class DemoEngine:
         self.sae = sae
         self.model_name = model_name
         self.limits = limits
+        context = context_length(model)
+        if context is not None and limits.max_prompt_tokens + limits.max_new_tokens > context:
+            raise SteerError(f"--max-prompt-tokens {limits.max_prompt_tokens} + --max-new-tokens {limits.max_new_tokens} "
+                             f"is over the model's context of {context} tokens; lower one of them", where="steer demo")
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
         self._plans: OrderedDict[tuple[Edit, ...], Plan] = OrderedDict()
