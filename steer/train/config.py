@@ -47,6 +47,8 @@ class TrainConfig:
     """Model to read activations from: a registry name, a local HF directory, a .gguf file or a hub id."""
     site: str = "resid_post.10"
     """Where the SAE reads: resid_pre.L, resid_post.L, attn_out.L or mlp_out.L (or a SAELens/HF alias)."""
+    sites: tuple[str, ...] = ()
+    """Several sites instead of `site` (a YAML list, or comma-separated): one model pass up to the deepest caches the activations of all of them on disk (float16), then one SAE per site trains on its cache, saved as OUT/<site>/."""
     corpus: str = "default"
     """Text to train on: `default` (the embedded corpus), a text/JSONL/parquet file, a directory of them, or an HF dataset name (online)."""
     text_field: str = "text"
@@ -114,9 +116,16 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """The sites this recipe trains SAEs for: ``sites``, else ``(site,)``."""
+        return self.sites or (self.site,)
+
     def replace(self, **changes) -> "TrainConfig":
         """A new, validated recipe with ``changes`` (None values are ignored: an unset flag overrides nothing)."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        if "site" in changes and "sites" not in changes:
+            changes["sites"] = ()  # --site on a multi-site recipe: that one site
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
             raise TrainError(f"unknown field {unknown[0]!r}; allowed: {', '.join(field_names())}")
@@ -157,6 +166,8 @@ def from_dict(values: dict, *, where: str) -> TrainConfig:
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise TrainError(f"unknown field {unknown[0]!r}; allowed: {', '.join(field_names())}", where=where)
+    if values.get("sites") and "site" in values and where != "flags":
+        raise TrainError("give either 'site' (one SAE) or 'sites' (one SAE per site, one model pass), not both", where=where)
     hints = get_type_hints(TrainConfig)
     coerced = {name: _coerce(name, value, hints[name], where) for name, value in values.items()}
     try:
@@ -202,6 +213,14 @@ def _coerce(name: str, value, hint, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TrainError(f"{field} must be a number, found {value!r}", where=where)
         return float(value)
+    if get_origin(expected) is tuple:  # tuple[str, ...]: a YAML list or a comma-separated string
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
+            raise TrainError(f"{field} must be a list of non-empty strings, found {value!r}", where=where)
+        items = tuple(v.strip() for v in items)
+        if len(set(items)) != len(items):
+            raise TrainError(f"{field} names a site twice: {', '.join(items)}", where=where)
+        return items
     if expected is str:
         if not isinstance(value, str) or not value.strip():
             raise TrainError(f"{field} must be a non-empty string, found {value!r}", where=where)
@@ -261,5 +280,8 @@ def load_recipe(path: str | Path, **overrides) -> TrainConfig:
 
 def recipe_hash(config: TrainConfig) -> str:
     """sha256 (hex, 12 digits) of the resolved recipe and the trainer version."""
-    payload = json.dumps({"trainer": TRAINER_VERSION, **config.to_dict()}, sort_keys=True)
+    fields = config.to_dict()
+    if not fields["sites"]:
+        del fields["sites"]  # one-site recipes hash as they did before `sites` existed
+    payload = json.dumps({"trainer": TRAINER_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -6,9 +6,11 @@ for initialisation and for the final statistics, and reports the state a
 checkpoint needs to resume it:
 
 - `TensorSource` (activations given in memory) and `CachedSource` (the model
-  run once over ``tokens / epochs`` corpus tokens, activations kept in a
-  memmap) are *exact* on resume: the batch of step s is fixed by the seed
-  (epoch e visits the rows in ``randperm(N, seed + e)`` order).
+  run once over ``tokens / epochs`` corpus tokens by `fill_caches`,
+  activations kept in a memmap — one per site when a run trains several
+  sites' SAEs from the same pass) are *exact* on resume: the batch of step s
+  is fixed by the seed (epoch e visits the rows in ``randperm(N, seed + e)``
+  order).
 - `StreamingSource` runs the model as training goes, through a shuffling
   buffer. On resume it skips the token rows it had already read; the
   activations that sat in its buffer at the interruption are not replayed.
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from steer.data.corpus import Corpus, token_sequences
-from steer.train.activations import ActivationCache, ShuffleBuffer, SiteReader, stream_activations
+from steer.models.adapters import Site
+from steer.train.activations import ActivationCache, ShuffleBuffer, SiteReader, SitesReader, stream_activations
 from steer.train.config import TrainConfig, TrainError
 
 INIT_SAMPLE = 16384
@@ -71,40 +74,12 @@ def tensor_source(activations: torch.Tensor, config: TrainConfig, rank: int = 0,
 
 
 class CachedSource(TensorSource):
-    """The model run once; ``tokens / epochs`` activations kept in a memmap under the work dir."""
+    """Batches from an `ActivationCache` this process filled (``fill_caches``): its own shard, reshuffled each epoch."""
 
-    def __init__(self, config: TrainConfig, corpus: Corpus, tokenizer, reader: SiteReader, d: int, work_dir: Path,
-                 *, rank: int, world: int, device, progress: bool):
-        distinct = -(-config.tokens // config.epochs) // world
-        self.cache = ActivationCache(work_dir / f"activations.rank{rank}.npy", distinct, d)
-        if not self.cache.complete:
-            self._fill(config, corpus, tokenizer, reader, rank, world, device, progress)
-        super().__init__(lambda idx: self.cache.rows(idx), self.cache.filled, config, rank, world)
+    def __init__(self, config: TrainConfig, cache: ActivationCache, *, rank: int, world: int):
+        self.cache = cache
+        super().__init__(lambda idx: self.cache.rows(idx), cache.filled, config, rank, world)
         self.local_batch = config.batch_size // world
-
-    def _fill(self, config, corpus, tokenizer, reader, rank, world, device, progress) -> None:
-        from tqdm.auto import tqdm
-
-        cache = self.cache
-        rows = token_sequences(corpus.documents("train", config.held_out), tokenizer, config.context_size)
-        bar = tqdm(total=cache.capacity, initial=cache.filled, unit="tok", desc="caching activations",
-                   disable=not progress, dynamic_ncols=True)
-        try:
-            for acts, consumed in stream_activations(rows, reader, model_batch_size=config.model_batch_size,
-                                                     skip_first=config.skip_first, rank=rank, world=world,
-                                                     skip_rows=cache.rows_consumed, device=device):
-                before = cache.filled
-                cache.append(acts, consumed)
-                bar.update(cache.filled - before)
-                if cache.complete:
-                    break
-        finally:
-            cache.flush()
-            bar.close()
-        if not cache.complete:
-            print(f"steer: the corpus's training split gave {cache.filled} of the {cache.capacity} distinct activations "
-                  f"asked for; training repeats them", file=sys.stderr)
-            cache.capacity = cache.filled
 
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         # the permutation is over this process's own cache: each process draws its local batch from its shard
@@ -120,6 +95,58 @@ class CachedSource(TensorSource):
 
     def state(self) -> dict:
         return {"cached": self.cache.filled}
+
+
+def distinct_activations(config: TrainConfig, world: int) -> int:
+    """Activations each process caches: ``tokens / epochs`` over the data-parallel processes."""
+    return -(-config.tokens // config.epochs) // world
+
+
+FLUSH_EVERY = 32
+"""Model batches between flushes of the caches while filling (what an interruption can lose)."""
+
+
+def fill_caches(config: TrainConfig, corpus: Corpus, tokenizer, reader: SitesReader, caches: dict[Site, ActivationCache],
+                *, rank: int, world: int, device, progress: bool) -> None:
+    """One model pass over the corpus's training split fills every site's cache (resuming where they stopped).
+
+    A cache left short by a corpus that ran out gets its capacity lowered to what it holds (a message says so).
+    """
+    from tqdm.auto import tqdm
+
+    sites = list(caches)
+    resume = min(sites, key=lambda site: caches[site].filled)  # caches flushed apart by a crash: redo from the least full
+    for site in sites:
+        caches[site].filled, caches[site].rows_consumed = caches[resume].filled, caches[resume].rows_consumed
+    lead = caches[resume]
+    if lead.complete:
+        return
+    rows = token_sequences(corpus.documents("train", config.held_out), tokenizer, config.context_size)
+    bar = tqdm(total=lead.capacity, initial=lead.filled, unit="tok", dynamic_ncols=True, disable=not progress,
+               desc=f"caching activations at {len(sites)} site{'s' * (len(sites) > 1)}")
+    try:
+        for batches, (acts, consumed) in enumerate(stream_activations(
+                rows, reader, model_batch_size=config.model_batch_size, skip_first=config.skip_first, rank=rank,
+                world=world, skip_rows=lead.rows_consumed, device=device), start=1):
+            acts = acts if isinstance(acts, dict) else {sites[0]: acts}
+            before = lead.filled
+            for site in sites:
+                caches[site].append(acts[site], consumed)
+            bar.update(lead.filled - before)
+            if lead.complete:
+                break
+            if batches % FLUSH_EVERY == 0:
+                for cache in caches.values():
+                    cache.flush()
+    finally:
+        for cache in caches.values():
+            cache.flush()
+        bar.close()
+    if not lead.complete:
+        print(f"steer: the corpus's training split gave {lead.filled} of the {lead.capacity} distinct activations "
+              f"asked for; training repeats them", file=sys.stderr)
+        for cache in caches.values():
+            cache.capacity = cache.filled
 
 
 class StreamingSource:
