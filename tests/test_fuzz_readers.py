@@ -36,7 +36,7 @@ from tests.test_sae_formats import (
     D_IN, random_weights, sparsify_tensors, write_gemmascope, write_saelens_v5, write_saelens_v6, write_sparsify,
 )
 
-EXAMPLES = int(os.environ.get("STEER_FUZZ_EXAMPLES", 1000))
+EXAMPLES = int(os.environ.get("STEER_FUZZ_EXAMPLES", "1000"))
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
@@ -44,8 +44,8 @@ JSON_VALUES = st.recursive(
 )
 
 
-def _make_valid(root: Path) -> dict[str, tuple[Path, list[str], str]]:
-    """format → (what to read, damageable files relative to it, the weights file)."""
+def _make_valid(root: Path) -> dict[str, tuple[Path, list[str]]]:
+    """format → (the directory to read, the files in it to damage)."""
     v6 = write_saelens_v6(root / "v6", "jumprelu", random_weights(0, threshold=True),
                           sparsity=torch.full((48,), -2.0))
     v5 = write_saelens_v5(root / "v5", random_weights(1), activation="topk", kwargs={"k": 8})
@@ -55,11 +55,11 @@ def _make_valid(root: Path) -> dict[str, tuple[Path, list[str], str]]:
     directions.parent.mkdir()
     save_file({"u": torch.randn(D_IN), "v": torch.randn(D_IN)}, str(directions))
     return {
-        "saelens_v6": (v6, ["sae_weights.safetensors", "cfg.json", "sparsity.safetensors"], "sae_weights.safetensors"),
-        "saelens_v5": (v5, ["sae_weights.safetensors", "cfg.json"], "sae_weights.safetensors"),
-        "gemmascope": (gemma, ["params.npz"], "params.npz"),
-        "sparsify": (sparsify, ["sae.safetensors", "cfg.json"], "sae.safetensors"),
-        "direction": (directions.parent, ["dirs.safetensors"], "dirs.safetensors"),
+        "saelens_v6": (v6, ["sae_weights.safetensors", "cfg.json", "sparsity.safetensors"]),
+        "saelens_v5": (v5, ["sae_weights.safetensors", "cfg.json"]),
+        "gemmascope": (gemma, ["params.npz"]),
+        "sparsify": (sparsify, ["sae.safetensors", "cfg.json"]),
+        "direction": (directions.parent, ["dirs.safetensors"]),
     }
 
 
@@ -182,7 +182,7 @@ def test_readers_answer_every_damaged_file_with_a_steer_error_or_a_valid_result(
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(fmt=st.sampled_from(sorted(valid)), data=st.data())
     def one(fmt, data):
-        source, damageable, weights = valid[fmt]
+        source, damageable = valid[fmt]
         name = data.draw(st.sampled_from(damageable))
         with tempfile.TemporaryDirectory(prefix="steer-fuzz-") as tmp:
             copy = Path(tmp) / source.name

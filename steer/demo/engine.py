@@ -43,7 +43,6 @@ Never leaves a hook installed after a step; never mutates the model.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -291,6 +290,7 @@ class DemoEngine:
 
     def export(self, edits_text: str, target: str, directory) -> ExportResult:
         """Export the edit list as ``target``, verify it, and zip both into ``directory``."""
+        from steer.export.atomic import atomic_file
         from steer.export.checkpoint import export
         from steer.models import load_model
         from steer.plan import compile as compile_plan
@@ -316,9 +316,8 @@ class DemoEngine:
                 report = "\n".join([*verdict.lines, "verified" if verdict.ok else "verification FAILED"]) + "\n"
                 (work / "verify_report.txt").write_text(report)
                 archive = directory / f"steer-{target}-{digest}.zip"
-                partial = work / "archive.zip.partial"
-                _zip_directory(work, partial, skip={partial.name})
-                os.replace(partial, archive)
+                with atomic_file(archive, what="export zip") as partial:
+                    _zip_directory(work, partial)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return ExportResult(archive, report, verdict.ok)
@@ -393,11 +392,11 @@ def _line_of_error(exc: SteerError, line_of: list[int]) -> int | None:
     return line_of[0] if line_of else None
 
 
-def _zip_directory(source: Path, archive: Path, *, skip: set[str]) -> None:
+def _zip_directory(source: Path, archive: Path) -> None:
     """Zip ``source``'s files; weights are stored (they do not compress), the rest deflated."""
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(source.rglob("*")):
-            if path.is_file() and path.name not in skip:
+            if path.is_file():
                 stored = path.suffix in (".safetensors", ".gguf", ".bin")
                 zf.write(path, path.relative_to(source).as_posix(),
                          compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
