@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 import steer
 from steer.cli.main import main as steer_main
+from steer.data.state_file import load_state
 from steer.train import TrainConfig, TrainError, load_recipe, train_sae
 from tests.conftest import VOCAB, tiny_model
 
@@ -156,7 +157,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     straight = train_sae(config, tmp_path / "straight", activations=x, progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_sae(config, tmp_path / "resumed", activations=x, progress=False, callback=_interrupt_at(13))
-    assert (tmp_path / ".resumed.train" / "checkpoint.pt").is_file()
+    assert (tmp_path / ".resumed.train" / "checkpoint.safetensors").is_file()
     seen = []
     resumed = train_sae(config, tmp_path / "resumed", activations=x, progress=False, callback=lambda i: seen.append(i.step))
     assert seen[0] == 14 and seen[-1] == config.steps                 # it continued, it did not start over
@@ -196,7 +197,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path, tiny_dir, cor
         time.sleep(0.5)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 130, log.read_text()
-    checkpoint = torch.load(tmp_path / ".sae.train" / "checkpoint.pt", weights_only=False)
+    checkpoint = load_state(tmp_path / ".sae.train" / "checkpoint.safetensors")
     assert 0 < checkpoint["step"] < 500 and "checkpoint saved" in log.read_text()
     finished = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr

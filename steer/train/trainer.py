@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from steer.data.state_file import load_state, save_state
 from steer.sae import SAE, save_sae
 from steer.train.autoencoder import StepOutput, TopKAutoencoder
 from steer.train.config import TRAINER_VERSION, TrainConfig, TrainError, recipe_hash
@@ -53,7 +54,8 @@ from steer.train.activations import ActivationCache
 from steer.train.sources import INIT_SAMPLE, CachedSource, StreamingSource, distinct_activations, fill_caches, tensor_source
 from steer.train.statistics import feature_statistics
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+"""The resume checkpoint: tensors + JSON structure, never a pickle (`steer.data.state_file`)."""
 ACTIVATIONS = "activations"
 """Subdirectory of a multi-site run's work directory holding every site's activation cache."""
 KEY = "key"
@@ -476,10 +478,7 @@ def _save_checkpoint(run: _Run, accelerator) -> None:
         "optimizer": run.optimizer.state_dict(), "input_scale": run.input_scale, "since_fired": run.dead.since_fired.cpu(),
         "source": run.source.state(), "rng": torch.get_rng_state(), "metrics": run.last, "wall_time": _wall(run),
     }
-    path = run.work / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_state(run.work / CHECKPOINT, state, error=TrainError)
 
 
 def _wall(run: _Run) -> float:
@@ -494,12 +493,11 @@ def _work_recipe(work: Path) -> str | None:
 def _load_checkpoint(work: Path, config: TrainConfig) -> dict | None:
     path = work / CHECKPOINT
     if not path.is_file():
+        if (work / "checkpoint.pt").is_file():
+            raise TrainError("holds a pickled checkpoint.pt from an older steer, which is not read (unpickling can run "
+                             "code); pass --restart to start over", where=str(work))
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say so rather than train from it
-        raise TrainError(f"cannot read the checkpoint ({exc.__class__.__name__}); delete {work} to start over",
-                         where=str(path)) from None
+    state = load_state(path, error=TrainError)  # a truncated or foreign file: one line, rather than train from it
     if state.get("recipe_hash") != recipe_hash(config):
         changed = sorted(k for k, v in config.to_dict().items() if state.get("recipe", {}).get(k) != v)
         raise TrainError(
