@@ -58,8 +58,18 @@ def export_argv(files: Path, out: Path, *extra: str) -> list[str]:
             "--model", str(files / "model"), "-o", str(out), *extra]
 
 
+def start_slow_export(files: Path, out: Path, seconds: float) -> subprocess.Popen:
+    """A child running `steer export` that pauses ``seconds`` once its first shard is written (returns by then)."""
+    proc = subprocess.Popen([sys.executable, "-c", slow_export_script(files, out, seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    if proc.stdout.readline().strip() != "writing":
+        proc.kill()
+        raise AssertionError(proc.stderr.read())
+    return proc
+
+
 def slow_export_script(files: Path, out: Path, seconds: float) -> str:
-    """A child that runs `steer export` with a pause after the first shard is written (printing "writing")."""
+    """The child's script: `steer export` with a pause after the first shard is written (printing "writing")."""
     argv = export_argv(files, out)[3:]
     return textwrap.dedent(f"""
         import sys, time, steer.export.checkpoint as checkpoint
@@ -104,10 +114,8 @@ def tmpfs(size: str, *options: str):
 
 def test_sigkill_mid_export_leaves_a_partial_that_the_next_export_removes(files, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", slow_export_script(files, out, 60)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = start_slow_export(files, out, 60)
     try:
-        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -123,10 +131,8 @@ def test_sigkill_mid_export_leaves_a_partial_that_the_next_export_removes(files,
 
 def test_two_exports_to_one_target_at_once_one_wins_the_other_says_so(files, tmp_path):
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-c", slow_export_script(files, out, 8)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV)
+    first = start_slow_export(files, out, 8)
     try:
-        assert first.stdout.readline().strip() == "writing", first.stderr.read()
         second = subprocess.run(export_argv(files, out, "--overwrite"), capture_output=True, text=True, env=ENV,
                                 timeout=300)
         assert first.wait(timeout=300) == 0, first.stderr.read()
@@ -429,3 +435,97 @@ def test_a_spec_of_1000_edits_parses_compiles_and_runs_in_seconds(files, tmp_pat
     print(f"\n1,000 edits: parse {parsed - started:.2f} s, compile {compiled - parsed:.2f} s, forward of 64 tokens "
           f"{1e3 * base:.1f} ms unsteered vs {1e3 * hooked:.1f} ms hooked")
     assert parsed - started < 10 and compiled - parsed < 10 and hooked < 2.0
+
+
+# -- item 5: sharded and 16-bit bases ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,shard", [(torch.bfloat16, "40KB"), (torch.float16, None)])
+def test_sharded_and_16_bit_bases_export_verify_and_reload_in_their_dtype(files, tmp_path, dtype, shard):
+    from transformers import AutoModelForCausalLM
+
+    from steer.export.checkpoint import export
+    from steer.export.stream import read_index
+    from steer.verify.artifact import verify_artifact
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    base = tmp_path / "base"
+    tiny_model("llama").to(dtype).save_pretrained(str(base), **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(str(base))
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert (len(shards) > 1) == (shard is not None)
+    model, tokenizer = steer.load_model(str(base))
+    plan = steer.compile(SPEC.format(dirs=files / "dirs.safetensors") + "; add direction {}:v by 2 site resid_post.1"
+                         .format(files / "dirs.safetensors"), model, tokenizer=tokenizer)
+    out = tmp_path / "out"
+    manifest = export(plan, model, tokenizer, "weights", out, base=str(base))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+
+    touched = {t for e in manifest["edits"] for t in e["tensors"]}
+    before = {k: v for s in shards for k, v in read_index(base / s)[0].items()}
+    after = {k: v for s in shards for k, v in read_index(out / s)[0].items()}
+    untouched = [k for k in before if k not in touched]
+    assert untouched and set(before) <= set(after)
+    for name, t in after.items():  # the base's dtype everywhere, new zero biases included
+        assert t.torch_dtype == dtype, (name, t.dtype)
+    for name in untouched:  # streamed: untouched tensors are the base's bytes
+        assert b"".join(before[name].chunks()) == b"".join(after[name].chunks()), name
+
+    verdict = verify_artifact(out)
+    assert verdict.ok, verdict.lines
+    assert manifest["rounding"]["stored_equals_rounded"] and manifest["rounding"]["fidelity_before_rounding"]
+    assert any("before rounding" in line and line.startswith("ok") for line in verdict.lines), verdict.lines
+    if dtype == torch.bfloat16:  # a file that is not the lowering rounded fails, though its rounding hides a lot
+        wrong = verify_artifact(out, spec=SPEC.format(dirs=files / "dirs.safetensors").replace("writers", "writers by 99%")
+                                + "; add direction {}:v by 2 site resid_post.1".format(files / "dirs.safetensors"))
+        assert not wrong.ok and any("are not the lowering rounded to bfloat16" in line for line in wrong.lines)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert reloaded.dtype == dtype and reloaded.config.mlp_bias
+
+
+def test_a_windows_style_direction_path_splits_on_the_last_colon(files, capsys):
+    code, _, err = run_cli(["compile", r"add direction C:\dirs\v.safetensors:key by 2 site resid_post.1", "--target",
+                            "pack", "--model", str(files / "model"), "-o", "/nonexistent/out"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and r"direction file 'C:\\dirs\\v.safetensors' does not exist" in line, line
+
+
+def test_training_state_round_trips_through_safetensors_and_json_without_pickle(tmp_path):
+    from steer.data.state_file import load_state, save_state
+
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = {"step": 7, "recipe": {"lr": 1e-3, "sites": ["a", "b"], "none": None}, "scale": float("inf"),
+             "model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+             "pair": (1, "x"), "bf16": torch.ones(3, dtype=torch.bfloat16)}
+    save_state(tmp_path / "checkpoint.safetensors", state)
+    back = load_state(tmp_path / "checkpoint.safetensors")
+    assert back["step"] == 7 and back["recipe"] == state["recipe"] and back["scale"] == float("inf")
+    assert back["pair"] == (1, "x") and back["bf16"].dtype == torch.bfloat16
+    assert torch.equal(back["rng"], state["rng"])
+    restored = torch.optim.Adam(net.parameters(), lr=1e-3)
+    restored.load_state_dict(back["optimizer"])  # int keys and param groups come back as the optimizer wants them
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    marker = tmp_path / "code-ran"
+    _evil_pickle(tmp_path / "evil.safetensors", marker)
+    with pytest.raises(SteerError, match="cannot read evil.safetensors"):
+        load_state(tmp_path / "evil.safetensors")
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "evil.safetensors"]
+
+
+def test_no_pickle_is_loaded_anywhere_in_steers_own_files():
+    """Every way Python code can unpickle, searched in steer's sources: torch.load only with weights_only=True."""
+    import re
+
+    offenders = []
+    for path in sorted((ROOT / "steer").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if (re.search(r"\b(pickle|cPickle|dill|joblib|marshal)\.loads?\(", code) or "allow_pickle=True" in code
+                    or "weights_only=False" in code
+                    or ("torch.load(" in code and "weights_only=True" not in code)):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders

@@ -30,6 +30,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from steer.errors import SteerError
@@ -89,13 +90,7 @@ def write_merged(patch: WeightPatch, base: Path, out: Path) -> None:
         keys_by_shard[shard], metadata_by_shard[shard] = list(tensors), metadata or {"format": "pt"}
         stored.update(tensors)
     home = {key: shard for shard, keys in keys_by_shard.items() for key in keys}
-    prefix = adapter_for(json.loads((base / "config.json").read_text())["model_type"]).base + "."
-
-    def resolve(name: str) -> str | None:  # our names are module paths; old GPT-2 files drop the base prefix
-        if name in home:
-            return name
-        short = name[len(prefix):] if name.startswith(prefix) else None
-        return short if short in home else None
+    resolve = tensor_resolver(base, home)
 
     new_names = {t.name for t in patch.new_tensors}
     growths: dict[str, list[Growth]] = {}
@@ -132,6 +127,75 @@ def write_merged(patch: WeightPatch, base: Path, out: Path) -> None:
         index["weight_map"] = dict(sorted(weight_map.items()))
         index.setdefault("metadata", {})["total_size"] = total
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def tensor_resolver(base: Path, names) -> Callable[[str], str | None]:
+    """Our tensor name (a module path) → its name in the checkpoint ``base`` (old GPT-2 files drop the base prefix)."""
+    prefix = adapter_for(json.loads((base / "config.json").read_text())["model_type"]).base + "."
+
+    def resolve(name: str) -> str | None:
+        if name in names:
+            return name
+        short = name[len(prefix):] if name.startswith(prefix) else None
+        return short if short in names else None
+    return resolve
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Where every tensor of a checkpoint directory lies (all shards)."""
+    stored: dict[str, StoredTensor] = {}
+    for shard in base_shards(directory):
+        stored.update(read_index(directory / shard)[0])
+    return stored
+
+
+SIXTEEN_BITS = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def rounding_check(artifact, patch: WeightPatch, base: Path, out: Path) -> dict | None:
+    """For a base stored in 16 bits, whose merged tensors can only be stored rounded: put into ``artifact`` (the
+    export loaded in fp32) every patched tensor's value *before* rounding (the float64 sum cast to float32), so the
+    lowering itself can be judged exact in fp32, and check that the export's file holds exactly that value rounded
+    to the base's dtype. None where nothing was rounded (a 32-bit base) or the patch grows tensors (a graft, which
+    is approximate and judged on the stored file). Reads one tensor at a time."""
+    if patch.grafts or patch.growths:
+        return None
+    before, after = stored_tensors(base), stored_tensors(out)
+    resolve, resolve_out = tensor_resolver(base, before), tensor_resolver(out, after)
+    new = {t.name: t for t in patch.new_tensors}
+    by_tensor: dict[str, list[Delta]] = {}
+    for d in patch.deltas:
+        if resolve(d.tensor) is not None or d.tensor in new:
+            by_tensor.setdefault(d.tensor, []).append(d)
+    params = dict(artifact.state_dict(keep_vars=True))
+    model_resolve = tensor_resolver(base, params)
+    dtypes, mismatched = set(), []
+    for name, deltas in sorted(by_tensor.items()):
+        if name in new:
+            like = before[resolve(new[name].like)]
+            x = torch.zeros(like.shape[0], dtype=torch.float64) if new[name].kind == "zeros_bias" else like.read().double()
+            dtype = like.dtype
+        else:
+            source = before[resolve(name)]
+            x, dtype = source.read().double(), source.dtype
+        if dtype not in SIXTEEN_BITS:
+            continue
+        dtypes.add(dtype)
+        exact = x + deltas[0].fn(x)  # in the exporter's order (`_producer`), so the rounding is the same
+        for d in deltas[1:]:
+            exact += d.fn(x)
+        stored = after[resolve_out(name)].read()
+        if not torch.equal(stored, exact.to(stored.dtype)):
+            mismatched.append(name)
+        target = params.get(name) if name in params else params.get(model_resolve(name) or "")
+        if target is None:
+            raise RuntimeError(f"the reloaded export has no tensor {name}")
+        with torch.no_grad():
+            target.copy_(exact.to(target.dtype).reshape(target.shape))
+    if not dtypes:
+        return None
+    return {"dtype": ", ".join(SIXTEEN_BITS[d] for d in sorted(dtypes)), "tensors": len(by_tensor),
+            "stored_equals_rounded": not mismatched, "mismatched": mismatched[:8]}
 
 
 ROWS_PER_PIECE = 1024
@@ -206,7 +270,7 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
     max_kl = plan.spec.max_kl
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        fidelity, notes, lowerings, cvec_fidelity = None, [], [], None
+        fidelity, notes, lowerings, cvec_fidelity, rounding = None, [], [], None, None
         if target == "weights":
             from steer.lower.graft import fit_grafts
             from steer.lower.weights import add_grafts
@@ -226,6 +290,12 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
             write_merged(patch, base_dir, tmp)
             artifact = _load_merged(tmp)
             fidelity = measure(model, plan, artifact, tokenizer)
+            rounding = rounding_check(artifact, patch, base_dir, tmp)  # a 16-bit base: judge the lowering unrounded
+            if rounding is not None:
+                unrounded = measure(model, plan, artifact, tokenizer)
+                rounding["fidelity_before_rounding"] = unrounded.as_dict()
+                notes.append(f"stored in {rounding['dtype']} like the base: the patched tensors are the float64 lowering "
+                             f"rounded once; before rounding {unrounded.describe()}")
             del artifact
         elif target == "adapter":
             from steer.lower.adapter import write_adapter
@@ -261,6 +331,8 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
         evaluation, card_lines = _evaluate_export(target, plan, model, tokenizer, tmp, base_dir, suites, eval_split, notes)
         manifest = _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp)
         manifest["llamacpp_fidelity"] = cvec_fidelity
+        if rounding is not None:
+            manifest["rounding"] = rounding
         manifest["evaluation"] = evaluation
         (tmp / "README.md").write_text(edit_card(manifest, card_lines))
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.errors import SteerError
-from steer.export.checkpoint import MANIFEST, PACK_DIR, _load_adapter, _load_merged, base_directory, sha256_file
+from steer.export.checkpoint import (
+    MANIFEST, PACK_DIR, _load_adapter, _load_merged, base_directory, rounding_check, sha256_file,
+)
+from steer.lower.weights import lower_to_weights
 from steer.lower.pack import load_pack
 from steer.verify.fidelity import Fidelity, measure
 
@@ -95,11 +98,27 @@ def verify_artifact(directory, spec=None) -> Verdict:
         return verdict
     artifact = _load_merged(directory) if target == "weights" else _load_adapter(base_directory(base_name), directory)
     verdict.fidelity = measure(model, plan, artifact, tokenizer)
-    verdict.lines.append(("ok   " if verdict.fidelity.is_exact() else "note ") + verdict.fidelity.describe())
     approximate = [e for e in manifest["edits"] if e["lowering"] != "exact"]
-    if not approximate and not verdict.fidelity.is_exact():
-        verdict.fail(f"every edit was lowered exactly, but the artifact is not exact (KL max {verdict.fidelity.kl_max:.3g} ≥ 1e-6 "
-                     f"or top-1 {100 * verdict.fidelity.top1:.2f}% < 100%)")
+    judged = verdict.fidelity
+    rounding = None
+    if target == "weights" and not approximate:  # a 16-bit base: the lowering is judged before rounding
+        rounding = rounding_check(artifact, lower_to_weights(plan, model.config.to_dict()), base_directory(base_name),
+                                  directory)
+    if rounding is not None:
+        judged = measure(model, plan, artifact, tokenizer)
+        verdict.lines.append(f"note stored in {rounding['dtype']} like the base; as stored: {verdict.fidelity.describe()}")
+        if rounding["stored_equals_rounded"]:
+            verdict.lines.append(f"ok   the {rounding['tensors']} patched tensor(s) are the lowering rounded once to "
+                                 f"{rounding['dtype']}")
+        else:
+            verdict.fail(f"patched tensor(s) {', '.join(rounding['mismatched'])} are not the lowering rounded to "
+                         f"{rounding['dtype']}")
+        verdict.lines.append(("ok   " if judged.is_exact() else "note ") + "before rounding: " + judged.describe())
+    else:
+        verdict.lines.append(("ok   " if judged.is_exact() else "note ") + judged.describe())
+    if not approximate and not judged.is_exact():
+        verdict.fail(f"every edit was lowered exactly, but the artifact is not exact (KL max {judged.kl_max:.3g} ≥ 1e-6 "
+                     f"or top-1 {100 * judged.top1:.2f}% < 100%)")
     max_kl = plan.spec.max_kl
     if approximate and max_kl is not None:
         if verdict.fidelity.kl_mean > max_kl:
