@@ -236,8 +236,10 @@ CSS = """
 """
 
 
-def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export_dir: Path | None = None):
-    """The page over ``engine`` (not launched)."""
+def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export_dir: Path | None = None,
+              downloads: Path | None = None):
+    """The page over ``engine`` (not launched); ``downloads``: Gradio's cache directory when it is this server's own
+    (`serve`), whose old export zips are then reaped (`reap_downloads`)."""
     import gradio as gr
     import pandas as pd
 
@@ -314,7 +316,8 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         for old in export_dir.glob("*.zip"):
             if old != result.archive:
                 old.unlink(missing_ok=True)  # Gradio keeps its own copy for the download; ours is only the latest
-        reap_downloads(result.archive)
+        if downloads is not None:
+            reap_downloads(downloads, newest=result.archive)
         return str(result.archive), result.report
 
     with gr.Blocks(title="steer — steered vs unsteered", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
@@ -390,13 +393,10 @@ KEEP_DOWNLOADS = 4
 """Export zips the server keeps for download (the newest); older ones are deleted when a new export is made."""
 
 
-def reap_downloads(newest: Path | None = None, keep: int = KEEP_DOWNLOADS) -> list[Path]:
-    """Delete all but the ``keep`` newest export zips in Gradio's cache (this server's own directory, see `serve`):
-    Gradio copies each zip there for the download, and many exports would otherwise fill the disk. Returns the
-    deleted paths. ``newest`` (the zip just made, not yet copied) counts as one of the kept."""
-    from gradio.utils import get_upload_folder
-
-    cache = Path(get_upload_folder())
+def reap_downloads(cache: Path, *, newest: Path | None = None, keep: int = KEEP_DOWNLOADS) -> list[Path]:
+    """Delete all but the ``keep`` newest export zips in ``cache``, Gradio's cache when it is this server's own
+    (`serve`): Gradio copies each zip there for the download, and many exports would otherwise fill the disk.
+    Returns the deleted paths. ``newest`` (the zip just made, not yet copied) counts as one of the kept."""
     zips = sorted(cache.rglob("steer-*.zip"), key=lambda p: p.stat().st_mtime, reverse=True)
     doomed = zips[max(0, keep - (1 if newest is not None else 0)):]
     for path in doomed:
@@ -429,9 +429,9 @@ def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None
     elif atlas is None and sae in (None, "default"):
         search = FeatureSearch.default()  # after the load: the default SAE exists (trained on first use) by now
     own = Path(tempfile.mkdtemp(prefix="steer-demo-"))
-    os.environ["GRADIO_TEMP_DIR"] = str(own / "downloads")  # Gradio's cache: read when it copies a file, not at import
-    export_dir = own / "exports"
-    app = build_app(engine, search, export_dir=export_dir)
+    downloads = own / "downloads"
+    os.environ["GRADIO_TEMP_DIR"] = str(downloads)  # Gradio's cache: read when it copies a file, not at import
+    app = build_app(engine, search, export_dir=own / "exports", downloads=downloads)
     app.queue(default_concurrency_limit=concurrency, max_size=max_waiting)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: Gradio closes, the export directory goes
