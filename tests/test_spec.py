@@ -15,7 +15,8 @@ from steer.spec import (
     Condition, Edit, Spec, SpecError, dump_spec, format_dsl, load_spec_file, load_spec_text, parse_dsl, parse_spec,
     spec_to_dict,
 )
-from steer.spec.edit import AMOUNT_DEFAULT, AMOUNT_KEY, FEATURE_ONLY_OPS, OPS, SCOPES, UNITS, UNITS_ALLOWED
+from steer.ops import OPERATIONS
+from steer.spec.edit import OPS, SCOPES, UNITS
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND_TRIP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -326,11 +327,11 @@ def test_yaml_errors_name_file_line_edit_and_field(text, where, words):
         assert word in error.message, (word, error.message)
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if UNITS_ALLOWED[op] != UNITS])
+@pytest.mark.parametrize("op", [op for op in OPS if OPERATIONS[op].units != UNITS])
 def test_units_message_lists_the_allowed_units_from_the_schema(op):
-    bad = next(u for u in UNITS if u not in UNITS_ALLOWED[op])
-    error = spec_error(load_spec_text, f"edits: [{{{op}: 1, {AMOUNT_KEY[op]}: 1, units: {bad}}}]")
-    assert f"{op} takes units {', '.join(UNITS_ALLOWED[op])}, not {bad!r}" in error.message
+    bad = next(u for u in UNITS if u not in OPERATIONS[op].units)
+    error = spec_error(load_spec_text, f"edits: [{{{op}: 1, {OPERATIONS[op].amount_key}: 1, units: {bad}}}]")
+    assert f"{op} takes units {', '.join(OPERATIONS[op].units)}, not {bad!r}" in error.message
 
 
 def test_edit_rejects_an_amount_too_large_for_a_float():
@@ -394,12 +395,12 @@ directions = st.builds(lambda file, key: f"{file}:{key}", st.text(min_size=1, ma
 @st.composite
 def edits(draw) -> Edit:
     op = draw(st.sampled_from(OPS))
-    on_feature = op in FEATURE_ONLY_OPS or draw(st.booleans())
+    on_feature = not OPERATIONS[op].directions or draw(st.booleans())
     target = {"feature": draw(st.integers(0, 2**40))} if on_feature else {"direction": draw(directions)}
     amounts = finite.filter(lambda a: a >= 0) if op in ("scale", "project_out") else finite
-    if AMOUNT_DEFAULT[op] is not None:
+    if OPERATIONS[op].default is not None:
         amounts = st.none() | amounts
-    units = [u for u in UNITS_ALLOWED[op] if u != "feature" or on_feature]
+    units = [u for u in OPERATIONS[op].units if u != "feature" or on_feature]
     whens = [st.just("always")]
     if op != "monitor":
         whens.append(st.builds(Condition, st.integers(0, 2**20), finite))

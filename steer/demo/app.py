@@ -36,38 +36,20 @@ import socket
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from steer.demo.engine import EXPORT_TARGETS, DemoEngine, Frame, LineCheck, Limits
 from steer.errors import SteerError
 from steer.generate import Sampling
+from steer.ops import dsl_verbs
+from steer.ops.amounts import Slider
 
 SCOPES = ("all", "prompt", "generation")
 
 
-@dataclass(frozen=True)
-class Control:
-    """An operation offered by the "add an edit" controls and what its strength slider means."""
-
-    label: str
-    """The slider's label."""
-    minimum: float
-    maximum: float
-    step: float
-    default: float
-    template: str
-    """The DSL line; ``{i}`` is the feature id, ``{s}`` the slider's value."""
-
-
-CONTROLS: dict[str, Control] = {
-    "steer": Control("strength (× the feature's p99 activation)", -12, 12, 0.5, 4, "steer feature {i} by {s:+g} units feature"),
-    "suppress": Control("suppress by (%)", 0, 100, 5, 80, "suppress feature {i} by {s:g}%"),
-    "ablate": Control("(no amount: the feature is set to 0)", 0, 0, 1, 0, "ablate feature {i}"),
-    "amplify": Control("factor (×)", 1, 10, 0.5, 2, "amplify feature {i} by {s:g}x"),
-    "clamp": Control("value (× the feature's p99 activation)", 0, 10, 0.5, 2, "clamp feature {i} to {s:g} units feature"),
-    "monitor": Control("threshold (raw activation)", 0, 10, 0.5, 0, "monitor feature {i} above {s:g}"),
-}
+CONTROLS: dict[str, Slider] = {word: verb.slider for word, verb in dsl_verbs().items() if verb.slider is not None}
+"""The verbs the "add an edit" controls offer on a feature, and what each one's slider means — declared by the
+operation modules (`steer.ops`)."""
 
 
 def edit_line(operation: str, feature, strength: float, scope: str = "all") -> str:

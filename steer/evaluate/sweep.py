@@ -40,7 +40,8 @@ from steer.errors import SpecError, SteerError
 from steer.evaluate.constraints import Constraint, feasible, resolve
 from steer.evaluate.report import NEUTRAL_TOKENS, Baseline, Report, evaluate, measure_baseline
 from steer.evaluate.suites import load_suites
-from steer.spec.edit import AMOUNT_KEY, Condition, Spec
+from steer.ops import OPERATIONS
+from steer.spec.edit import Condition, Spec
 
 MAX_POINTS = 10_000
 EDIT_FIELDS: tuple[str, ...] = ("amount", "feature", "site", "scope", "units", "when.above", "when.feature")
@@ -131,8 +132,8 @@ def set_param(spec: Spec, path: str, value) -> Spec:
 
 
 def _set_edit_field(edit, index: int, name: str, value, where: str):
-    amount_key = AMOUNT_KEY[edit.op]
-    if name in AMOUNT_KEY.values() or name == "amount":
+    amount_key = OPERATIONS[edit.op].amount_key
+    if name in {op.amount_key for op in OPERATIONS.values()} or name == "amount":
         if name not in (amount_key, "amount"):
             raise SpecError(f"edits[{index}] is {edit.op}; its amount is `{amount_key}`, not `{name}`", where=where)
         name = "amount"

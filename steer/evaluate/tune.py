@@ -37,6 +37,7 @@ from steer.evaluate.constraints import Constraint, binding, constraint_suites, r
 from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline, write_text_atomic
 from steer.evaluate.suites import load_suite, load_suites
 from steer.evaluate.sweep import parse_number, pareto_front, set_param
+from steer.ops import OPERATIONS
 from steer.spec.edit import Spec
 
 DEFAULT_MAX_KL = 0.05
@@ -91,11 +92,10 @@ def parse_candidates(texts: list[str]) -> dict[str | None, tuple[int, ...]]:
 def default_ranges(spec: Spec) -> list[Range]:
     ranges = []
     for i, edit in enumerate(spec.edits):
-        if edit.op in ("scale", "project_out"):
-            ranges.append(Range(f"edits[{i}].amount", 0.0, 1.0))
-        elif edit.op == "add" and edit.amount != 0:
-            low, high = sorted((0.0, 2.0 * edit.amount))
-            ranges.append(Range(f"edits[{i}].amount", low, high))
+        rule = OPERATIONS[edit.op].tune_range  # each op says what `steer tune` searches by default
+        bounds = rule(edit.amount) if rule is not None else None
+        if bounds is not None:
+            ranges.append(Range(f"edits[{i}].amount", *bounds))
     return ranges
 
 

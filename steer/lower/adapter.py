@@ -26,6 +26,7 @@ from torch import nn
 
 from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
 from steer.models.adapters import Site, adapter_for
+from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 
 BIAS_TOLERANCE = 1e-6
@@ -41,14 +42,15 @@ def check_adapter(se: SiteEdit, site: Site, config: dict) -> str | None:
 
 def _rule(se: SiteEdit, site: Site, arch) -> str | None:
     """The module kind this edit lowers onto ("writer", "embedding", None for monitor)."""
-    if se.op == "monitor":
+    primitive = OPERATIONS[se.op].lowers_to
+    if primitive is Primitive.NOTHING:
         return None
     if se.scope != "all" or se.when_slot is not None:
         raise Unlowerable("it applies only at some tokens (scope/when): no weight delta does that")
-    if se.op == "add":
-        raise Unlowerable("LoRA carries no bias, so a constant `add` has no adapter lowering (use weights or cvec)")
-    if se.op != "project_out":
-        raise Unlowerable(f"{se.op} is nonlinear in x: no LoRA expresses it")
+    if primitive is Primitive.CONSTANT:
+        raise Unlowerable(f"LoRA carries no bias, so a constant `{se.op}` has no adapter lowering (use weights or cvec)")
+    if primitive is not Primitive.PROJECTION:
+        raise Unlowerable(f"{se.op} is {primitive.value}: no LoRA expresses it")
     if arch.writers_renormalised:
         raise Unlowerable(f"{arch.name} renormalises writer outputs: a low-rank writer change cannot remove a direction")
     if site.kind == "resid_pre" and site.layer == 0:

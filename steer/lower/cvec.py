@@ -18,6 +18,7 @@ import torch
 
 from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
 from steer.models.adapters import Site, adapter_for
+from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 
 
@@ -30,10 +31,11 @@ def check_cvec(se: SiteEdit, site: Site, config: dict) -> str | None:
 
 
 def _layer(se: SiteEdit, site: Site, arch) -> int | None:
-    if se.op == "monitor":
+    primitive = OPERATIONS[se.op].lowers_to
+    if primitive is Primitive.NOTHING:
         return None
-    if se.op != "add":
-        raise Unlowerable(f"a control vector only adds a constant per layer; {se.op} is not one")
+    if primitive is not Primitive.CONSTANT:
+        raise Unlowerable(f"a control vector only adds a constant per layer; {se.op} is {primitive.value}")
     if se.scope != "all" or se.when_slot is not None:
         raise Unlowerable("a control vector applies at every token; this edit is scoped or conditional")
     if site.kind == "resid_pre":

@@ -68,6 +68,7 @@ from steer.lower.hooks import SiteHook, SteeringRun, applied
 from steer.lower.targets import Unlowerable
 from steer.models.adapters import Site, adapter_for
 from steer.models.capture import capture
+from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 from steer.spec.edit import Condition
 
@@ -86,7 +87,6 @@ RIDGE = 1e-2
 """Ridge strength for the direction, relative to the fit tokens' count (z is standardised)."""
 HELD_OUT_EVERY = 10
 """Every 10th fit row is held out to report R²."""
-GRAFT_OPS = ("scale", "clamp")
 HELD_OUT_DOCUMENTS = 0.05
 """The default corpus's held-out split, as the default SAE's recipe sets it (text the SAE never saw)."""
 
@@ -113,10 +113,15 @@ LAYOUTS: dict[str, MLPLayout] = {
 }
 
 
+def graft_ops() -> list[str]:
+    """The operations a graft can approximate: nonlinear functions of one feature."""
+    return [name for name, op in OPERATIONS.items() if op.lowers_to is Primitive.FEATURE]
+
+
 def graft_block(se: SiteEdit, site: Site, arch_name: str) -> int:
     """The block whose MLP gets this edit's neurons; `Unlowerable` with the reason when there is none."""
-    if se.op not in GRAFT_OPS:
-        raise Unlowerable(f"graft lowers only {' and '.join(GRAFT_OPS)}, not {se.op}")
+    if OPERATIONS[se.op].lowers_to is not Primitive.FEATURE:
+        raise Unlowerable(f"graft lowers only {Primitive.FEATURE.value} ({', '.join(graft_ops())}), not {se.op}")
     if arch_name not in LAYOUTS:
         raise Unlowerable(f"{arch_name}'s MLP takes no bias (in transformers and vLLM), so it cannot take grafted neurons")
     if isinstance(se.edit.when, Condition):

@@ -44,7 +44,7 @@ class SteeringRun:
         self.prompt_length = prompt_length
         self.positions: torch.Tensor | None = None  # (T,) positions of the current forward call
         self._monitored: dict[int, torch.Tensor] = {}  # edit index → (B, L)
-        self._thresholds = {e.index: e.amount for sp in plan.sites for e in sp.edits if e.op == "monitor"}
+        self._thresholds = {e.index: e.amount for sp in plan.sites for e in sp.edits if not OPERATIONS[e.op].writes}
 
     def activations(self, edit_index: int) -> torch.Tensor:
         """``(B, L)``: f_i(x) of monitor edit ``edit_index`` at each position seen so far."""
@@ -94,7 +94,7 @@ class SiteHook:
         self.write = torch.stack([e.write for e in self.writers]).to(dtype=dtype, device=device) if self.writers else None  # (E, d)
         self.coefficient = [OPERATIONS[e.op].coefficient for e in self.writers]
         self.reads = [OPERATIONS[e.op].reads for e in self.writers]
-        self.monitors = [e for e in self.edits if e.op == "monitor"]
+        self.monitors = [e for e in self.edits if not OPERATIONS[e.op].writes]  # read-outs
         self.scoped = any(e.scope != "all" for e in self.edits)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -161,7 +161,7 @@ def applied(model: nn.Module, plan: Plan, *, prompt_length: int | None = None):
     run = SteeringRun(plan, prompt_length)
     handles = []
     try:
-        if plan.needs_positions or any(sp.reader and any(e.op == "monitor" for e in sp.edits) for sp in plan.sites):
+        if plan.needs_positions or any(sp.reader and any(not OPERATIONS[e.op].writes for e in sp.edits) for sp in plan.sites):
             base = model.get_submodule(adapter.base)
             handles.append(base.register_forward_pre_hook(run._on_base_forward, with_kwargs=True))
         for site_plan in plan.sites:

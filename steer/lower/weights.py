@@ -45,6 +45,7 @@ import torch
 from steer.lower.graft import LAYOUTS, GraftRequest, Neurons, graft_block
 from steer.lower.targets import EditLowering, Unlowerable, lower_each
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for
+from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 
 
@@ -164,19 +165,20 @@ class _PatchBuilder:
 
     # -- per edit ----------------------------------------------------------------
     def lower(self, se: SiteEdit, site: Site, low: EditLowering) -> list[str] | None:
-        if se.op == "monitor":
+        primitive = OPERATIONS[se.op].lowers_to
+        if primitive is Primitive.NOTHING:
             return None
         if se.scope != "all":
             raise Unlowerable("it applies only at prompt or generation tokens (scope): no weight change does that")
-        if se.when_slot is not None and se.op not in ("scale", "clamp"):
+        if se.when_slot is not None and primitive is not Primitive.FEATURE:
             raise Unlowerable("it applies only where a feature fires (when): no weight change does that")
-        if se.op not in ("add", "project_out", "scale", "clamp"):
-            raise Unlowerable(f"{se.op} is nonlinear in x: no weight lowering")
+        if primitive not in (Primitive.CONSTANT, Primitive.PROJECTION, Primitive.FEATURE):
+            raise Unlowerable(f"{se.op} is {primitive.value}: no weight lowering")
         if self.adapter.writers_renormalised:
             raise Unlowerable(f"{self.adapter.name} renormalises writer outputs, so a weight change cannot add or remove a fixed direction")
-        if se.op == "add":
+        if primitive is Primitive.CONSTANT:
             return self._add(se, site)
-        if se.op == "project_out":
+        if primitive is Primitive.PROJECTION:
             return self._project_out(se, site)
         return self._graft(se, site, low)
 

@@ -1,14 +1,24 @@
 """project_out (fraction p): remove a unit direction û from the stream (abliteration).
 
-delta = −p · (x·û) · û  — linear, so it lowers exactly into orthogonalised writers.
+delta = −p · (x·û) · û  — linear, so it lowers exactly into orthogonalised writers or a rank-1 LoRA.
 """
 
-from steer.ops.base import Operation, register
+from steer.ops.amounts import FRACTION
+from steer.ops.base import Operation, Primitive, register
 
 PROJECT_OUT = register(Operation(
     name="project_out",
     reads="projection",
-    writes=True,
     coefficient=lambda p, proj, _sigma: -p * proj,
     formula="−p·(x·û)·û",
+    lowers_to=Primitive.PROJECTION,
+    amount_key="fraction",
+    dsl_verb="project out",
+    dsl_word="by",
+    help="remove P of the stream's component along the unit direction (default 100%)",
+    amount=FRACTION,
+    default=1.0,
+    nonnegative=True,
+    directions=True,
+    tune_range=lambda _amount: (0.0, 1.0),
 ))

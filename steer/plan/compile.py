@@ -28,7 +28,7 @@ from steer.errors import SAEError, SpecError, SteerError
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for, hidden_size
 from steer.models.capture import capture
 from steer.models.loading import DEFAULT_MODEL, registry_name
-from steer.ops import OPERATIONS
+from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import FeatureReader, Plan, SiteEdit, SitePlan
 from steer.sae import DEFAULT_SAE, SAE, load_sae
 from steer.spec import Spec, parse_spec
@@ -240,7 +240,7 @@ def _raw_amount(edit: Edit, vector: torch.Tensor, site: Site, calibration: "_Cal
         p99 = calibration.feature_p99(site, edit.feature, where)
         return edit.amount * p99, f"{edit.amount:g} feature units × p99 {p99:.4g}"
     mean_norm = calibration.mean_norm(site, where)
-    if edit.op == "add":  # a delta of norm amount·mean_norm along the vector
+    if OPERATIONS[edit.op].lowers_to is Primitive.CONSTANT:  # a delta of norm amount·mean_norm along the vector
         return edit.amount * mean_norm / float(vector.norm()), f"{edit.amount:g} × mean norm {mean_norm:.4g} / |d| {float(vector.norm()):.4g}"
     return edit.amount * mean_norm, f"{edit.amount:g} × mean norm {mean_norm:.4g}"
 

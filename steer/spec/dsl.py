@@ -45,25 +45,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from steer.errors import SpecError
-from steer.spec.edit import OPS, Condition, Edit
-from steer.spec.yaml_io import FRACTION, MODIFIERS, NUMBER, SUGAR, Verb, build_edit, show
+from steer.ops import OPERATIONS, dsl_verbs
+from steer.ops.amounts import NUMBER, Verb
+from steer.spec.edit import Condition, Edit
+from steer.spec.yaml_io import MODIFIERS, build_edit, show
 
-VERBS: dict[str, Verb] = {
-    "scale": Verb("scale", "by", NUMBER),
-    "suppress": SUGAR["suppress"],
-    "ablate": SUGAR["ablate"],
-    "amplify": SUGAR["amplify"],
-    "clamp": Verb("clamp", "to", NUMBER),
-    "steer": SUGAR["steer"],
-    "add": Verb("add", "by", NUMBER),
-    "project out": Verb("project_out", "by", FRACTION, required=False),
-    "cap": Verb("cap", "at", NUMBER),
-    "monitor": Verb("monitor", "above", NUMBER, required=False),
-}
-"""Each DSL verb, its amount's clause word, and how that amount reads (the sugar is shared with YAML)."""
-CANONICAL_VERB: dict[str, str] = {verb.op: name for name, verb in VERBS.items() if name not in SUGAR}
-assert set(CANONICAL_VERB) == set(OPS)
-AMOUNT_WORDS: tuple[str, ...] = ("by", "to", "at", "above")
+VERBS: dict[str, Verb] = dsl_verbs()
+"""Each DSL verb, its amount's clause word, and how that amount reads — from the operation registry."""
+CANONICAL_VERB: dict[str, str] = {op.name: op.dsl_verb for op in OPERATIONS.values()}
+AMOUNT_WORDS: tuple[str, ...] = tuple(dict.fromkeys(op.dsl_word for op in OPERATIONS.values()))
 
 _TOKEN = re.compile(
     r"""(?P<newline>\n)

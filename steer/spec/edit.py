@@ -5,16 +5,10 @@ of `Edit`s. Each `Edit` is one operation of DESIGN §5 on one target (an SAE
 feature id or a direction reference ``FILE.safetensors:KEY``) with one amount
 whose meaning depends on the operation:
 
-| op          | target              | amount (YAML key)         | units allowed        |
-|-------------|---------------------|---------------------------|----------------------|
-| scale       | feature             | factor s ≥ 0 (`factor`)   | raw                  |
-| clamp       | feature             | value v (`to`)            | raw, feature         |
-| add         | feature / direction | strength α (`strength`)   | raw, feature*, norm  |
-| project_out | feature / direction | fraction p ≥ 0 (`fraction`, default 1) | raw     |
-| cap         | feature / direction | cap c (`at`)              | raw, norm            |
-| monitor     | feature             | threshold (`above`, default 0) | raw             |
-
-(* `feature` units need a feature target.) Modifiers: ``when`` is ``always``
+The operations, their amounts (YAML key, default, sign), the units and
+targets they take live in their own modules (`steer.ops.<op>`, registered in
+`steer.ops.OPERATIONS`); `Edit` checks a value against that vocabulary.
+(`feature` units need a feature target.) Modifiers: ``when`` is ``always``
 (default), ``active`` (the edit's own feature f_i(x) > 0) or a `Condition`
 ``{feature: j, above: t}``; ``scope`` is all / prompt / generation (None: the
 spec's default); ``site`` overrides the spec's / SAE's site.
@@ -32,42 +26,17 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from steer.errors import SpecError
+from steer.ops import OPERATIONS
 
-Op = Literal["scale", "clamp", "add", "project_out", "cap", "monitor"]
-OPS: tuple[str, ...] = ("scale", "clamp", "add", "project_out", "cap", "monitor")
+Op = str
+"""An operation name: a key of `steer.ops.OPERATIONS` (its module holds the vocabulary and semantics)."""
+OPS: tuple[str, ...] = tuple(OPERATIONS)
 
 Units = Literal["raw", "feature", "norm"]
 UNITS: tuple[str, ...] = ("raw", "feature", "norm")
 
 Scope = Literal["all", "prompt", "generation"]
 SCOPES: tuple[str, ...] = ("all", "prompt", "generation")
-
-# the canonical YAML key of each op's amount, and its default (None: required)
-AMOUNT_KEY: dict[str, str] = {
-    "scale": "factor",
-    "clamp": "to",
-    "add": "strength",
-    "project_out": "fraction",
-    "cap": "at",
-    "monitor": "above",
-}
-AMOUNT_DEFAULT: dict[str, float | None] = {
-    "scale": None,
-    "clamp": None,
-    "add": None,
-    "project_out": 1.0,
-    "cap": None,
-    "monitor": 0.0,
-}
-UNITS_ALLOWED: dict[str, tuple[str, ...]] = {
-    "scale": ("raw",),
-    "clamp": ("raw", "feature"),
-    "add": ("raw", "feature", "norm"),
-    "project_out": ("raw",),
-    "cap": ("raw", "norm"),
-    "monitor": ("raw",),
-}
-FEATURE_ONLY_OPS: tuple[str, ...] = ("scale", "clamp", "monitor")
 
 
 @dataclass(frozen=True)
@@ -86,13 +55,13 @@ When = Union[Literal["always", "active"], Condition]
 @dataclass(frozen=True)
 class Edit:
     op: Op
-    """One of scale, clamp, add, project_out, cap, monitor."""
+    """An operation of `steer.ops.OPERATIONS` (scale, clamp, add, project_out, cap, monitor, ...)."""
     feature: int | None = None
     """Target SAE feature id (exactly one of feature / direction)."""
     direction: str | None = None
     """Target direction ``FILE.safetensors:KEY`` (a 1-D tensor of size d_model), relative to the spec file."""
     amount: float | None = None
-    """The op's amount: factor, value, strength, fraction, cap or threshold (see the module table)."""
+    """The op's amount: factor, value, strength, fraction, cap or threshold (the op's `amount_key`)."""
     when: When = "always"
     """always, active (own feature > 0), or Condition(feature, above)."""
     units: Units = "raw"
@@ -111,25 +80,24 @@ class Edit:
         if self.feature is not None:
             if isinstance(self.feature, bool) or not isinstance(self.feature, int) or self.feature < 0:
                 raise SpecError(f"feature must be an integer ≥ 0, got {self.feature!r}", where=where)
+        op = OPERATIONS[self.op]
         if self.direction is not None:
-            if self.op in FEATURE_ONLY_OPS:
+            if not op.directions:
                 raise SpecError(f"{self.op} needs a feature target, not a direction", where=where)
             check_direction_ref(self.direction, where)
-        amount = self.amount if self.amount is not None else AMOUNT_DEFAULT[self.op]
-        key = AMOUNT_KEY[self.op]
+        amount = self.amount if self.amount is not None else op.default
+        key = op.amount_key
         if amount is None:
             raise SpecError(f"{self.op} needs `{key}`", where=where)
         if not _is_finite_number(amount):
             raise SpecError(f"`{key}` must be a finite number, got {amount!r}", where=where)
-        if self.op in ("scale", "project_out") and amount < 0:
+        if op.nonnegative and amount < 0:
             raise SpecError(f"`{key}` must be ≥ 0, got {amount!r}", where=where)
         object.__setattr__(self, "amount", float(amount))
         if self.units not in UNITS:
             raise SpecError(f"unknown units {self.units!r}; allowed: {', '.join(UNITS)}", where=where)
-        if self.units not in UNITS_ALLOWED[self.op]:
-            raise SpecError(
-                f"{self.op} takes units {', '.join(UNITS_ALLOWED[self.op])}, not {self.units!r}", where=where
-            )
+        if self.units not in op.units:
+            raise SpecError(f"{self.op} takes units {', '.join(op.units)}, not {self.units!r}", where=where)
         if self.units == "feature" and self.feature is None:
             raise SpecError("units `feature` need a feature target", where=where)
         if self.scope is not None and self.scope not in SCOPES:
@@ -145,8 +113,8 @@ class Edit:
             raise SpecError(f"`when` must be always, active or {{feature: J, above: T}}, got {self.when!r}", where=where)
         if self.when == "active" and self.feature is None:
             raise SpecError("`when: active` needs a feature target", where=where)
-        if self.op == "monitor" and self.when != "always":
-            raise SpecError("monitor takes no `when` (its `above` is the threshold)", where=where)
+        if not op.takes_when and self.when != "always":
+            raise SpecError(f"{self.op} takes no `when` (its `{key}` is the threshold)", where=where)
 
     def describe_target(self) -> str:
         return f"{self.op} feature {self.feature}" if self.feature is not None else f"{self.op} direction {self.direction}"

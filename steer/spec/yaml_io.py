@@ -14,9 +14,9 @@ feature id or a direction ``FILE.safetensors:KEY``)::
         when: active
     scope: generation
 
-The canonical verbs are the ops of `steer.spec.edit` with their amount keys
-(`AMOUNT_KEY`); `SUGAR` adds suppress / ablate / amplify / steer, which this
-module rewrites into canonical edits while reading. `dump_spec` writes the
+The canonical verbs are the operations of `steer.ops.OPERATIONS` with their
+amount keys; their sugar (suppress / ablate / amplify / steer, declared by the
+op modules) is rewritten into canonical edits while reading. `dump_spec` writes the
 canonical form only, so ``load_spec_text(dump_spec(s)) == s``.
 
 Every mistake is a `SpecError` whose ``where`` is ``FILE:LINE: edits[I].FIELD``
@@ -27,135 +27,36 @@ a time so each of `Edit`'s errors is reported at the line of the field that
 caused it. This module never touches a model, an SAE or a direction file; it
 never raises a YAML library exception at its caller.
 
-The amount readers (`NUMBER`, `SUPPRESS`, `AMPLIFY`, `FRACTION`), the verb table
-and `build_edit` are shared with the one-line DSL (`steer.spec.dsl`).
+The verb table and `build_edit` are shared with the one-line DSL
+(`steer.spec.dsl`); the amount readers live in `steer.ops.amounts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from decimal import Decimal, DecimalException
 from typing import Any
 
 import yaml
 
 from steer.errors import SpecError
-from steer.spec.edit import AMOUNT_DEFAULT, AMOUNT_KEY, FEATURE_ONLY_OPS, OPS, Condition, Edit, Spec
+from steer.ops import OPERATIONS, sugar_verbs, yaml_verbs
+from steer.ops.amounts import NUMBER, Verb
+from steer.spec.edit import OPS, Condition, Edit, Spec
 
 TOP_KEYS: tuple[str, ...] = ("name", "description", "model", "sae", "site", "scope", "max_kl", "edits")
 MODIFIERS: tuple[str, ...] = ("when", "units", "scope", "site")
 CONDITION_KEYS: tuple[str, ...] = ("feature", "above")
 
 
-# ---------------------------------------------------------------- amounts
-# An amount arrives as a YAML scalar (int, float, str, ...) or a DSL word (str).
-# Strings are read with decimal arithmetic so "80%" is exactly 0.8 and
-# suppressing by it gives exactly 0.2.
-
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def _decimal(value: object) -> Decimal | None:
-    """A finite number as a Decimal, or None. Accepts int, float and numeric strings (YAML reads 1e-3 as a string)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        number = Decimal(repr(value))
-    elif isinstance(value, str) and _NUMBER.fullmatch(value):
-        number = Decimal(value)
-    else:
-        return None
-    return number if math.isfinite(float(number)) else None
-
-
-def _read_number(value: object) -> Decimal | None:
-    return _decimal(value)
-
-
-def _read_fraction(value: object) -> Decimal | None:
-    """``P%`` or a plain fraction."""
-    if isinstance(value, str) and value.endswith("%"):
-        percent = _decimal(value[:-1])
-        return None if percent is None else percent / 100
-    return _decimal(value)
-
-
-def _read_suppress(value: object) -> Decimal | None:
-    """Suppress by ``P%`` (or by a fraction in [0, 1]): the scale factor 1 − P/100."""
-    fraction = _read_fraction(value)
-    if fraction is None or not 0 <= fraction <= 1:
-        return None
-    return 1 - fraction
-
-
-def _read_amplify(value: object) -> Decimal | None:
-    """Amplify by ``Kx`` or ``K``: the scale factor K."""
-    if isinstance(value, str) and value.endswith("x"):
-        value = value[:-1]
-    return _decimal(value)
-
-
-@dataclass(frozen=True)
-class Amount:
-    """How one verb reads its amount, and what to tell the user when it cannot."""
-
-    expected: str
-    """What the amount must look like, for error messages ("a number", ...)."""
-    parse: Callable[[object], Decimal | None]
-
-    def read(self, value: object) -> float | None:
-        try:
-            number = self.parse(value)
-        except DecimalException:  # a percentage too large to divide
-            return None
-        return None if number is None else float(number)
-
-
-NUMBER = Amount("a number", _read_number)
-FRACTION = Amount("a percentage like 50% or a fraction like 0.5", _read_fraction)
-SUPPRESS = Amount("a percentage from 0% to 100% (like 80%) or a fraction from 0 to 1", _read_suppress)
-AMPLIFY = Amount("a factor like 2x or 2", _read_amplify)
-
-
 # ---------------------------------------------------------------- verbs
+# Amount readers and verbs come from the operation registry (`steer.ops`): each op's module names its YAML key,
+# its amount's reader and default, and its sugar verbs.
 
-
-@dataclass(frozen=True)
-class Verb:
-    """A word that starts an edit: a canonical op or sugar for one."""
-
-    op: str
-    """The canonical op it becomes."""
-    amount_key: str | None
-    """The YAML key (DSL: the clause word) of its amount; None: it takes none."""
-    amount: Amount | None = None
-    """How to read the amount."""
-    fixed: float | None = None
-    """The amount of a verb that takes none (ablate: 0)."""
-    required: bool = True
-    """Whether the amount must be given."""
-
-
-SUGAR: dict[str, Verb] = {
-    "suppress": Verb("scale", "by", SUPPRESS),
-    "ablate": Verb("scale", None, fixed=0.0),
-    "amplify": Verb("scale", "by", AMPLIFY),
-    "steer": Verb("add", "by", NUMBER),
-}
-YAML_VERBS: dict[str, Verb] = {
-    **{op: Verb(op, AMOUNT_KEY[op], NUMBER, required=AMOUNT_DEFAULT[op] is None) for op in OPS},
-    **SUGAR,
-}
+SUGAR: dict[str, Verb] = sugar_verbs()
+YAML_VERBS: dict[str, Verb] = yaml_verbs()
 
 
 def allowed_keys(verb: str) -> tuple[str, ...]:
@@ -211,14 +112,14 @@ TARGET_EXPECTED = "a feature id (an integer ≥ 0) or a direction FILE.safetenso
 # ---------------------------------------------------------------- YAML with line numbers
 
 
-class _Mapping(dict):
+class LineMapping(dict):
     """A YAML mapping that remembers its own line and each key's line (1-based)."""
 
     line: int = 1
     key_lines: dict[Any, int]
 
 
-class _Sequence(list):
+class LineSequence(list):
     """A YAML sequence that remembers its own line and each item's line (1-based)."""
 
     line: int = 1
@@ -230,8 +131,8 @@ class _SpecLoader(yaml.SafeLoader):
     reads timestamps as plain strings and reports bad tagged scalars as YAML errors."""
 
 
-def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode) -> Iterator[_Mapping]:
-    data = _Mapping()
+def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode) -> Iterator[LineMapping]:
+    data = LineMapping()
     data.line = node.start_mark.line + 1
     data.key_lines = {}
     yield data
@@ -251,8 +152,8 @@ def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode) -> Iterator[
         data.key_lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
 
 
-def _construct_sequence(loader: _SpecLoader, node: yaml.SequenceNode) -> Iterator[_Sequence]:
-    data = _Sequence()
+def _construct_sequence(loader: _SpecLoader, node: yaml.SequenceNode) -> Iterator[LineSequence]:
+    data = LineSequence()
     data.line = node.start_mark.line + 1
     data.item_lines = [item.start_mark.line + 1 for item in node.value]
     yield data
@@ -288,7 +189,7 @@ _SpecLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 _SpecLoader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, source: str) -> Any:
     """The YAML document in ``text``; any YAML problem becomes a SpecError with its line."""
     try:
         return yaml.load(text, Loader=_SpecLoader)
@@ -310,7 +211,7 @@ def _parse_yaml(text: str, source: str) -> Any:
 # ---------------------------------------------------------------- reading a spec
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -319,7 +220,7 @@ def _kind(value: object) -> str:
 
 
 def _line_of(mapping: dict, key: object) -> int:
-    return mapping.key_lines.get(key, mapping.line) if isinstance(mapping, _Mapping) else 1
+    return mapping.key_lines.get(key, mapping.line) if isinstance(mapping, LineMapping) else 1
 
 
 def _check_keys(mapping: dict, allowed: tuple[str, ...], where: Callable[[object], str], what: str) -> None:
@@ -336,13 +237,13 @@ def _optional_str(value: object, key: str, where: str) -> str | None:
 
 def load_spec_text(text: str, source: str = "<text>", *, base_dir: str | None = None) -> Spec:
     """Read a spec from YAML or JSON text; ``source`` names it in errors."""
-    data = _parse_yaml(text, source)
+    data = parse_yaml(text, source)
     if data is None:
         raise SpecError(f"empty spec; expected a mapping with keys {', '.join(TOP_KEYS)}", where=f"{source}:1")
     if not isinstance(data, dict):
         line = getattr(data, "line", 1)
         raise SpecError(
-            f"a spec is a mapping with keys {', '.join(TOP_KEYS)}, got {_kind(data)}", where=f"{source}:{line}"
+            f"a spec is a mapping with keys {', '.join(TOP_KEYS)}, got {kind_of(data)}", where=f"{source}:{line}"
         )
 
     def where(key: object) -> str:
@@ -379,19 +280,19 @@ def _read_sae(value: object, where: str, source: str) -> tuple[str, ...]:
     if isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                line = value.item_lines[i] if isinstance(value, _Sequence) else 1
+                line = value.item_lines[i] if isinstance(value, LineSequence) else 1
                 message = f"each SAE must be a path or name (a string), got {show(item)}"
                 raise SpecError(message, where=f"{source}:{line}: sae[{i}]")
         return tuple(value)
-    raise SpecError(f"`sae` must be a path or name, or a list of them, got {_kind(value)}", where=where)
+    raise SpecError(f"`sae` must be a path or name, or a list of them, got {kind_of(value)}", where=where)
 
 
 def _read_edits(value: object, where: str, source: str) -> tuple[Edit, ...]:
     if not isinstance(value, list):
-        raise SpecError(f"`edits` must be a list of edits, got {_kind(value)}", where=where)
+        raise SpecError(f"`edits` must be a list of edits, got {kind_of(value)}", where=where)
     if not value:
         raise SpecError("a spec needs at least one edit", where=where)
-    lines = value.item_lines if isinstance(value, _Sequence) else [1] * len(value)
+    lines = value.item_lines if isinstance(value, LineSequence) else [1] * len(value)
     return tuple(_read_edit(item, i, lines[i], source) for i, item in enumerate(value))
 
 
@@ -404,7 +305,7 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
 
     verbs_allowed = f"{', '.join(OPS)} (or {', '.join(SUGAR)})"
     if not isinstance(item, dict):
-        message = f"an edit is a mapping like `scale: 12` with `factor: 0.5`, got {_kind(item)}"
+        message = f"an edit is a mapping like `scale: 12` with `factor: 0.5`, got {kind_of(item)}"
         raise SpecError(message, where=f"{source}:{line}: {path}")
     verbs = [key for key in item if key in YAML_VERBS]
     if not verbs:
@@ -419,8 +320,9 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
     _check_keys(item, allowed_keys(name), where, f"this {name} edit")
 
     target = target_fields(item[name])
-    if target is None or (verb.op in FEATURE_ONLY_OPS and "feature" not in target):
-        expected = TARGET_EXPECTED if verb.op not in FEATURE_ONLY_OPS else "a feature id (an integer ≥ 0)"
+    directions = OPERATIONS[verb.op].directions
+    if target is None or (not directions and "feature" not in target):
+        expected = TARGET_EXPECTED if directions else "a feature id (an integer ≥ 0)"
         raise SpecError(f"`{name}` needs {expected}, got {show(item[name])}", where=where(name))
 
     amount: float | None = verb.fixed
@@ -491,7 +393,7 @@ def load_spec_file(path: str | os.PathLike[str]) -> Spec:
 def edit_to_dict(edit: Edit) -> dict[str, Any]:
     """The canonical YAML mapping of one edit; defaults (when always, raw units, no scope or site) are left out."""
     out: dict[str, Any] = {edit.op: edit.feature if edit.feature is not None else edit.direction}
-    out[AMOUNT_KEY[edit.op]] = edit.amount
+    out[OPERATIONS[edit.op].amount_key] = edit.amount
     if isinstance(edit.when, Condition):
         out["when"] = {"feature": edit.when.feature, "above": edit.when.above}
     elif edit.when != "always":
