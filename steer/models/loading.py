@@ -84,7 +84,7 @@ def resolve_checkpoint(name: str) -> str:
     """A local HF checkpoint directory (converting/caching if needed) or a hub id."""
     if name in REGISTRY:
         entry = REGISTRY[name]
-        gguf = _packaged_gguf(entry)
+        gguf = packaged_gguf(entry)
         if gguf is None:
             return entry.hub_id
         return str(_converted_gguf(gguf, cache_root() / "models" / name))
@@ -104,7 +104,7 @@ def resolve_checkpoint(name: str) -> str:
     return name  # a hub id
 
 
-def _packaged_gguf(entry: RegistryModel) -> Path | None:
+def packaged_gguf(entry: RegistryModel) -> Path | None:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -50,7 +50,7 @@ def feature_statistics(sae: SAE, batches: Iterable[torch.Tensor]) -> tuple[dict[
     values = torch.cat(fired_values)
     counts = torch.bincount(features, minlength=sae.d_sae)
     maxima = torch.zeros(sae.d_sae).scatter_reduce(0, features, values, reduce="amax", include_self=True)
-    stats = {"density": counts.float() / tokens, "max": maxima, "p99": _p99_by_feature(features, values, counts)}
+    stats = {"density": counts.float() / tokens, "max": maxima, "p99": p99_by_feature(features, values, counts)}
     variance = sum_sq - float(sum_x.pow(2).sum()) / tokens
     metrics = {
         "fvu": error / max(variance, 1e-12),
@@ -61,7 +61,7 @@ def feature_statistics(sae: SAE, batches: Iterable[torch.Tensor]) -> tuple[dict[
     return stats, metrics
 
 
-def _p99_by_feature(features: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def p99_by_feature(features: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Nearest-rank 99th percentile of each feature's values (0 where it has none)."""
     order = torch.argsort(values, stable=True)
     order = order[torch.argsort(features[order], stable=True)]  # by feature, then by value

