@@ -282,7 +282,7 @@ def test_an_sae_with_one_nan_or_inf_is_refused_naming_file_and_tensor(files, tmp
     (torch.full((D,), float("nan")), "non-finite"),
     (torch.ones(D, dtype=torch.float64) * 1e300, "too large for float32"),
     (torch.ones(D, dtype=torch.int32), "expected a float vector [32]"),
-    (torch.ones(D + 1), "has shape [33]"),
+    (torch.ones(D + 1), "has shape (33,)"),
 ])
 def test_a_bad_direction_is_refused_naming_file_and_key(files, tmp_path, capsys, values, needle):
     path = tmp_path / "bad.safetensors"

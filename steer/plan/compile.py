@@ -218,7 +218,7 @@ def read_direction(path: Path, key: str, d_model: int, where: str) -> torch.Tens
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
         raise SpecError(f"cannot read direction file {path} as safetensors: {_first_line(exc)}", where=where) from None
     if vector.dim() != 1 or vector.numel() != d_model or not vector.is_floating_point():
-        raise SpecError(f"direction {key!r} in {path} has shape {list(vector.shape)} ({str(vector.dtype).removeprefix('torch.')}); "
+        raise SpecError(f"direction {key!r} in {path} has shape {tuple(vector.shape)} ({str(vector.dtype).removeprefix('torch.')}); "
                         f"expected a float vector [{d_model}]", where=where)
     vector64 = vector.double()
     if not torch.isfinite(vector64).all() or not torch.isfinite(vector.float()).all():
