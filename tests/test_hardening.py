@@ -181,6 +181,17 @@ def test_a_failed_overwrite_keeps_the_old_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_callers_own_lock_beside_the_target_does_not_block_the_write(tmp_path):
+    """`steer.train.default` holds ``.NAME.lock`` while it trains the SAE it then saves with `atomic_directory`."""
+    import fcntl
+
+    with open(tmp_path / ".out.lock", "w") as outer:
+        fcntl.flock(outer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
 def test_full_disk_gives_one_line_and_leaves_nothing(files, tmp_path):
     with tmpfs("64k") as disk:
         if disk is not None:

@@ -17,7 +17,7 @@ What a reader of the target can rely on:
   after the new one is in place. Where the kernel or filesystem has no exchange,
   the old directory is renamed aside and the new one renamed in (a window of
   two renames), and put back if the second rename fails.
-- **One writer per target.** An exclusive ``flock`` on ``.NAME.lock`` beside the
+- **One writer per target.** An exclusive ``flock`` on ``.NAME.write-lock`` beside the
   target is held from the emptiness check to the rename; a second writer fails
   at once with a message naming the target (and the holder's pid), instead of
   racing. The kernel drops the lock when its holder dies.
@@ -27,7 +27,7 @@ What a reader of the target can rely on:
 
 An existing target is refused unless ``overwrite`` (an empty directory counts
 as free). Never touches anything but the target, its temp and old copies, and
-its lock file.
+its write-lock file.
 """
 
 from __future__ import annotations
@@ -123,11 +123,13 @@ def _disk_errno(exc: Exception) -> tuple[int | None, str | None]:
 
 
 def lock_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.lock")
+    """The writer's lock beside ``target``: its own name, so a caller may hold a lock of its own on ``.NAME.lock``
+    around the whole job (as `steer.train.default` does while training the SAE it then saves here)."""
+    return target.with_name(f".{target.name}.write-lock")
 
 
 def _lock(target: Path, what: str, error) -> int:
-    """An exclusive lock on ``.NAME.lock`` (its fd), or ``error`` when another process holds it."""
+    """An exclusive lock on `lock_path` (its fd), or ``error`` when another process holds it."""
     path = lock_path(target)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
