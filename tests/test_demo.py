@@ -432,3 +432,10 @@ def test_a_stream_closed_mid_way_releases_the_model_and_leaves_no_hook():
     assert engine._lock.acquire(blocking=False)
     engine._lock.release()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in engine.model.modules())
+
+
+def test_a_request_past_the_models_context_is_one_message():
+    engine = tiny_engine("gpt2")  # n_positions 512: the demo's default bounds (512 + 128) can go past it
+    with pytest.raises(SteerError, match="over the model's context of 512; ask for fewer new tokens"):
+        next(engine.stream("a" * 480, "", Sampling(max_new_tokens=64), chat=False))
+    next(engine.stream("a" * 400, "", Sampling(max_new_tokens=64), chat=False))  # inside it: runs

@@ -138,10 +138,6 @@ class DemoEngine:
         self.sae = sae
         self.model_name = model_name
         self.limits = limits
-        context = context_length(model)
-        if context is not None and limits.max_prompt_tokens + limits.max_new_tokens > context:
-            raise SteerError(f"--max-prompt-tokens {limits.max_prompt_tokens} + --max-new-tokens {limits.max_new_tokens} "
-                             f"is over the model's context of {context} tokens; lower one of them", where="steer demo")
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
         self._plans: OrderedDict[tuple[Edit, ...], Plan] = OrderedDict()
@@ -243,6 +239,11 @@ class DemoEngine:
         """Unsteered and steered continuations, one `Frame` per decode step (the last has ``done``)."""
         self.check_sampling(sampling)
         ids = self.prompt_tokens(prompt, chat=chat)
+        context = context_length(self.model)
+        if context is not None and ids.shape[1] + sampling.max_new_tokens > context:
+            raise SteerError(f"the prompt is {ids.shape[1]} tokens with its template and {sampling.max_new_tokens} new "
+                             f"tokens are asked for: {ids.shape[1] + sampling.max_new_tokens}, over the model's context of "
+                             f"{context}; ask for fewer new tokens or shorten the prompt", where="prompt")
         edits = self.edits(edits_text)
         monitor: tuple[Edit, ...] = ()
         if monitor_feature is not None:
