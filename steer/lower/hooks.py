@@ -42,15 +42,16 @@ class SteeringRun:
     def __init__(self, plan: Plan, prompt_length: int | None):
         self.plan = plan
         self.prompt_length = prompt_length
-        self.positions: torch.Tensor | None = None  # (T,) positions of the current forward call
-        self._monitored: dict[int, torch.Tensor] = {}  # edit index → (B, L)
+        self.positions: torch.Tensor | None = None  # (T,) positions of the current forward call, on the model's device
+        self._monitored: dict[int, torch.Tensor] = {}  # edit index → (B, capacity) buffer
+        self._filled: dict[int, int] = {}  # edit index → positions recorded so far
         self._thresholds = {e.index: e.amount for sp in plan.sites for e in sp.edits if not OPERATIONS[e.op].writes}
 
     def activations(self, edit_index: int) -> torch.Tensor:
         """``(B, L)``: f_i(x) of monitor edit ``edit_index`` at each position seen so far."""
         if edit_index not in self._thresholds:
             raise KeyError(f"edit {edit_index} is not a monitor edit (monitor edits: {sorted(self._thresholds)})")
-        return self._monitored[edit_index]
+        return self._monitored[edit_index][:, : self._filled[edit_index]]
 
     def fired(self, edit_index: int) -> torch.Tensor:
         """``(B, L)`` bool: where the monitored feature is above its threshold."""
@@ -66,22 +67,58 @@ class SteeringRun:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if self.prompt_length is None:
             self.prompt_length = past + length
-        self.positions = torch.arange(past, past + length)
+        self.positions = torch.arange(past, past + length, device=tokens.device)
 
     def _record(self, edit_index: int, values: torch.Tensor) -> None:
+        """Write ``values`` (B, T) at the current positions; the buffer doubles when full, so a decode step
+        copies one column, not the whole history."""
         start = 0 if self.positions is None else int(self.positions[0])
         end = start + values.shape[1]
         held = self._monitored.get(edit_index)
         if held is None or held.shape[0] != values.shape[0]:
-            held = values.new_zeros(values.shape[0], 0)
-        if held.shape[1] < end:
-            held = torch.cat([held, held.new_zeros(held.shape[0], end - held.shape[1])], dim=1)
+            held = values.new_zeros(values.shape[0], max(end, 64))
+            self._filled[edit_index] = 0
+        elif held.shape[1] < end:
+            grown = held.new_zeros(held.shape[0], max(end, 2 * held.shape[1]))
+            grown[:, : held.shape[1]] = held
+            held = grown
         held[:, start:end] = values.detach()
         self._monitored[edit_index] = held
+        self._filled[edit_index] = max(self._filled.get(edit_index, 0), end)
+
+
+class _Group:
+    """The writing edits of one operation at a site: one coefficient expression for all of them.
+
+    A linear op (``coefficient(a, r, σ) = k·r``) with a constant σ is *folded*: its factors k go into its
+    rows of the write matrix once, and a call only reads r."""
+
+    def __init__(self, name: str, edits: list, dtype, device, sigma: float | None, reads_width: int | None):
+        op = OPERATIONS[name]
+        self.coefficient, self.reads = op.coefficient, op.reads
+        self.width = len(edits)
+        self.amounts = torch.tensor([e.amount for e in edits], dtype=dtype, device=device)      # (G,)
+        slots = [e.read_slot for e in edits]
+        self.slots = torch.tensor(slots, device=device) if self.reads != "nothing" else None   # (G,)
+        self.all_slots = slots == list(range(reads_width or -1))  # reads every slot in order: no gather
+        constant_sigma = sigma if op.reads == "feature" else 1.0  # projection coefficients carry no σ
+        self.fold = None
+        if op.linear and constant_sigma is not None:
+            self.fold = torch.as_tensor(self.coefficient(self.amounts, torch.ones_like(self.amounts), constant_sigma),
+                                        dtype=dtype)  # (G,)
+
+    def read(self, f, proj):
+        source = f if self.reads == "feature" else proj
+        return source if self.all_slots else source.index_select(-1, self.slots)  # (B,T,G)
 
 
 class SiteHook:
-    """The hook of one site; tensors cast once to the model's dtype and device."""
+    """The hook of one site; tensors cast once to the model's dtype and device.
+
+    The writing edits are grouped by operation; each group's coefficients are one expression over its
+    read slots (``coefficient(amounts (G,), reads (B,T,G), sigma)``), conditions one ``where`` over all
+    edits, scope one mask, and the delta one ``(B,T,E) @ (E,d)`` product.
+    """
 
     def __init__(self, site_plan: SitePlan, run: SteeringRun, dtype: torch.dtype, device: torch.device):
         self.run = run
@@ -90,24 +127,87 @@ class SiteHook:
         self.gather = reader.gather.to(device) if reader and reader.gather is not None else None
         self.directions = site_plan.directions.to(dtype=dtype, device=device) if site_plan.directions is not None else None
         self.edits = site_plan.edits
-        self.writers = [e for e in self.edits if e.write is not None]
-        self.write = torch.stack([e.write for e in self.writers]).to(dtype=dtype, device=device) if self.writers else None  # (E, d)
-        self.coefficient = [OPERATIONS[e.op].coefficient for e in self.writers]
-        self.reads = [OPERATIONS[e.op].reads for e in self.writers]
         self.monitors = [e for e in self.edits if not OPERATIONS[e.op].writes]  # read-outs
-        self.scoped = any(e.scope != "all" for e in self.edits)
+        self.encoder = self._folded_encoder()
+        sigma = self._constant_sigma()
+        writers = [e for e in self.edits if e.write is not None]
+        names = list(dict.fromkeys(e.op for e in writers))  # group order: first appearance
+        ordered = [e for name in names for e in writers if e.op == name]
+        self.writers = ordered
+        widths = {"feature": self.sae.d_sae if self.sae is not None and self.gather is None else None,
+                  "projection": self.directions.shape[1] if self.directions is not None else None, "nothing": None}
+        self.groups = [_Group(name, [e for e in ordered if e.op == name], dtype, device, sigma,
+                              widths[OPERATIONS[name].reads]) for name in names]
+        self.write = torch.stack([e.write for e in ordered]).to(dtype=dtype, device=device) if ordered else None  # (E, d)
+        # folded groups' factors live in their write rows; `fold` restores the coefficients for coefficients()
+        self.fold = None
+        if ordered and any(g.fold is not None for g in self.groups):
+            self.fold = torch.cat([g.fold if g.fold is not None else torch.ones(g.width, dtype=dtype, device=device)
+                                   for g in self.groups])  # (E,)
+            self.write = self.write * self.fold[:, None]
+        # coefficients() answers in the plan's order of writing edits (the graft fits by it)
+        self.order = torch.tensor([ordered.index(e) for e in writers], device=device) if ordered else None
+        conditioned = [e.when_slot is not None for e in ordered]
+        self.when = None
+        if any(conditioned):
+            slots = torch.tensor([e.when_slot if e.when_slot is not None else 0 for e in ordered], device=device)
+            above = torch.tensor([e.when_above for e in ordered], dtype=dtype, device=device)
+            self.when = (slots, above, torch.tensor(conditioned, device=device))                # (E,) each
+        self.scoped = any(e.scope != "all" for e in ordered)
+        if self.scoped:
+            self.on_prompt = torch.tensor([e.scope != "generation" for e in ordered], device=device)  # (E,)
+            self.on_generation = torch.tensor([e.scope != "prompt" for e in ordered], device=device)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The summed delta of the site's edits at x ``(B,T,d)``, or None if nothing writes."""
-        C = self.coefficients(x)
+        C = self._grouped(x)
         return None if C is None else C @ self.write  # (B,T,E) @ (E,d) → (B,T,d)
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``(B,T,E)``: each writing edit's coefficient at x (the graft fit's target), or None if nothing writes."""
+        """``(B,T,E)``: each writing edit's coefficient at x, in the plan's order (the graft fit's target)."""
+        C = self._grouped(x)
+        if C is None:
+            return None
+        if self.fold is not None:
+            C = C * self.fold
+        return C.index_select(-1, self.order)
+
+    def _folded_encoder(self):
+        """``(W^T (F,d), b_enc, c)`` for the fused encoder ``linear(c·x − b_dec, W^T, b_enc)`` when the SAE's input
+        scale c is a constant (none, or an expected_average factor); None for per-token normalisation, which
+        takes the general path."""
+        sae = self.sae
+        if sae is None or sae.normalize_activations not in ("none", "expected_average_only_in"):
+            return None
+        c = 1.0
+        if sae.normalize_activations == "expected_average_only_in" and sae.norm_scaling_factor is not None:
+            c = float(sae.norm_scaling_factor)
+        return sae.W_enc.T.contiguous(), sae.b_enc, c
+
+    def _constant_sigma(self) -> float | None:
+        """The SAE's output scale σ when it is the same for every token, else None."""
+        if self.sae is None:
+            return 1.0
+        if self.sae.normalize_activations == "none":
+            return 1.0
+        if self.sae.normalize_activations == "expected_average_only_in":
+            factor = self.sae.norm_scaling_factor
+            return 1.0 if factor is None else 1.0 / float(factor)
+        return None
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor | None:
         f = sigma = proj = None
         if self.sae is not None:
-            x_norm, _, sigma = self.sae.normalize(x)
-            f = self.sae.activate(self.sae.pre_activation(x_norm))  # (B,T,F) — (B,T,d_sae) for topk
+            if self.encoder is not None:
+                sigma = self._constant_sigma()
+                weight, bias, c = self.encoder
+                x_in = x * c if c != 1.0 else x  # x̃, as SAE.normalize gives it
+                if self.sae.apply_b_dec_to_input:
+                    x_in = x_in - self.sae.b_dec
+                f = self.sae.activate(torch.nn.functional.linear(x_in, weight, bias))  # (B,T,F)
+            else:
+                x_norm, _, sigma = self.sae.normalize(x)
+                f = self.sae.activate(self.sae.pre_activation(x_norm))  # (B,T,F) — (B,T,d_sae) for topk
             if self.gather is not None:
                 f = f[..., self.gather]
             for e in self.monitors:
@@ -116,36 +216,42 @@ class SiteHook:
             return None
         if self.directions is not None:
             proj = x @ self.directions  # (B,T,P)
-        if isinstance(sigma, torch.Tensor):
-            sigma = sigma[..., 0]  # (B,T)
-        generated = (self.run.positions >= self.run.prompt_length).to(x.device) if self.scoped else None  # (T,)
-        C = x.new_zeros(x.shape[:-1] + (len(self.writers),))  # (B,T,E)
-        for j, (e, coefficient, reads) in enumerate(zip(self.writers, self.coefficient, self.reads)):
-            read = f[..., e.read_slot] if reads == "feature" else proj[..., e.read_slot] if reads == "projection" else None
-            c = coefficient(e.amount, read, sigma)
-            if e.when_slot is not None:
-                c = torch.where(f[..., e.when_slot] > e.when_above, c, 0.0)
-            if e.scope != "all":
-                c = torch.where(generated if e.scope == "generation" else ~generated, c, 0.0)
-            C[..., j] = c
+        parts = []
+        for g in self.groups:
+            read = None if g.slots is None else g.read(f, proj)  # (B,T,G)
+            c = read if g.fold is not None else g.coefficient(g.amounts, read, sigma)  # sigma: a float, or (B,T,1)
+            parts.append(c.expand(*x.shape[:-1], g.width) if c.dim() < 3 else c)
+        C = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B,T,E)
+        if self.when is not None:
+            slots, above, conditioned = self.when
+            C = torch.where(~conditioned | (f.index_select(-1, slots) > above), C, 0.0)
+        if self.scoped:
+            generated = (self.run.positions >= self.run.prompt_length)[:, None]  # (T,1)
+            C = C * torch.where(generated, self.on_generation, self.on_prompt)  # (T,E) mask
         return C
+
+    def steer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x + delta`` (one fused ``addmm``), or None if nothing writes."""
+        C = self._grouped(x)
+        if C is None:
+            return None
+        return torch.addmm(x.reshape(-1, x.shape[-1]), C.reshape(-1, C.shape[-1]), self.write).view(x.shape)
 
     def on_output(self, _module, _args, output):
         x = output_tensor(output)
-        delta = self.delta(x)
-        if delta is None:
+        steered = self.steer(x)
+        if steered is None:
             return None
-        steered = x + delta
         return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
 
     def on_input(self, _module, args, kwargs):
         x = site_tensor(args, kwargs)
-        delta = self.delta(x)
-        if delta is None:
+        steered = self.steer(x)
+        if steered is None:
             return None
         if args:
-            return (x + delta, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x + delta}
+            return (steered, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": steered}
 
 
 @contextmanager

@@ -90,6 +90,8 @@ class Operation:
     """How the demo offers the op's own verb on a feature (None: not offered)."""
     tune_range: Callable[[float], tuple[float, float] | None] | None = None
     """The range `steer tune` searches the amount in by default, from the spec's amount (None: not searched)."""
+    linear: bool = False
+    """``coefficient(a, r, σ) = coefficient(a, 1, σ) · r``: the hook folds the factor into the write vector."""
 
     @property
     def writes(self) -> bool:

@@ -21,4 +21,5 @@ PROJECT_OUT = register(Operation(
     nonnegative=True,
     directions=True,
     tune_range=lambda _amount: (0.0, 1.0),
+    linear=True,
 ))

@@ -26,4 +26,5 @@ SCALE = register(Operation(
         "amplify": Verb("scale", "by", AMPLIFY, slider=Slider("factor (×)", 1, 10, 0.5, 2, "amplify feature {i} by {s:g}x")),
     },
     tune_range=lambda _amount: (0.0, 1.0),
+    linear=True,
 ))
