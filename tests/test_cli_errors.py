@@ -43,6 +43,12 @@ def env(tmp_path_factory):
     (root / "bad.yaml").write_text("edits:\n  - scale: 1\n\tfactor: 0.5\n")  # a tab: malformed YAML on line 3
     (root / "negative.yaml").write_text("sae: sae\nedits:\n  - scale: 1\n    factor: -2\n")
     (root / "good.yaml").write_text("sae: sae\nedits:\n  - suppress: 1\n    by: 80%\n  - monitor: 4\n")
+    # valid specs whose second edit fails only when compiled: the error names the line it was written on
+    (root / "far.yaml").write_text("sae: sae\nedits:\n  - monitor: 4\n\n  - scale: 24   # d_sae is 24\n    factor: 0.5\n")
+    (root / "wide.yaml").write_text("edits:\n  - monitor: 4\n  - project_out: dirs.safetensors:w\n")
+    (root / "nosite.yaml").write_text("edits:\n  - monitor: 4\n  - add: dirs.safetensors:v\n    strength: 1\n"
+                                      "    site: resid_post.99\n")
+    (root / "far.steer").write_text("# two edits\nmonitor feature 4\n\nscale feature 3 by 0 when feature 99 above 0\n")
     (root / "corrupt_sae").mkdir()
     (root / "corrupt_sae" / "cfg.json").write_text('{"d_in": 32, ')
     (root / "corrupt_sae" / "sae_weights.safetensors").write_bytes((root / "sae" / "sae_weights.safetensors").read_bytes())
@@ -140,6 +146,21 @@ CASES = {
     "direction_not_safetensors": (
         lambda e: generate_args(e, f"add direction {e.root}/bad.yaml:v by 1"),
         ("edits[0]", "cannot read direction file", "bad.yaml")),
+    "compile_error_names_yaml_line": (
+        lambda e: generate_args(e, f"{e.root}/far.yaml"),
+        ("far.yaml:5: edits[1] (scale feature 24)", "out of range", "d_sae=24")),
+    "compile_error_names_yaml_line_of_direction": (
+        lambda e: generate_args(e, f"{e.root}/wide.yaml"),
+        ("wide.yaml:3: edits[1] (project_out direction dirs.safetensors:w)", "(16,)", "[32]")),
+    "compile_error_names_yaml_line_of_site": (
+        lambda e: generate_args(e, f"{e.root}/nosite.yaml"),
+        ("nosite.yaml:3: edits[1]", "resid_post.99", "3 layers")),
+    "compile_error_names_dsl_file_line": (
+        lambda e: generate_args(e, f"{e.root}/far.steer"),
+        ("far.steer:4: edits[1] (scale feature 3)", "when.feature 99", "d_sae=24")),
+    "compile_error_names_dsl_text_line": (
+        lambda e: generate_args(e, "monitor feature 4\nscale feature 24 by 0.5"),
+        ("line 2: edits[1] (scale feature 24)", "out of range")),
     "max_new_tokens_zero": (
         lambda e: generate_args(e, "scale feature 1 by 0.5", "--max-new-tokens", "0"),
         ("--max-new-tokens", "1..4096", "got 0")),
@@ -172,7 +193,8 @@ def run_steer(env, *argv: str, console_script: bool = False) -> subprocess.Compl
     return subprocess.run([*command, *argv], capture_output=True, text=True, cwd=env.root, env=process_env, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["feature_id_out_of_range", "spec_yaml_malformed", "model_gguf_corrupt"])
+@pytest.mark.parametrize("case", ["feature_id_out_of_range", "spec_yaml_malformed", "model_gguf_corrupt",
+                                  "compile_error_names_yaml_line"])
 def test_user_mistake_in_a_real_process(case, env):
     make_argv, words = CASES[case]
     before = files_under(env.root)

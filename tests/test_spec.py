@@ -4,6 +4,7 @@ that shows any input either parses or raises a SpecError, never anything else.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -382,6 +383,48 @@ def test_yaml_file_errors_name_the_file(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("edits:\n  - scale: 3\n    factor: -1\n")
     assert str(spec_error(parse_spec, str(path))).startswith(f"{path}:3: edits[0].factor: ")
+
+
+# ---------------------------------------------------------------- where an edit was written
+
+def test_edits_keep_where_they_were_written_outside_their_value(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("sae: s\nedits:\n  - suppress: 1\n    by: 80%\n\n  - monitor: 4\n")
+    spec = load_spec_file(path)
+    assert [e.origin for e in spec.edits] == [f"{path}:3", f"{path}:6"]
+    assert spec.edits[1].where(1) == f"{path}:6: edits[1] (monitor feature 4)"
+    dsl = tmp_path / "spec.steer"
+    dsl.write_text("# a comment\nsuppress feature 1 by 80%\n\nmonitor feature 4\n")
+    assert [e.origin for e in parse_spec(str(dsl)).edits] == [f"{dsl}:2", f"{dsl}:4"]
+    assert [e.origin for e in parse_dsl("monitor feature 4\nablate feature 2; ablate feature 3")] == [
+        "line 1", "line 2", "line 2"]
+    # an edit built in Python has no origin and is named as before
+    built = Spec((Edit("scale", feature=1, amount=0.2), Edit("monitor", feature=4, amount=0.0)), sae=("s",))
+    assert [e.origin for e in built.edits] == [None, None]
+    assert built.edits[1].where(1) == "edits[1] (monitor feature 4)"
+    # where an edit was written is not part of its value: equality, hashes, repr and dumps ignore it
+    assert spec == built and hash(spec.edits) == hash(built.edits) and repr(spec.edits) == repr(built.edits)
+    assert dump_spec(spec) == dump_spec(built) and spec_to_dict(spec) == spec_to_dict(built)
+    assert format_dsl(spec.edits) == format_dsl(built.edits)
+    # and it survives changes made with dataclasses.replace (sweeps, tuning)
+    changed = dataclasses.replace(spec.edits[0], amount=0.5)
+    assert changed.origin == f"{path}:3" and changed == Edit("scale", feature=1, amount=0.5)
+    assert dataclasses.replace(spec, name="x").edits[1].origin == f"{path}:6"
+
+
+def test_compile_errors_name_the_line_of_the_edit(tmp_path):
+    from steer.plan import compile
+    from tests.conftest import random_sae, tiny_model
+
+    model, sae = tiny_model("llama"), dataclasses.replace(random_sae(), site="resid_post.1")
+    text = "edits:\n  - monitor: 4\n  - scale: 24\n    factor: 0.5\n"
+    error = spec_error(compile, load_spec_text(text, "spec.yaml"), model, sae)
+    assert str(error) == "spec.yaml:3: edits[1] (scale feature 24): feature 24 is out of range: the SAE has d_sae=24 (ids 0..23)"
+    error = spec_error(compile, "monitor feature 4\nclamp feature 2 to 0 when feature 30 above 1", model, sae)
+    assert str(error).startswith("line 2: edits[1] (clamp feature 2): when.feature 30 is out of range")
+    built = Spec((Edit("monitor", feature=4), Edit("scale", feature=24, amount=0.5)))
+    error = spec_error(compile, built, model, sae)
+    assert str(error) == "edits[1] (scale feature 24): feature 24 is out of range: the SAE has d_sae=24 (ids 0..23)"
 
 
 # ---------------------------------------------------------------- round trips (hypothesis)

@@ -1,7 +1,8 @@
 """spec + model + SAE(s) → Plan: validate everything against the model, slice the SAEs.
 
 This is where user input meets the model, so every check that needs the model
-or the SAE lives here and raises a one-line `SteerError` naming the edit and
+or the SAE lives here and raises a one-line `SteerError` naming the edit
+(`Edit.where`: the file and line it was written on, when read from text) and
 field: feature id ≥ d_sae, SAE d_in ≠ hidden size, unknown or out-of-range
 site, a feature edit at a site no SAE reads, a direction file or key that does
 not exist or has the wrong size.
@@ -104,7 +105,7 @@ def _edit_sites(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapt
     name = edit.site or spec.site
     if name != WRITERS:
         return [_edit_site(index, edit, spec, saes, adapter, model)]
-    where = f"edits[{index}] ({edit.describe_target()})"
+    where = edit.where(index)
     if _needs_sae(edit):
         raise SpecError(f"site `{WRITERS}` takes a direction target, not an SAE feature (an SAE reads at one site)", where=where)
     n = adapter.n_layers(model)
@@ -112,7 +113,7 @@ def _edit_sites(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapt
 
 
 def _edit_site(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapter, model) -> Site:
-    where = f"edits[{index}] ({edit.describe_target()})"
+    where = edit.where(index)
     name = edit.site or spec.site
     try:
         if name is not None:
@@ -141,7 +142,7 @@ def _plan_site(site: Site, edits, sae: SAE | None, spec: Spec, d_model: int, cal
     # the features the hook must encode: edited (if the op reads them), monitored, or conditions
     read_ids: set[int] = set()
     for index, edit in edits:
-        where = f"edits[{index}] ({edit.describe_target()})"
+        where = edit.where(index)
         for fid, field in ((edit.feature, "feature"), (getattr(edit.when, "feature", None), "when.feature")):
             if fid is not None and fid >= sae.d_sae:
                 raise SpecError(f"{field} {fid} is out of range: the SAE has d_sae={sae.d_sae} (ids 0..{sae.d_sae - 1})", where=where)
@@ -155,7 +156,7 @@ def _plan_site(site: Site, edits, sae: SAE | None, spec: Spec, d_model: int, cal
     directions: list[torch.Tensor] = []
     site_edits = []
     for index, edit in edits:
-        where = f"edits[{index}] ({edit.describe_target()})"
+        where = edit.where(index)
         op = OPERATIONS[edit.op]
         vector = sae.W_dec[edit.feature].float() if edit.feature is not None else _load_direction(edit.direction, spec, d_model, where)
         read_slot, write, note = None, vector, ""

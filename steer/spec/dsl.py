@@ -203,7 +203,7 @@ def _parse_edit(words: list[_Word], where: str) -> Edit:
     if verb.amount_key is not None and verb.required and verb.amount_key not in seen:
         assert verb.amount is not None
         raise SpecError(f"{name} needs `{verb.amount_key}` followed by {verb.amount.expected}", where=where)
-    return build_edit(name, [({"op": verb.op, **target}, where), (fields, where)])
+    return build_edit(name, [({"op": verb.op, **target}, where), (fields, where)], origin=where)
 
 
 def _read_when(reader: _Reader) -> str | Condition:

@@ -16,7 +16,9 @@ spec's default); ``site`` overrides the spec's / SAE's site.
 Values here are validated for what can be checked without a model or SAE
 (signs, ranges, which fields an op takes). Resolving against a model and an SAE
 (feature id < d_sae, site exists, units calibrated) is the compiler's job
-(`steer.plan`). Never mutate a Spec: build a new one with `dataclasses.replace`.
+(`steer.plan`); its errors name an edit by `Edit.where`, which leads with the
+file and line the edit was read from (`Edit.origin`), like the readers' own
+errors. Never mutate a Spec: build a new one with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class Edit:
     """all, prompt or generation tokens; None takes the spec's scope."""
     site: str | None = None
     """Override the site (canonical, SAELens hook name or HF module path)."""
+    origin: str | None = field(default=None, compare=False, repr=False)
+    """Where the edit was written: ``FILE:LINE`` (a YAML spec's edit item, a DSL file's line) or ``line N`` (DSL
+    text); None for an edit built in Python. Not part of the edit's value: ignored by ==, hash, repr and dumps;
+    kept by `dataclasses.replace`."""
 
     def __post_init__(self) -> None:
         where = f"edit {self.describe_target()}"
@@ -118,6 +124,12 @@ class Edit:
 
     def describe_target(self) -> str:
         return f"{self.op} feature {self.feature}" if self.feature is not None else f"{self.op} direction {self.direction}"
+
+    def where(self, index: int) -> str:
+        """How errors about this edit, the spec's ``edits[index]``, name it: ``spec.yaml:12: edits[3] (scale
+        feature 5)`` where the edit was read from text (`origin`), ``edits[3] (scale feature 5)`` otherwise."""
+        label = f"edits[{index}] ({self.describe_target()})"
+        return f"{self.origin}: {label}" if self.origin else label
 
 
 def _is_finite_number(value: object) -> bool:

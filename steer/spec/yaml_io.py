@@ -82,17 +82,18 @@ def located(where: str, note: str = "") -> Iterator[None]:
         raise SpecError(error.message + note, where=where) from None
 
 
-def build_edit(verb: str, stages: Iterable[tuple[dict[str, Any], str]]) -> Edit:
+def build_edit(verb: str, stages: Iterable[tuple[dict[str, Any], str]], origin: str | None = None) -> Edit:
     """Build an `Edit` one field group at a time, so each of its errors is reported at that group's ``where``.
 
     The first stage gives ``op`` and the target; a placeholder amount of 1
     (valid for every op) stands in until a later stage gives the real one.
+    ``origin`` (``FILE:LINE``) is where the edit was written, kept on it for the compiler's errors.
     """
     note = f" ({verb} is {YAML_VERBS[verb].op})" if verb in SUGAR else ""
     edit: Edit | None = None
     for fields, where in stages:
         with located(where, note):
-            edit = Edit(amount=1.0, **fields) if edit is None else dataclasses.replace(edit, **fields)
+            edit = Edit(amount=1.0, origin=origin, **fields) if edit is None else dataclasses.replace(edit, **fields)
     assert edit is not None
     return edit
 
@@ -350,7 +351,7 @@ def _read_edit(item: object, index: int, line: int, source: str) -> Edit:
         elif key == "site":
             value = _optional_str(value, "site", where("site"))
         stages.append(({key: value}, where(key)))
-    return build_edit(name, stages)
+    return build_edit(name, stages, origin=f"{source}:{line}")
 
 
 def _read_condition(value: dict, source: str, path: str, where: str) -> Condition:
