@@ -11,6 +11,7 @@ path is a `ModelError`; the GGUF conversion leaves no half-written cache entry.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -362,6 +363,33 @@ def test_gguf_conversion_writes_one_cache_entry(fake_gguf, cache, capsys):
     path, original, _ = fake_gguf
     _convert_and_check(path, original, cache)
     assert "converting tiny.gguf" in capsys.readouterr().err
+
+
+def test_a_second_first_use_of_a_gguf_waits_for_the_conversion_instead_of_repeating_it(fake_gguf, cache, monkeypatch,
+                                                                                       capsys):
+    """Two loads at once: the second waits on the job lock (`steer.export.atomic.job_lock`), then reads the first's
+    conversion; one conversion, one cache entry, no lock or temp file left."""
+    import threading
+
+    from steer.models import loading
+
+    path, original, _ = fake_gguf
+    started, calls, real = threading.Event(), [], loading._convert_gguf
+
+    def slow_convert(gguf, target):
+        calls.append(target)
+        started.set()
+        time.sleep(1.0)
+        real(gguf, target)
+
+    monkeypatch.setattr(loading, "_convert_gguf", slow_convert)
+    first = threading.Thread(target=load_model, args=(path,))
+    first.start()
+    assert started.wait(60)
+    _convert_and_check(path, original, cache)
+    first.join()
+    assert len(calls) == 1 and "waiting for another process that is converting tiny.gguf" in capsys.readouterr().err
+    assert _cache_entries(cache) == [calls[0].name]
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])

@@ -96,8 +96,9 @@ def _load(args):
 
 
 def run_eval(args) -> int:
-    from steer.evaluate.report import evaluate, measure_baseline, write_text_atomic
+    from steer.evaluate.report import evaluate, measure_baseline
     from steer.evaluate.suites import load_suites, shipped_suites
+    from steer.export.atomic import write_text_atomic
 
     suites = load_suites(args.suite or shipped_suites())
     for s in suites:
@@ -187,8 +188,8 @@ def run_sweep(args) -> int:
 
 
 def run_tune(args) -> int:
-    from steer.evaluate.report import write_text_atomic
     from steer.evaluate.tune import as_dict, describe, parse_candidates, parse_range, tune, write_chosen
+    from steer.export.atomic import write_text_atomic
     from steer.spec.yaml_io import dump_spec
 
     from steer.evaluate.constraints import parse_constraint

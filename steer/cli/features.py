@@ -303,8 +303,8 @@ def _cached_default_atlas(sae) -> str | None:
 def run_attribute(args) -> int:
     from steer.discover.attribution import attribute, verify_attribution
     from steer.errors import SteerError
-    from steer.evaluate.report import write_text_atomic
     from steer.evaluate.suites import load_suite
+    from steer.export.atomic import write_text_atomic
     from steer.models import load_model
 
     for flag, value in (("--top", args.top), ("--verify", args.verify)):

@@ -53,13 +53,13 @@ import os
 import re
 import sqlite3
 import sys
-import tempfile
 import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 from steer.errors import SteerError
+from steer.export.atomic import atomic_file, write_text_atomic
 
 FORMAT = "steer-feature-atlas/1"
 DEFAULT_TOKENS = 100_000
@@ -264,10 +264,8 @@ def _pointer_path() -> Path:
 
 
 def _write_pointer(atlas: Path, sae_dir: Path) -> None:
-    pointer = _pointer_path()
-    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({**_pointer_key(), "atlas": str(atlas), "sae": str(sae_dir)}, indent=1))
-    os.replace(tmp, pointer)
+    write_text_atomic(_pointer_path(), json.dumps({**_pointer_key(), "atlas": str(atlas), "sae": str(sae_dir)}, indent=1),
+                      what="atlas pointer", error=AtlasError)
 
 
 def quick_default_atlas() -> Path | None:
@@ -499,19 +497,10 @@ def _store(db: sqlite3.Connection, metadata: dict, stats: dict, scan: _Scan, tex
 
 def _write_atomically(out: Path, fill) -> None:
     """``fill(connection)`` into a temp file beside ``out``, then rename it to ``out`` (nothing left on error)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".db", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out, what="atlas", error=AtlasError) as tmp:
         db = sqlite3.connect(tmp)
         try:
             with db:
                 fill(db)
         finally:
             db.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

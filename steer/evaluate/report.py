@@ -25,11 +25,8 @@ once. `evaluation_for_export` turns a `Report` into the manifest's
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -324,19 +321,3 @@ def _rounded(value):
     if isinstance(value, list):
         return [_rounded(v) for v in value]
     return value
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file renamed into place: never a half-written file."""
-    path = Path(path)
-    if path.is_dir():
-        raise SteerError("is a directory; give a file name", where=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -34,9 +34,10 @@ from pathlib import Path
 
 from steer.errors import SpecError, SteerError
 from steer.evaluate.constraints import Constraint, binding, constraint_suites, resolve
-from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline, write_text_atomic
+from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline
 from steer.evaluate.suites import load_suite, load_suites
 from steer.evaluate.sweep import parse_number, pareto_front, set_param
+from steer.export.atomic import write_text_atomic
 from steer.ops import OPERATIONS
 from steer.spec.edit import Spec
 
@@ -306,7 +307,7 @@ def as_dict(tuning: Tuning) -> dict:
 
 
 def write_chosen(spec: Spec, path) -> Path:
-    """Write ``spec`` as YAML at ``path`` (temp file + rename), relative paths kept valid from its folder."""
+    """Write ``spec`` as YAML at ``path`` (atomically), relative paths kept valid from its folder."""
     from steer.spec.yaml_io import dump_spec
 
     path = Path(path)

@@ -3,7 +3,9 @@
 ``with atomic_directory(target, overwrite=False) as tmp:`` — everything is
 written into a fresh temp directory beside the target (same filesystem), which
 is moved into place only when the block finishes. ``with atomic_file(path) as
-tmp:`` does the same for one file (steer's one atomic single-file writer).
+tmp:`` does the same for one file (steer's one atomic single-file writer), and
+``write_text_atomic(path, text)`` writes a text file through it. Nothing else in
+steer renames a temp file into place by hand.
 
 What a reader of the target can rely on:
 
@@ -91,11 +93,22 @@ def atomic_file(path, *, what: str = "file", error=SteerError):
         os.close(fd)
         tmp = Path(name)
         try:
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would otherwise become the file's mode
             yield tmp
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def write_text_atomic(path, text: str, *, what: str = "file", error=SteerError) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through `atomic_file`: the whole text or the old file, never a part.
+    A directory at ``path`` is refused with a one-line ``error``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise error("is a directory; give a file name", where=str(path))
+    with atomic_file(path, what=what, error=error) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextmanager
@@ -122,24 +135,53 @@ def _disk_errno(exc: Exception) -> tuple[int | None, str | None]:
     return (int(match.group(1)), None) if match else (None, None)
 
 
+@contextmanager
+def job_lock(target, *, waiting: str):
+    """Hold an exclusive lock on ``.NAME.lock`` beside ``target`` for a whole job that ends by writing ``target``
+    (training the default SAE, converting a GGUF model): a second process that wants the same ``target`` waits
+    for the first — saying ``steer: {waiting}`` on stderr — and then finds its result, instead of doing the work
+    twice. Not `lock_path`, which `atomic_directory` takes for the final write. The lock file is removed on
+    release; the kernel drops the lock when its holder dies."""
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.with_name(f".{target.name}.lock")
+    fd = _flock(path, lambda holder: print(f"steer: {waiting}", file=sys.stderr))
+    try:
+        yield
+    finally:
+        _release(fd, path)
+
+
 def lock_path(target: Path) -> Path:
-    """The writer's lock beside ``target``: its own name, so a caller may hold a lock of its own on ``.NAME.lock``
+    """The writer's lock beside ``target``: its own name, so a caller may hold a `job_lock` (``.NAME.lock``)
     around the whole job (as `steer.train.default` does while training the SAE it then saves here)."""
     return target.with_name(f".{target.name}.write-lock")
 
 
 def _lock(target: Path, what: str, error) -> int:
     """An exclusive lock on `lock_path` (its fd), or ``error`` when another process holds it."""
-    path = lock_path(target)
+
+    def refuse(holder: str) -> None:
+        raise error(f"another process{f' (pid {holder})' if holder else ''} is writing this {what} right now; "
+                    "wait for it to finish, or write elsewhere", where=str(target)) from None
+
+    return _flock(lock_path(target), refuse)
+
+
+def _flock(path: Path, busy) -> int:
+    """An exclusive ``flock`` on the file at ``path`` (its fd, with our pid written in it). When another process
+    holds it, ``busy(holder's pid)`` is called once: it raises to give up, or returns to wait for the lock."""
+    told = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise error(f"another process{f' (pid {holder})' if holder else ''} is writing this {what} right now; "
-                        "wait for it to finish, or write elsewhere", where=str(target)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told:
+                    told = True
+                    busy(os.pread(fd, 32, 0).decode(errors="replace").strip())
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise
@@ -155,8 +197,12 @@ def _lock(target: Path, what: str, error) -> int:
 
 
 def _unlock(fd: int, target: Path) -> None:
+    _release(fd, lock_path(target))
+
+
+def _release(fd: int, path: Path) -> None:
     try:
-        lock_path(target).unlink(missing_ok=True)  # while still held, so no one locks a file about to vanish
+        path.unlink(missing_ok=True)  # while still held, so no one locks a file about to vanish
     except OSError:
         pass
     os.close(fd)

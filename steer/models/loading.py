@@ -14,8 +14,9 @@ Resolution order for ``load_model(name_or_path)``:
 Why convert: ``save_pretrained`` refuses a GGUF-quantised model, and
 dequantising on every start costs seconds. The model is rebuilt from its config
 without ``quantization_config``, the dequantised state dict loaded, and saved as
-a plain checkpoint, written to a temp dir and renamed, so a crash never leaves a
-half-written cache entry.
+a plain checkpoint through `steer.export.atomic` (a temp dir renamed into place,
+under a lock that makes a second process wait for the first's conversion), so a
+crash never leaves a half-written cache entry.
 
 Never modifies the source files; never downloads anything unless given a hub id;
 never unpickles anything but plain tensors (a ``pytorch_model.bin`` goes through
@@ -29,9 +30,7 @@ import importlib.util
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 
 from steer.cache import cache_root  # noqa: F401 (re-exported: steer.models.loading.cache_root)
 from steer.errors import ModelError
+from steer.export.atomic import atomic_directory, job_lock
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,19 @@ def packaged_gguf(entry: RegistryModel) -> Path | None:
 def _converted_gguf(gguf: Path, target: Path) -> Path:
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with open(gguf, "rb") as file:
         if file.read(4) != b"GGUF":
             raise ModelError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)", where="model")
+    # two first uses at once: one converts, the other waits for it and reads its result
+    with job_lock(target, waiting=f"waiting for another process that is converting {gguf.name} into {target}"):
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print(f"steer: converting {gguf.name} to a plain checkpoint in {target} (once)", file=sys.stderr)
     try:
         quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -135,20 +143,11 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
     if set(missing) - tied or unexpected:
         raise ModelError(f"GGUF conversion of {gguf} lost tensors: missing {missing}, unexpected {unexpected}", where="model")
     plain.generation_config = quantised.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # overwrite: under the job lock, a `target` without config.json is no one's finished conversion
+    with atomic_directory(target, overwrite=True, what="converted model", error=ModelError) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "steer_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}, indent=2))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race with another process: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _load_hf(checkpoint: str, *, dtype: torch.dtype, device: str):

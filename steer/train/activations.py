@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from steer.export.atomic import write_text_atomic
 from steer.models.adapters import Site, adapter_for
 from steer.models.capture import capture
 
@@ -182,10 +183,9 @@ class ActivationCache:
 
     def flush(self) -> None:
         self.array.flush()
-        tmp = self.meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"capacity": self.capacity, "d": self.d, "dtype": self.dtype, "filled": self.filled,
-                                   "rows_consumed": self.rows_consumed}))
-        tmp.replace(self.meta_path)
+        write_text_atomic(self.meta_path, json.dumps({"capacity": self.capacity, "d": self.d, "dtype": self.dtype,
+                                                      "filled": self.filled, "rows_consumed": self.rows_consumed}),
+                          what="activation cache")
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.array[np.sort(indices.numpy())]).float()

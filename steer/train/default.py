@@ -20,10 +20,10 @@ lock file beside the target, the others wait for it (POSIX ``flock``).
 
 from __future__ import annotations
 
-import fcntl
 import sys
 from pathlib import Path
 
+from steer.export.atomic import job_lock
 from steer.models.loading import cache_root
 from steer.sae.shipped import shipped_available, shipped_sae_dir
 from steer.train.config import TrainError, load_recipe, recipe_hash
@@ -52,14 +52,8 @@ def default_sae(recipe: str | Path | None = None, *, site: str | None = None, pr
         return result
     from steer.train.trainer import train_sae, train_saes
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        # two first uses at once (a test run and a demo): one trains, the other waits for it and reads its result
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"steer: waiting for another process that is training {recipe.name} into {target}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    # two first uses at once (a test run and a demo): one trains, the other waits for it and reads its result
+    with job_lock(target, waiting=f"waiting for another process that is training {recipe.name} into {target}"):
         if (result / "cfg.json").is_file():
             return result
         if progress:
