@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # use (PEP 562): `import steer.errors`, `steer --help` or `steer features show` stay fast.
 _LAZY = {
     "SteeringRun": "steer.lower", "applied": "steer.lower", "load_model": "steer.models", "Plan": "steer.plan",
-    "compile": "steer.plan", "SAE": "steer.sae", "load_sae": "steer.sae", "Edit": "steer.spec",
+    "compile": "steer.plan", "SAE": "steer.sae", "load_sae": "steer.saes", "Edit": "steer.spec",
     "Spec": "steer.spec", "parse_spec": "steer.spec",
 }
 

@@ -283,7 +283,7 @@ def test_steer_demo_with_a_missing_atlas_is_one_line_and_exit_2(tmp_path):
 
 def sixteen_features() -> list[int]:
     """16 live features of the default SAE, evenly spread over its ids."""
-    from steer.sae import load_sae
+    from steer.saes import load_sae
 
     live = [int(i) for i in (load_sae("default").feature_stats["p99"] > 0).nonzero()[:, 0]]
     return live[:: len(live) // 16][:16]

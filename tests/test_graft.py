@@ -265,7 +265,7 @@ def test_edits_a_graft_cannot_take_are_errors_naming_why(bases, dsl, sae_site, r
 @pytest.mark.default_model
 def test_graft_of_a_frequent_default_sae_feature_on_the_default_model(default_model, tmp_path):
     """Suppress by 80% the default SAE's most frequently firing feature (by the density its file records)."""
-    from steer.sae import load_sae
+    from steer.saes import load_sae
 
     model, tokenizer = default_model
     sae = load_sae("default")

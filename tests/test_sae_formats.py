@@ -429,6 +429,35 @@ def test_hub_name_is_not_fetched():
         load_sae("gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")
 
 
+def test_default_names_resolve_above_the_file_reader(tmp_path, monkeypatch):
+    """`default` is `steer.saes`' (= ``steer.load_sae``); `steer.sae` reads files only and never imports steer.train."""
+    import ast
+
+    import steer
+    import steer.saes
+
+    assert steer.load_sae is steer.saes.load_sae
+    with pytest.raises(SAEError, match="steer.load_sae"):
+        load_sae("default")
+    for path in (Path(steer.__file__).parent / "sae").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith("steer.train") for n in names), path
+    # a checkout that ships no SAEs: `default` is the one-site recipe's SAE, trained once (stood in for here)
+    trained = case_v6_standard(tmp_path)[0]
+    calls = []
+    monkeypatch.setattr(steer.saes, "shipped_available", lambda: False)
+    monkeypatch.setattr("steer.train.default.default_sae", lambda progress=True: calls.append(progress) or trained)
+    assert steer.saes.default_sae_dir(progress=False) == trained and calls == [False]
+    sae = steer.load_sae("default", site="resid_post.2")
+    assert sae.site == "resid_post.2" and torch.equal(sae.W_dec, load_sae(trained).W_dec)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()  # a local directory named `default` is read as the path it is
+    with pytest.raises(SAEError, match="no SAE found"):
+        steer.load_sae("default")
+
+
 def test_missing_weights_file(tmp_path):
     path = case_v6_standard(tmp_path)[0]
     (path / "sae_weights.safetensors").unlink()

@@ -112,13 +112,12 @@ def register(commands) -> None:
 
 
 def _load_sae(spec: str | None):
-    """``(sae, is_default)``; ``None``/``default`` is the default SAE."""
-    from steer.sae import load_sae
+    """``(sae, is_default)``; ``None``/``default`` is the default SAE (read from its files as the atlas is keyed)."""
+    from steer import sae as sae_files
+    from steer.saes import DEFAULT_SAE, default_sae_dir, is_default_name, load_sae
 
-    if spec in (None, "default") and not Path("default").exists():
-        from steer.train import default_sae
-
-        return load_sae(default_sae()), True
+    if spec is None or (spec == DEFAULT_SAE and is_default_name(spec)):
+        return sae_files.load_sae(default_sae_dir()), True
     return load_sae(spec), False
 
 

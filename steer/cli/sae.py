@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from steer.sae import describe_sae, load_sae
+from steer.sae import describe_sae
+from steer.saes import load_sae
 
 # recipe fields offered as flags; their help is the field's docstring (steer.train.config)
 TRAIN_FLAGS = (

@@ -147,7 +147,7 @@ class DemoEngine:
     def load(cls, model: str | None = None, sae: str | None = None, *, limits: Limits = Limits()) -> "DemoEngine":
         """The engine for a model (default: the embedded default model) and SAE (default: its default SAE)."""
         from steer.models import DEFAULT_MODEL, load_model
-        from steer.sae import DEFAULT_SAE, load_sae
+        from steer.saes import DEFAULT_SAE, load_sae
 
         name = model or DEFAULT_MODEL
         loaded, tokenizer = load_model(name)

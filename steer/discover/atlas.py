@@ -233,9 +233,9 @@ def default_atlas(progress: bool = True) -> Path:
     """
     from steer.models.loading import DEFAULT_MODEL, load_model
     from steer.sae import load_sae
-    from steer.train import default_sae
+    from steer.saes import default_sae_dir
 
-    sae_dir = default_sae(progress=progress)
+    sae_dir = default_sae_dir(progress=progress)
     sae = load_sae(sae_dir)
     path = default_atlas_path(sae)
     if not path.is_file():

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from steer.errors import SAEError
 from steer.models.adapters import Site, adapter_for
 from steer.models.capture import capture, rewritten
-from steer.sae import SAE, load_sae
+from steer.sae import SAE
+from steer.saes import load_sae
 from steer.train.statistics import feature_statistics
 
 DEFAULT_TOKENS = 16384

@@ -31,7 +31,8 @@ from steer.models.capture import capture
 from steer.models.loading import DEFAULT_MODEL, registry_name
 from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import FeatureReader, Plan, SiteEdit, SitePlan
-from steer.sae import DEFAULT_SAE, SAE, load_sae
+from steer.sae import SAE
+from steer.saes import DEFAULT_SAE, load_sae
 from steer.spec import Spec, parse_spec
 from steer.spec.edit import Condition, Edit
 
@@ -41,7 +42,7 @@ def compile(spec, model: nn.Module, sae=None, *, tokenizer=None) -> Plan:  # noq
 
     ``sae`` is an `SAE`, a path, or a list of them; when None the spec's ``sae``
     entries are loaded, and when the spec names none either, feature edits on
-    the default model use its default SAE (``load_sae("default")``).
+    the default model use its default SAE (`steer.saes.load_sae`: ``"default"``).
     ``tokenizer`` is needed only for ``feature``/``norm`` units that must be
     calibrated on text.
     """

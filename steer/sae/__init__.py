@@ -12,12 +12,11 @@
 SAELens can load what steer writes, atomically: into a fresh directory beside
 the target, then renamed into place. `describe_sae` is ``steer sae inspect``.
 
-The name ``default`` (when no file of that name exists) is the default SAE of
-the default model: SmolLM2-135M-Instruct at ``resid_post.10``, shipped
-pretrained in the package with SAEs at other depths (``default:resid_post.3``
-…; `steer.sae.shipped`). Reading it never trains anything — except in a
-checkout that ships none, where it falls back to the former one-site recipe,
-trained on first use and cached (`steer.train.default_sae`).
+This package reads local files only and never trains. The name ``default``
+(the default model's default SAE, shipped pretrained in the package —
+`steer.sae.shipped` finds those files — or trained on first use in a checkout
+that ships none) is resolved above it, in `steer.saes`, whose `load_sae` is
+``steer.load_sae``; nothing here imports `steer.train`.
 
 Hub names (SAELens release ids, Hugging Face repos) are not fetched yet:
 `resolve_hub_name` is the one place that will turn a name into a local
@@ -37,12 +36,9 @@ from steer.errors import SAEError
 from steer.sae.formats import gemmascope, saelens, sparsify
 from steer.sae.formats.saelens import parse_dtype, save_saelens
 from steer.sae.sae import SAE
-from steer.sae.shipped import is_shipped_name, shipped_available, shipped_sae_dir
+from steer.sae.shipped import is_shipped_name
 
-DEFAULT_SAE = "default"
-"""The name `load_sae` (and a spec's ``sae:``, and ``--sae``) reads as the default model's default SAE."""
-
-__all__ = ["DEFAULT_SAE", "SAE", "load_sae", "save_sae", "describe_sae", "find_sae", "resolve_hub_name"]
+__all__ = ["SAE", "load_sae", "save_sae", "describe_sae", "find_sae", "resolve_hub_name"]
 
 READERS = {
     "saelens": saelens.read_saelens,
@@ -57,25 +53,15 @@ EXPECTED_LAYOUTS = (
 
 
 def load_sae(path_or_name: str | os.PathLike, site: str | None = None, *, dtype: str | torch.dtype | None = None) -> SAE:
-    """The SAE at a local path (any format above), cast to ``dtype`` if given.
-
-    ``site`` overrides whatever site the file names; with the name ``default`` it picks the shipped SAE at
-    that site instead (`steer.sae.shipped`).
-    """
+    """The SAE at a local path (any format above), cast to ``dtype`` if given; ``site`` overrides whatever site
+    the file names. The names ``default`` / ``default:SITE`` are `steer.saes.load_sae`'s (``steer.load_sae``)."""
     if dtype is not None:
         dtype = parse_dtype(dtype, field="dtype argument")
     path = Path(path_or_name).expanduser()
-    if not path.exists() and is_shipped_name(str(path_or_name)) and shipped_available():
-        path = shipped_sae_dir(str(path_or_name), site)   # pretrained, in the package: never trains
-        site = None
-        dtype = dtype or torch.float32                     # shipped in 16 bits; computed in fp32 like a model
-    elif not path.exists() and str(path_or_name) == DEFAULT_SAE:
-        # a checkout without shipped SAEs: the former one-site default recipe, trained on first use and cached
-        # (the one place this layer reaches up into steer.train; it goes once the SAEs ship)
-        from steer.train.default import default_sae
-
-        path = default_sae()
-    elif not path.exists():
+    if not path.exists() and is_shipped_name(str(path_or_name)):
+        raise SAEError("the default SAEs are found by steer.load_sae (steer.saes.load_sae); steer.sae.load_sae reads "
+                       "local files only", where=f"sae {path_or_name}")
+    if not path.exists():
         path = resolve_hub_name(str(path_or_name))
     fmt, location = find_sae(path)
     sae = READERS[fmt](location, dtype=dtype)
