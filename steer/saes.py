@@ -32,7 +32,13 @@ import torch
 
 from steer import sae as sae_files
 from steer.sae import SAE
-from steer.sae.shipped import DEFAULT_NAME, SHIPPED_DIR, is_shipped_name, shipped_available, shipped_sae_dir
+from steer.sae.shipped import (
+    DEFAULT_NAME,
+    SHIPPED_DIR,
+    is_shipped_name,
+    shipped_available,
+    shipped_sae_dir,
+)
 
 DEFAULT_SAE = DEFAULT_NAME
 """The name `load_sae` (and a spec's ``sae:``, and ``--sae``) reads as the default model's default SAE."""
