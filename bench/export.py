@@ -123,7 +123,7 @@ def peak_rss() -> int:
 
 def measure_write(base: str, pack: str, out: str) -> None:
     """(In a fresh process.) Build the patch from the plan alone, then time and measure ``write_merged``."""
-    from steer.export.checkpoint import base_shards, copy_base_files, write_merged
+    from steer.export.merge import base_shards, copy_base_files, write_merged
     from steer.export.stream import read_index
     from steer.lower.pack import load_pack
     from steer.lower.weights import lower_to_weights
@@ -279,7 +279,8 @@ def main(argv=None) -> int:
         import torch
 
         import steer
-        from steer.export.checkpoint import copy_base_files, export, write_merged
+        from steer.export.checkpoint import export
+        from steer.export.merge import copy_base_files, write_merged
         from steer.lower.weights import lower_to_weights
 
         torch.set_num_threads(args.threads)

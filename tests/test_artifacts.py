@@ -202,7 +202,7 @@ def test_export_is_reproducible_and_never_touches_the_base(base, dirs, tmp_path)
 
 
 def test_export_failing_midway_leaves_nothing(base, dirs, tmp_path, monkeypatch):
-    import steer.export.checkpoint as checkpoint
+    import steer.export.merge as merge
 
     arch, model, tokenizer, directory = base
     before = _tree_hashes(Path(directory))
@@ -211,7 +211,7 @@ def test_export_failing_midway_leaves_nothing(base, dirs, tmp_path, monkeypatch)
     def broken_writer(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_file", broken_writer)
+    monkeypatch.setattr(merge, "write_file", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         export(plan, model, tokenizer, "weights", tmp_path / "out", base=directory)
     assert sorted(os.listdir(tmp_path)) == []
@@ -225,16 +225,16 @@ def test_export_interrupted_by_sigint_leaves_nothing(llama_base, dirs, tmp_path)
     # Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when it started, and a parent
     # started in the background (`.ci/run &`) passes it on ignored: install Python's own handler, as in a terminal
     script = textwrap.dedent(f"""
-        import signal, time, steer, steer.export.checkpoint as checkpoint
+        import signal, time, steer, steer.export.checkpoint as checkpoint, steer.export.merge as merge
         signal.signal(signal.SIGINT, signal.default_int_handler)
         model, tokenizer = steer.load_model({directory!r})
         plan = steer.compile("project out direction {dirs}:u site writers", model, tokenizer=tokenizer)
-        real = checkpoint.write_file
+        real = merge.write_file
         def slow(*a, **k):
             real(*a, **k)
             print("writing", flush=True)
             time.sleep(60)
-        checkpoint.write_file = slow
+        merge.write_file = slow
         checkpoint.export(plan, model, tokenizer, "weights", {str(out)!r}, base={directory!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -147,7 +147,8 @@ def test_peft_adapter_equals_hooks_for_project_out(default_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from steer.export.checkpoint import base_directory, export
+    from steer.export.checkpoint import export
+    from steer.export.merge import base_directory
 
     model, tokenizer = default_model
     spec = f"project out direction {EDITS / 'directions' / 'smollm2-135m-instruct.safetensors'}:weddings site writers"

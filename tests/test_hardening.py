@@ -72,15 +72,15 @@ def slow_export_script(files: Path, out: Path, seconds: float) -> str:
     """The child's script: `steer export` with a pause after the first shard is written (printing "writing")."""
     argv = export_argv(files, out)[3:]
     return textwrap.dedent(f"""
-        import sys, time, steer.export.checkpoint as checkpoint
+        import sys, time, steer.export.merge as merge
         from steer.cli.main import main
-        real = checkpoint.write_file
+        real = merge.write_file
         def slow(*a, **k):
             n = real(*a, **k)
             print("writing", flush=True)
             time.sleep({seconds})
             return n
-        checkpoint.write_file = slow
+        merge.write_file = slow
         sys.exit(main({argv!r}))
     """)
 
@@ -486,12 +486,13 @@ def test_sharded_and_16_bit_bases_export_verify_and_reload_in_their_dtype(files,
     assert manifest["rounding"]["stored_equals_rounded"] and manifest["rounding"]["fidelity_before_rounding"]
     assert any("before rounding" in line and line.startswith("ok") for line in verdict.lines), verdict.lines
     if dtype == torch.bfloat16:  # a file that is not the lowering rounded is caught, though rounding hides a lot
-        from steer.export.checkpoint import _load_merged, rounding_check
+        from steer.export.merge import rounding_check
+        from steer.lower.weights import load_merged
         from steer.lower.weights import lower_to_weights
 
         other = steer.compile(SPEC.format(dirs=files / "dirs.safetensors").replace("writers", "writers by 99%"),
                               model, tokenizer=tokenizer)
-        check = rounding_check(_load_merged(out), lower_to_weights(other, model.config.to_dict()), base, out)
+        check = rounding_check(load_merged(out), lower_to_weights(other, model.config.to_dict()), base, out)
         assert not check["stored_equals_rounded"] and check["mismatched"]
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")

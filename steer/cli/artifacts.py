@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from steer.cli.generate import HELP_SPEC, add_model_arguments
+from steer.lower.targets import TARGETS
 from steer.models import DEFAULT_MODEL, load_model
 from steer.plan import compile as compile_plan
 from steer.spec import parse_spec
 
-TARGET_HELP = ("weights: a merged HF checkpoint (transformers, vLLM); adapter: a PEFT LoRA; "
-               "cvec: a llama.cpp control vector (GGUF); pack: the plan + the SAE rows it uses, for hooks elsewhere")
+TARGET_HELP = "; ".join(f"{name}: {target.help}" for name, target in TARGETS.items())
 
 
 def register(commands) -> None:
-    p = commands.add_parser("compile", help="compile a spec into an artifact (weights, adapter, cvec, pack)",
+    p = commands.add_parser("compile", help=f"compile a spec into an artifact ({', '.join(TARGETS)})",
                             description="Compile SPEC into a deployable artifact, measure its fidelity against the hooked "
                                         "reference, and write it atomically with a manifest and an edit card.")
     p.add_argument("spec", metavar="SPEC", help=HELP_SPEC)
-    p.add_argument("--target", required=True, choices=("weights", "adapter", "cvec", "pack"), help=TARGET_HELP)
+    p.add_argument("--target", required=True, choices=list(TARGETS), help=TARGET_HELP)
     _common(p)
     p.set_defaults(run=run_compile)
 

@@ -134,24 +134,17 @@ def check_suites_fit(model, tokenizer, suites, split: str) -> None:
 
 def _artifact(directory: str):
     """(plan, steered model, base model, tokenizer, base name, subject) for an export directory."""
-    from steer.export.checkpoint import PACK_DIR, _load_adapter, _load_merged, base_directory
-    from steer.lower.pack import load_pack
+    from steer.lower.targets import get_target
     from steer.models import load_model
     from steer.verify.artifact import read_manifest
 
     path = Path(directory)
     manifest = read_manifest(path)
-    target, base = manifest.get("target"), manifest["base_model"]["name"]
+    target = get_target(str(manifest.get("target")), where=f"{directory}: target")
+    base = manifest["base_model"]["name"]
+    loaded = target.load(path, manifest)  # before the base model: a target evaluate cannot run fails fast
     model, tokenizer = load_model(base)
-    subject = f"{target} export {directory}"
-    if target == "weights":
-        return None, _load_merged(path), model, tokenizer, base, subject
-    if target == "adapter":
-        return None, _load_adapter(base_directory(base), path), model, tokenizer, base, subject
-    if target == "pack":
-        return load_pack(path / PACK_DIR), None, model, tokenizer, base, subject
-    raise SteerError(f"a {target} artifact runs outside transformers (llama.cpp for cvec); evaluate its spec "
-                     "(steer eval SPEC) or a weights/adapter export", where=directory)
+    return loaded.plan, loaded.model, model, tokenizer, base, f"{target.name} export {directory}"
 
 
 def run_sweep(args) -> int:

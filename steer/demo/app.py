@@ -349,7 +349,7 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
                                   label="KL per steered step (nats)")
             kl_text = gr.Markdown(elem_id="kl-summary")
         with gr.Accordion("Export the edits (with their verify report)", open=False):
-            target = gr.Radio(list(EXPORT_TARGETS), value="weights", label="target",
+            target = gr.Radio(list(EXPORT_TARGETS), value=EXPORT_TARGETS[0], label="target",
                               info="weights: merged HF checkpoint; adapter: PEFT LoRA; cvec: llama.cpp control vector; "
                                    "pack: the plan + the SAE rows it uses")
             export = gr.Button("Export and verify")

@@ -59,12 +59,13 @@ import torch
 from steer.errors import SpecError, SteerError
 from steer.generate import Sampling, cache_keyword, cache_of, context_length, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
+from steer.lower.targets import TARGETS
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
 from steer.spec.edit import Edit
 
-EXPORT_TARGETS = ("weights", "adapter", "cvec", "pack")
-"""What "Export" can write (steer.export.checkpoint.export's targets)."""
+EXPORT_TARGETS = tuple(TARGETS)
+"""What "Export" can write: every artifact target (`steer.lower.targets`)."""
 
 
 @dataclass(frozen=True)

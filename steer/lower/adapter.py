@@ -14,6 +14,8 @@ peft's own LoraConfig) and ``adapter_model.safetensors`` with keys
 ``[out, r]``, and for embeddings ``….lora_embedding_A`` ``[r, vocab]``,
 ``….lora_embedding_B`` ``[d, r]`` — so ``PeftModel.from_pretrained`` and vLLM
 load it. Reads the writers' weights from the model; never changes the model.
+The target reloads the adapter through PEFT on the base checkpoint and
+measures it against the hooks (`steer.verify.fidelity`).
 """
 
 from __future__ import annotations
@@ -24,20 +26,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
+from steer.lower.targets import (
+    EditLowering,
+    Loaded,
+    LoweringError,
+    Outcome,
+    Target,
+    Unlowerable,
+    WriteOptions,
+    Written,
+    lower_each,
+    register,
+)
 from steer.models.adapters import Site, adapter_for
 from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 
 BIAS_TOLERANCE = 1e-6
-
-
-def check_adapter(se: SiteEdit, site: Site, config: dict) -> str | None:
-    try:
-        _rule(se, site, adapter_for(config.get("model_type", "")))
-    except Unlowerable as exc:
-        return str(exc)
-    return None
 
 
 def _rule(se: SiteEdit, site: Site, arch) -> str | None:
@@ -112,7 +117,8 @@ def write_adapter(plan: Plan, model: nn.Module, directory: Path, base_model_name
 
     modules, lowerings = lower_to_adapter(plan, model)
     if not modules:
-        raise LoweringError("no edit changes the model's outputs, so there is nothing to put in an adapter", where="target adapter")
+        raise LoweringError("no edit changes the model's outputs: an empty adapter artifact is refused (there is "
+                            "nothing to put in a LoRA)", where="target adapter")
     dtype = next(model.parameters()).dtype
     tensors = {}
     for name, m in sorted(modules.items()):
@@ -133,3 +139,52 @@ def write_adapter(plan: Plan, model: nn.Module, directory: Path, base_model_name
     config.save_pretrained(str(directory))
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return lowerings
+
+
+def load_adapter(base_dir: Path, directory: Path):
+    """An adapter export applied by PEFT to the base checkpoint, fp32, eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    return PeftModel.from_pretrained(base, str(directory)).eval()
+
+
+class AdapterTarget(Target):
+    name = "adapter"
+    help = "a PEFT LoRA (transformers + PEFT, vLLM --enable-lora)"
+    reads_base_files = True
+    writes_unchanged = False
+
+    def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:
+        arch = adapter_for(config.get("model_type", ""))
+        try:
+            kind = _rule(se, site, arch)
+        except Unlowerable as exc:
+            return Outcome("refused", str(exc))
+        if kind is None:
+            return Outcome("nothing", "changes no output")
+        if kind == "writer" and arch.writer_bias == "native":  # exact only if the bias has no component along û
+            return Outcome("approximate", "LoRA cannot change the writer bias: its component along û remains")
+        return Outcome("exact")
+
+    def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
+        from steer.verify.fidelity import measure
+
+        lowerings = write_adapter(plan, model, out, base_model_name=options.base)
+        return Written(lowerings, fidelity=measure(model, plan, load_adapter(options.base_dir, out), tokenizer))
+
+    def load(self, directory: Path, manifest: dict) -> Loaded:
+        from steer.export.merge import base_directory
+
+        return Loaded(model=load_adapter(base_directory(manifest["base_model"]["name"]), directory))
+
+    def verify(self, directory: Path, manifest: dict, model, tokenizer, plan: Plan, verdict) -> None:
+        from steer.verify.fidelity import judge, measure
+
+        verdict.fidelity = measure(model, plan, self.load(directory, manifest).model, tokenizer)
+        verdict.lines.append(("ok   " if verdict.fidelity.is_exact() else "note ") + verdict.fidelity.describe())
+        judge(verdict, manifest, plan, verdict.fidelity)
+
+
+ADAPTER = register(AdapterTarget())

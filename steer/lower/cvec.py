@@ -7,6 +7,10 @@ direction tensors) and F32 tensors ``direction.N`` ``[d]``. llama.cpp adds
 (its loader skips N = 0), i.e. ``resid_post.N`` for N ≥ 1. So: ``add`` at
 ``resid_post.N`` or ``mlp_out.N`` (a constant added to the MLP's output reaches
 the stream at the same point) or ``resid_pre.N+1``, N ≥ 1. Never touches a model.
+
+The target measures the written vector in llama.cpp on the base's GGUF when steer knows it
+(`steer.verify.llamacpp`, in a child process); a control vector runs outside transformers, so
+``load`` refuses (evaluate the spec, or a weights export, instead).
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steer.lower.targets import EditLowering, LoweringError, Unlowerable, lower_each
+from steer.errors import SteerError
+from steer.lower.targets import (
+    EditLowering,
+    Loaded,
+    LoweringError,
+    Outcome,
+    Target,
+    Unlowerable,
+    WriteOptions,
+    Written,
+    lower_each,
+    register,
+)
 from steer.models.adapters import Site, adapter_for
 from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
-
-
-def check_cvec(se: SiteEdit, site: Site, config: dict) -> str | None:
-    try:
-        _layer(se, site, adapter_for(config.get("model_type", "")))
-    except Unlowerable as exc:
-        return str(exc)
-    return None
 
 
 def _layer(se: SiteEdit, site: Site, arch) -> int | None:
@@ -51,9 +59,11 @@ def _layer(se: SiteEdit, site: Site, arch) -> int | None:
     return layer
 
 
-def write_cvec(plan: Plan, path: Path, model_type: str) -> list[EditLowering]:
+def write_cvec(plan: Plan, path: Path, config: dict) -> list[EditLowering]:
+    """Write the control vector GGUF for ``plan`` on a model with config ``config`` (its ``to_dict()``)."""
     import gguf
 
+    model_type = config.get("model_type", "")
     arch = adapter_for(model_type)
     directions: dict[int, torch.Tensor] = {}
 
@@ -64,9 +74,10 @@ def write_cvec(plan: Plan, path: Path, model_type: str) -> list[EditLowering]:
         directions[layer] = directions.get(layer, torch.zeros(plan.hidden_size, dtype=torch.float64)) + se.amount * se.write.double()
         return [f"direction.{layer}"]
 
-    lowerings = lower_each(plan, "cvec", {"model_type": model_type}, rule)
+    lowerings = lower_each(plan, "cvec", config, rule)
     if not directions:
-        raise LoweringError("no edit adds anything, so the control vector would be empty", where="target cvec")
+        raise LoweringError("no edit changes the model's outputs: an empty cvec artifact is refused (the control "
+                            "vector would hold no direction)", where="target cvec")
     writer = gguf.GGUFWriter(str(path), "controlvector")
     writer.add_string("controlvector.model_hint", model_type)
     writer.add_int32("controlvector.layer_count", len(directions))
@@ -77,3 +88,60 @@ def write_cvec(plan: Plan, path: Path, model_type: str) -> list[EditLowering]:
     writer.write_tensors_to_file()
     writer.close()
     return lowerings
+
+
+FILE = "control_vector.gguf"
+
+
+class ControlVectorTarget(Target):
+    name = "cvec"
+    help = "a llama.cpp control vector (GGUF)"
+    manifest_keys = ("llamacpp_fidelity",)
+    writes_unchanged = False
+
+    def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:
+        try:
+            layer = _layer(se, site, adapter_for(config.get("model_type", "")))
+        except Unlowerable as exc:
+            return Outcome("refused", str(exc))
+        return Outcome("nothing", "changes no output") if layer is None else Outcome("exact")
+
+    def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
+        from steer.verify.llamacpp import LlamaCppError, measure_cvec_export
+
+        written = Written(write_cvec(plan, out / FILE, model.config.to_dict()))
+        try:  # the vector is written either way; a failing llama.cpp costs only its measurement
+            measured, why = measure_cvec_export(model, tokenizer, plan, out / FILE, options.base)
+        except LlamaCppError as exc:
+            measured, why = None, str(exc)
+        if why:
+            written.notes.append(f"llama.cpp fidelity not measured: {why}")
+        written.manifest["llamacpp_fidelity"] = measured
+        return written
+
+    def load(self, directory: Path, manifest: dict) -> Loaded:
+        raise SteerError("a control vector runs in llama.cpp, outside transformers; evaluate its spec (steer eval "
+                         "SPEC) or a weights/adapter export", where=str(directory))
+
+    def verify(self, directory: Path, manifest: dict, model, tokenizer, plan: Plan, verdict) -> None:
+        from steer.verify.llamacpp import LlamaCppError, measure_cvec_export
+
+        try:
+            measured, why = measure_cvec_export(model, tokenizer, plan, directory / FILE, manifest["base_model"]["name"])
+        except LlamaCppError as exc:
+            verdict.fail(f"llama.cpp fidelity could not be measured: {exc}")
+            return
+        if measured is None:
+            verdict.lines.append(f"note llama.cpp fidelity not measured: {why}")
+            return
+        line = (f"llama.cpp + control vector vs the hooked fp32 reference over {measured['tokens']} positions: "
+                f"mean KL {measured['kl']:.4g} (quantisation alone {measured['kl_unedited']:.4g}), top-1 "
+                f"{100 * measured['top1']:.1f}% (quantisation alone {100 * measured['top1_unedited']:.1f}%); "
+                f"{measured['rule']}")
+        if measured["passes"]:
+            verdict.lines.append("ok   " + line)
+        else:
+            verdict.fail(line)
+
+
+CVEC = register(ControlVectorTarget())

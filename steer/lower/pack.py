@@ -10,6 +10,10 @@ whole: its features depend on every pre-activation). Layout::
 
 ``load_pack(dir)`` returns the `Plan`, ready for ``steer.applied(model, plan)``;
 no SAE file or direction file is needed. Never executes code from the pack.
+
+Every artifact embeds one in ``steer_pack/`` (`PACK_DIR`), so `steer verify` can rebuild the hooked
+reference; the ``pack`` target's artifact is that embedded pack alone — it takes every edit exactly, since
+hooks apply it — and its file hashes are its whole verification.
 """
 
 from __future__ import annotations
@@ -21,12 +25,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer.errors import SteerError
+from steer.lower.targets import (
+    EditLowering,
+    Loaded,
+    Outcome,
+    Target,
+    WriteOptions,
+    Written,
+    register,
+)
 from steer.models.adapters import parse_site_name
 from steer.plan.ir import FeatureReader, Plan, SiteEdit, SitePlan
 from steer.sae.sae import SAE
 from steer.spec import load_spec_text
 from steer.spec.yaml_io import dump_spec
 
+PACK_DIR = "steer_pack"
+"""Where every artifact directory embeds its pack."""
 FORMAT = "steer-pack"
 VERSION = 1
 MANIFEST = "steer_pack.json"
@@ -106,3 +121,28 @@ def load_pack(directory) -> Plan:
                                    directions=tensors.get(f"sites.{s}.directions"), edits=edits))
     return Plan(spec=spec, model_type=manifest["model_type"], n_layers=manifest["n_layers"],
                 hidden_size=manifest["hidden_size"], sites=tuple(site_plans), saes=tuple(tuple(x) for x in manifest["saes"]))
+
+
+class PackTarget(Target):
+    name = "pack"
+    help = "the plan + the SAE rows it uses, for hooks elsewhere (steer.load_pack)"
+    verify_needs_model = False
+
+    def check(self, se: SiteEdit, site, config: dict) -> Outcome:
+        return Outcome("exact")  # hooks apply the plan itself
+
+    def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
+        by_index: dict[int, EditLowering] = {}
+        for sp in plan.sites:  # the exporter embeds the pack (PACK_DIR) in every artifact: that is this one
+            for e in sp.edits:
+                by_index.setdefault(e.index, EditLowering(e.index, e.edit)).sites.append(str(sp.site))
+        return Written([by_index[i] for i in sorted(by_index)])
+
+    def load(self, directory: Path, manifest: dict) -> Loaded:
+        return Loaded(plan=load_pack(Path(directory) / PACK_DIR))
+
+    def verify(self, directory: Path, manifest: dict, model, tokenizer, plan: Plan, verdict) -> None:
+        verdict.lines.append("note a pack holds the plan itself: its hashes are the check")
+
+
+PACK = register(PackTarget())

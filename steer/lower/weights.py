@@ -30,20 +30,37 @@ neurons and adds them with `add_grafts`, which appends them as `Growth`s of the
 MLP tensors of every layer (zero neurons where nothing is grafted) and widens
 the config's MLP width.
 
-Reads only the Plan and the checkpoint's config; never touches tensors (the
-exporter applies the patch while streaming shards: new tensors, then the
-additive deltas on the original shapes, then the growths).
+`lower_to_weights` reads only the Plan and the checkpoint's config and never
+touches tensors; the target's ``write`` applies the patch while streaming the
+base's shards (`steer.export.merge`: new tensors, then the additive deltas on
+the original shapes, then the growths), ``load`` reloads the export in plain
+transformers, and ``verify`` measures it against the hooks (a 16-bit base: the
+lowering judged before rounding, the file checked to hold it rounded once).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from steer.lower.graft import LAYOUTS, GraftRequest, Neurons, graft_block
-from steer.lower.targets import EditLowering, Unlowerable, lower_each
+from steer.lower.targets import (
+    EditLowering,
+    Loaded,
+    Outcome,
+    Target,
+    Unlowerable,
+    WriteOptions,
+    Written,
+    lower_each,
+    outcome_of,
+    refuse_approximate,
+    register,
+)
 from steer.models.adapters import ArchitectureAdapter, Site, adapter_for
 from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
@@ -98,15 +115,6 @@ def lower_to_weights(plan: Plan, config: dict) -> WeightPatch:
     builder = _PatchBuilder(adapter_for(config.get("model_type", "")), config)
     lowerings = lower_each(plan, "weights", config, builder.lower)
     return WeightPatch(builder.deltas, builder.new_tensors, builder.config, lowerings, builder.notes, builder.grafts)
-
-
-def check_weights(se: SiteEdit, site: Site, config: dict) -> str | None:
-    """Why this site edit has no weight lowering, or None."""
-    try:
-        _PatchBuilder(adapter_for(config.get("model_type", "")), config).lower(se, site, EditLowering(se.index, se.edit))
-    except Unlowerable as exc:
-        return str(exc)
-    return None
 
 
 def add_grafts(patch: WeightPatch, fits: list[Neurons], base_config: dict) -> None:
@@ -260,3 +268,83 @@ class _PatchBuilder:
 
     def _delta(self, tensor: str, fn, optional: bool = False, rowwise: bool = False) -> None:
         self.deltas.append(Delta(tensor, fn, optional, rowwise))
+
+
+def load_merged(directory: Path):
+    """A merged export (or any checkpoint directory) in plain transformers, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+class WeightsTarget(Target):
+    name = "weights"
+    help = "a merged HF checkpoint (transformers, vLLM)"
+    reads_base_files = True
+    manifest_keys = ("rounding",)
+    approximate_kl = 0.05
+    """A graft's mean KL on the tiny models' calibration text (the matrix checks it)."""
+
+    def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:
+        return outcome_of(_PatchBuilder(adapter_for(config.get("model_type", "")), config).lower, se, site)
+
+    def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
+        from steer.export.merge import copy_base_files, rounding_check, write_merged
+        from steer.lower.graft import fit_grafts
+        from steer.verify.fidelity import measure
+
+        config = model.config.to_dict()
+        patch = lower_to_weights(plan, config)
+        written = Written(patch.lowerings, patch.notes)
+        if not options.allow_approximate and plan.spec.max_kl is None:
+            refuse_approximate(self.name, patch.lowerings, None, None)  # before the (slow) graft fit
+        if patch.grafts:
+            fits, source = fit_grafts(patch.grafts, plan, model, tokenizer)
+            add_grafts(patch, fits, config)
+            written.notes.append(f"graft neurons were fitted on {fits[0].tokens} tokens of {source}")
+        base_dir = options.base_dir
+        copy_base_files(base_dir, out)
+        raw = json.loads((base_dir / "config.json").read_text())
+        raw.update(patch.config)
+        (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        write_merged(patch, base_dir, out)
+        artifact = load_merged(out)
+        written.fidelity = measure(model, plan, artifact, tokenizer)
+        rounding = rounding_check(artifact, patch, base_dir, out)  # a 16-bit base: judge the lowering unrounded
+        if rounding is not None:
+            unrounded = measure(model, plan, artifact, tokenizer)
+            rounding["fidelity_before_rounding"] = unrounded.as_dict()
+            written.notes.append(f"stored in {rounding['dtype']} like the base: the patched tensors are the float64 "
+                                 f"lowering rounded once; before rounding {unrounded.describe()}")
+            written.manifest["rounding"] = rounding
+        return written
+
+    def load(self, directory: Path, manifest: dict) -> Loaded:
+        return Loaded(model=load_merged(directory))
+
+    def verify(self, directory: Path, manifest: dict, model, tokenizer, plan: Plan, verdict) -> None:
+        from steer.export.merge import base_directory, rounding_check
+        from steer.verify.fidelity import judge, measure
+
+        artifact = load_merged(directory)
+        verdict.fidelity = judged = measure(model, plan, artifact, tokenizer)
+        rounding = None
+        if all(e["lowering"] == "exact" for e in manifest["edits"]):  # a 16-bit base: the lowering is judged unrounded
+            rounding = rounding_check(artifact, lower_to_weights(plan, model.config.to_dict()),
+                                      base_directory(manifest["base_model"]["name"]), directory)
+        if rounding is None:
+            verdict.lines.append(("ok   " if judged.is_exact() else "note ") + judged.describe())
+        else:
+            judged = measure(model, plan, artifact, tokenizer)
+            verdict.lines.append(f"note stored in {rounding['dtype']} like the base; as stored: {verdict.fidelity.describe()}")
+            if rounding["stored_equals_rounded"]:
+                verdict.lines.append(f"ok   the {rounding['tensors']} patched tensor(s) are the lowering rounded once to "
+                                     f"{rounding['dtype']}")
+            else:
+                verdict.fail(f"patched tensor(s) {', '.join(rounding['mismatched'])} are not the lowering rounded to "
+                             f"{rounding['dtype']}")
+            verdict.lines.append(("ok   " if judged.is_exact() else "note ") + "before rounding: " + judged.describe())
+        judge(verdict, manifest, plan, judged)
+
+
+WEIGHTS = register(WeightsTarget())

@@ -5,7 +5,9 @@ below; the spec reader, DSL, compiler, tuning, demo and artifact targets pick it
 """
 
 from steer.ops.base import OPERATIONS, Operation, Primitive, dsl_verbs, sugar_verbs, yaml_verbs
-# registration order is the order users see them listed in
-from steer.ops import scale, clamp, add, project_out, cap, monitor  # noqa: F401, I001  (registers them)
+
+# isort: off
+from steer.ops import scale, clamp, add, project_out, cap, monitor  # noqa: F401  (registers them, in the order users see)
+# isort: on
 
 __all__ = ["OPERATIONS", "Operation", "Primitive", "dsl_verbs", "sugar_verbs", "yaml_verbs"]

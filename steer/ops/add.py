@@ -13,6 +13,7 @@ ADD = register(Operation(
     formula="α·d_i",
     lowers_to=Primitive.CONSTANT,
     amount_key="strength",
+    example="add direction {direction} by 2 site resid_post.1",
     dsl_verb="add",
     dsl_word="by",
     help="add A × the feature's decoder row (or the direction)",

@@ -72,6 +72,9 @@ class Operation:
     """The DSL clause word before the amount (`by`, `to`, `at`, `above`)."""
     help: str
     """One line for help texts: what the amount means."""
+    example: str
+    """A DSL edit showing the op at its natural site, with ``{feature}`` / ``{direction}`` (``FILE:KEY``) to fill
+    in: the equivalence matrix (tests/test_matrix.py) lowers it to every target on every tiny architecture."""
     amount: Amount = NUMBER
     """How its amount is read (YAML and DSL)."""
     default: float | None = None

@@ -14,6 +14,7 @@ CAP = register(Operation(
     formula="−max(0, x·û − c)·û",
     lowers_to=Primitive.NONLINEAR,
     amount_key="at",
+    example="cap direction {direction} at 0.1 site resid_post.1",
     dsl_verb="cap",
     dsl_word="at",
     help="cap the projection on the unit direction at C",

@@ -13,6 +13,7 @@ CLAMP = register(Operation(
     formula="(v − f_i(x))·d_i",
     lowers_to=Primitive.FEATURE,
     amount_key="to",
+    example="clamp feature {feature} to 2 when active site resid_post.1",
     dsl_verb="clamp",
     dsl_word="to",
     help="pin the feature to V",

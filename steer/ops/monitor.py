@@ -13,6 +13,7 @@ MONITOR = register(Operation(
     formula="0 (records f_i(x))",
     lowers_to=Primitive.NOTHING,
     amount_key="above",
+    example="monitor feature {feature} site resid_post.1",
     dsl_verb="monitor",
     dsl_word="above",
     help="record where the feature is above T (default 0)",

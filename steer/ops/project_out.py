@@ -13,6 +13,7 @@ PROJECT_OUT = register(Operation(
     formula="−p·(x·û)·û",
     lowers_to=Primitive.PROJECTION,
     amount_key="fraction",
+    example="project out direction {direction} site writers",
     dsl_verb="project out",
     dsl_word="by",
     help="remove P of the stream's component along the unit direction (default 100%)",

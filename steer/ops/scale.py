@@ -14,6 +14,7 @@ SCALE = register(Operation(
     formula="(s − 1)·f_i(x)·d_i",
     lowers_to=Primitive.FEATURE,
     amount_key="factor",
+    example="scale feature {feature} by 0.2 site resid_post.1",
     dsl_verb="scale",
     dsl_word="by",
     help="multiply the feature by F ≥ 0",

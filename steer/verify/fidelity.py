@@ -10,7 +10,7 @@ KL < 1e-6 nats/token in fp32 and 100% top-1 agreement.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 import torch
@@ -82,3 +82,34 @@ def measure(model, plan: Plan, artifact, tokenizer, *, texts=None, prompts=GREED
         matches += int(torch.equal(ref, art))
     return Fidelity(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1=float(agreement.double().mean()),
                     greedy_match=matches / max(1, len(prompts)), tokens=int(kl.numel()), prompts=len(prompts))
+
+
+@dataclass
+class Verdict:
+    """What `steer verify` found: ``ok`` and one line per check (``ok   …``, ``note …``, ``FAIL …``)."""
+
+    ok: bool = True
+    lines: list[str] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+
+    def fail(self, line: str) -> None:
+        self.ok = False
+        self.lines.append(f"FAIL {line}")
+
+
+def judge(verdict: Verdict, manifest: dict, plan: Plan, judged: Fidelity) -> None:
+    """The verification contract for an artifact run in transformers (DESIGN §7), on ``judged`` (the fidelity the
+    lowering is judged by; ``verdict.fidelity`` is the artifact as stored): exact lowerings must be exact, and
+    approximate ones within the spec's ``max_kl`` when it has one."""
+    approximate = [e for e in manifest["edits"] if e["lowering"] != "exact"]
+    if not approximate and not judged.is_exact():
+        verdict.fail(f"every edit was lowered exactly, but the artifact is not exact (KL max {judged.kl_max:.3g} ≥ 1e-6 "
+                     f"or top-1 {100 * judged.top1:.2f}% < 100%)")
+    max_kl = plan.spec.max_kl
+    if approximate and max_kl is not None:
+        if verdict.fidelity.kl_mean > max_kl:
+            verdict.fail(f"mean KL(ref‖artifact) {verdict.fidelity.kl_mean:.4g} is above the spec's max_kl {max_kl:g}")
+        else:
+            verdict.lines.append(f"ok   mean KL(ref‖artifact) {verdict.fidelity.kl_mean:.4g} ≤ the spec's max_kl {max_kl:g}")
+    elif approximate:
+        verdict.lines.append(f"note {len(approximate)} edit(s) were lowered approximately (accepted with --allow-approximate)")

@@ -112,7 +112,7 @@ class ControlVector:
 
 def read_control_vector(path) -> ControlVector:
     """Read and check a control-vector GGUF (architecture, tensor names, types, shapes)."""
-    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf import GGMLQuantizationType, GGUFReader
 
     path = Path(path)
     reader = GGUFReader(str(path))
