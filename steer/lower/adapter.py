@@ -36,6 +36,7 @@ from steer.lower.targets import (
     WriteOptions,
     Written,
     lower_each,
+    outcome_of,
     register,
 )
 from steer.models.adapters import Site, adapter_for
@@ -43,6 +44,7 @@ from steer.ops import OPERATIONS, Primitive
 from steer.plan.ir import Plan, SiteEdit
 
 BIAS_TOLERANCE = 1e-6
+BIAS_NOTE = "LoRA cannot change the writer bias: its component along û remains"
 
 
 def _rule(se: SiteEdit, site: Site, arch) -> str | None:
@@ -103,7 +105,7 @@ def lower_to_adapter(plan: Plan, model: nn.Module) -> tuple[dict[str, _Module], 
         bias = getattr(writer, "bias", None)
         if bias is not None and abs(float(bias.double() @ u)) > BIAS_TOLERANCE * max(1.0, float(bias.norm())):
             low.kind = "approximate"
-            low.note = "LoRA cannot change the writer bias: its component along û remains"
+            low.note = BIAS_NOTE
         return [name]
 
     lowerings = lower_each(plan, "adapter", config, rule)
@@ -158,15 +160,13 @@ class AdapterTarget(Target):
 
     def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:
         arch = adapter_for(config.get("model_type", ""))
-        try:
+
+        def rule(se: SiteEdit, site: Site, low: EditLowering) -> list[str] | None:
             kind = _rule(se, site, arch)
-        except Unlowerable as exc:
-            return Outcome("refused", str(exc))
-        if kind is None:
-            return Outcome("nothing", "changes no output")
-        if kind == "writer" and arch.writer_bias == "native":  # exact only if the bias has no component along û
-            return Outcome("approximate", "LoRA cannot change the writer bias: its component along û remains")
-        return Outcome("exact")
+            if kind == "writer" and arch.writer_bias == "native":  # exact only where the bias has no part along û
+                low.kind, low.note = "approximate", BIAS_NOTE
+            return None if kind is None else [kind]
+        return outcome_of(rule, se, site)
 
     def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
         from steer.verify.fidelity import measure

@@ -31,6 +31,7 @@ from steer.lower.targets import (
     WriteOptions,
     Written,
     lower_each,
+    outcome_of,
     register,
 )
 from steer.models.adapters import Site, adapter_for
@@ -100,11 +101,8 @@ class ControlVectorTarget(Target):
     writes_unchanged = False
 
     def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:
-        try:
-            layer = _layer(se, site, adapter_for(config.get("model_type", "")))
-        except Unlowerable as exc:
-            return Outcome("refused", str(exc))
-        return Outcome("nothing", "changes no output") if layer is None else Outcome("exact")
+        arch = adapter_for(config.get("model_type", ""))
+        return outcome_of(lambda se, site, _low: None if _layer(se, site, arch) is None else ["direction"], se, site)
 
     def write(self, plan: Plan, model, tokenizer, out: Path, options: WriteOptions) -> Written:
         from steer.verify.llamacpp import LlamaCppError, measure_cvec_export
