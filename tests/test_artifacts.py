@@ -371,3 +371,26 @@ def test_streamed_safetensors_files_read_back_with_the_safetensors_library(tmp_p
             assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype
         assert torch.equal(f.get_tensor("new"), torch.ones(2, 3))
     assert torch.equal(stored["f32"].read(slice(2, 5)), tensors["f32"][2:5])
+
+
+def test_edit_card_carries_model_card_metadata_the_hub_reads(llama_base, dirs, tmp_path):
+    import shutil
+
+    import yaml
+
+    arch, model, tokenizer, directory = llama_base
+    base = tmp_path / "base"
+    shutil.copytree(directory, base)
+    (base / "README.md").write_text("---\nlicense: mit\nbase_model: someone/tiny-llama\n---\n# a tiny model\n")
+    plan = compile_case(ADAPTER_CASES["project_out_writers"], model, tokenizer, dirs)
+    for target, relation, library in (("weights", "finetune", "transformers"), ("adapter", "adapter", "peft")):
+        export(plan, model, tokenizer, target, tmp_path / target, base=str(base))
+        card = (tmp_path / target / "README.md").read_text()
+        assert card.startswith("---\n")
+        front = yaml.safe_load(card.split("---\n")[1])
+        assert front["base_model"] == "someone/tiny-llama" and front["license"] == "mit"
+        assert front["base_model_relation"] == relation and front["library_name"] == library
+        assert "steer" in front["tags"] and f"steer-{target}" in front["tags"]
+    export(plan, model, tokenizer, "pack", tmp_path / "pack", base=str(base))
+    front = yaml.safe_load((tmp_path / "pack" / "README.md").read_text().split("---\n")[1])
+    assert "base_model_relation" not in front  # a pack is not a model

@@ -49,6 +49,7 @@ def export(plan: Plan, model, tokenizer, target: str, out, *, base: str, overwri
         write_pack(plan, tmp / PACK_DIR)
         evaluation, card_lines = _evaluate_export(writer, plan, model, tokenizer, tmp, suites, eval_split, notes, base)
         manifest = _manifest(plan, target, base, base_dir, written.lowerings, notes, written.fidelity, tmp)
+        manifest["model_card"] = model_card_metadata(writer, base, base_dir)
         manifest.update({key: None for key in writer.manifest_keys})
         manifest.update(written.manifest)
         manifest["evaluation"] = evaluation
@@ -100,8 +101,57 @@ def _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp) -> 
     }
 
 
+def model_card_metadata(writer, base: str, base_dir: Path | None) -> dict:
+    """The edit card's YAML front matter, in the keys the Hugging Face Hub reads from a model card: the base
+    model's hub id and licence (steer's model registry, else the base checkpoint's own card), the
+    relation (the target's), the library that loads it and tags."""
+    from steer.models.loading import REGISTRY
+
+    entry = REGISTRY.get(base)
+    meta = {"base_model": entry.hub_id if entry else None, "license": entry.license if entry else None}
+    if base_dir is not None and (entry is None or not entry.license):
+        card = _front_matter(base_dir / "README.md")
+        meta["license"] = meta["license"] or card.get("license")
+        meta["base_model"] = meta["base_model"] or card.get("base_model") or _hub_id(base)
+    elif meta["base_model"] is None:
+        meta["base_model"] = _hub_id(base)
+    meta["base_model_relation"] = writer.hub_relation
+    meta["library_name"] = {"finetune": "transformers", "adapter": "peft"}.get(writer.hub_relation or "")
+    meta["tags"] = ["steer", "model-editing", "sparse-autoencoder", f"steer-{writer.name}"]
+    return {k: v for k, v in meta.items() if v}
+
+
+def _hub_id(base: str) -> str | None:
+    """``base`` if it reads as a hub id (owner/name, not a local path)."""
+    import re
+
+    return base if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) and not Path(base).exists() else None
+
+
+def _front_matter(path: Path) -> dict:
+    """The YAML front matter of a model card (``---`` … ``---`` at its top), or {} (no card, none, or unreadable)."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def edit_card(manifest: dict, evaluation_lines=()) -> str:
-    lines = [f"# Edited model ({manifest['target']})", "",
+    import yaml
+
+    meta = manifest.get("model_card") or {}
+    front = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""] if meta else []
+    lines = [*front, f"# Edited model ({manifest['target']})", "",
              f"Made by steer {manifest['steer_version']} from `{manifest['base_model']['name']}`.", "",
              "## Edits", "", "| # | edit | lowering | where | note |", "| --- | --- | --- | --- | --- |"]
     for e in manifest["edits"]:

@@ -156,6 +156,7 @@ class AdapterTarget(Target):
     name = "adapter"
     help = "a PEFT LoRA (transformers + PEFT, vLLM --enable-lora)"
     reads_base_files = True
+    hub_relation = "adapter"
     writes_unchanged = False
 
     def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:

