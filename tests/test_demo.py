@@ -439,3 +439,276 @@ def test_a_request_past_the_models_context_is_one_message():
     with pytest.raises(SteerError, match="over the model's context of 512; ask for fewer new tokens"):
         next(engine.stream("a" * 480, "", Sampling(max_new_tokens=64), chat=False))
     next(engine.stream("a" * 400, "", Sampling(max_new_tokens=64), chat=False))  # inside it: runs
+
+
+# -- several SAEs, one per site (issue 13, item 4) --------------------------------------------------------------------
+
+TWO_SITES = ("resid_post.1", "resid_post.2")
+TWO_SITE_EDITS = "steer feature 3 by 4\nsuppress feature 5 by 90% site resid_post.2\nsteer feature 7 by 10 site blocks.2.hook_resid_post"
+"""Line 1 at the default site (the first SAE's), lines 2-3 at the second SAE's (canonical and SAELens names)."""
+TWO_SITE_SPEC = ("steer feature 3 by 4 site resid_post.1; suppress feature 5 by 90% site resid_post.2; "
+                 "steer feature 7 by 10 site resid_post.2")
+"""The same edits as a spec that names every site, compiled directly."""
+
+
+def two_saes():
+    return [random_sae(site=TWO_SITES[0]), random_sae(site=TWO_SITES[1], seed=2)]
+
+
+def two_site_engine(model=None, tokenizer=None, model_name: str = "tiny"):
+    model = model if model is not None else tiny_model("llama")
+    return DemoEngine(model, tokenizer or tiny_tokenizer(), two_saes(), model_name=model_name)
+
+
+def test_a_two_site_edit_list_gives_exactly_the_hooked_reference():
+    engine = two_site_engine()
+    assert engine.sites == TWO_SITES and engine.site == TWO_SITES[0] and engine.sae is engine.saes[TWO_SITES[0]]
+    sampling = Sampling(max_new_tokens=10)
+    frame = engine.generate(PROMPT, TWO_SITE_EDITS, sampling)
+    plan = steer.compile(TWO_SITE_SPEC, engine.model, list(engine.saes.values()))
+    assert sorted(str(s.site) for s in plan.sites) == list(TWO_SITES)
+    assert frame.steered == generate(engine.model, engine.tokenizer, [PROMPT], plan, sampling)[0]
+    # the per-step KL against steer.applied of the directly compiled plan, one full pass each
+    prompt = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    P, steps = prompt.shape[1], len(frame.steered_tokens)
+    ids = torch.cat([prompt, torch.tensor([frame.steered_tokens])], dim=1)
+    with torch.no_grad():
+        log_u = torch.log_softmax(engine.model(ids).logits[0].double(), -1)
+        with steer.applied(engine.model, plan, prompt_length=P):
+            log_s = torch.log_softmax(engine.model(ids).logits[0].double(), -1)
+    expected = [float((log_u[t].exp() * (log_u[t] - log_s[t])).sum()) for t in range(P - 1, P - 1 + steps)]
+    assert frame.kl == pytest.approx(expected, rel=1e-4, abs=1e-6) and max(frame.kl) > 1e-3
+    # both sites act: each site's lines alone steer otherwise
+    first_only = engine.generate(PROMPT, TWO_SITE_EDITS.splitlines()[0], sampling)
+    second_only = engine.generate(PROMPT, "\n".join(TWO_SITE_EDITS.splitlines()[1:]), sampling)
+    assert len({frame.steered, first_only.steered, second_only.steered, frame.unsteered}) == 4
+
+
+def test_the_monitor_reads_the_feature_of_the_sae_at_its_site_and_names_the_site():
+    from steer.demo.app import monitor_choice, monitor_summary
+
+    engine = two_site_engine()
+    frame = engine.generate(PROMPT, "", Sampling(max_new_tokens=8), monitor_feature=4, monitor_site="blocks.2.hook_resid_post")
+    assert frame.monitor_site == "resid_post.2"
+    prompt = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([frame.unsteered_tokens])], dim=1)
+    seen = []
+    handle = engine.model.model.layers[2].register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            engine.model(ids)
+    finally:
+        handle.remove()
+    expected = engine.saes["resid_post.2"].encode(seen[0][0])[prompt.shape[1]:, 4]
+    n = len(frame.unsteered_activations)
+    assert n and torch.tensor(frame.unsteered_activations) == pytest.approx(expected[:n], rel=1e-4, abs=1e-4)
+    assert monitor_summary(frame).startswith("Feature 4 — at resid_post.2 — unsteered: fires on")
+    # the page's choice: `J site S`; `J` at the site of the first edit naming it, else the default; blank: the first
+    assert monitor_choice(engine, "", "4 site blocks.2.hook_resid_post") == (4, "resid_post.2")
+    assert monitor_choice(engine, TWO_SITE_EDITS, "5") == (5, "resid_post.2")
+    assert monitor_choice(engine, TWO_SITE_EDITS, "11") == (11, "resid_post.1")
+    assert monitor_choice(engine, "ablate feature 6 site resid_post.2\nablate feature 2", None) == (6, "resid_post.2")
+    assert monitor_choice(engine, "", None) == (None, None)
+    with pytest.raises(SteerError) as refused:
+        engine.generate(PROMPT, "", Sampling(max_new_tokens=2), monitor_feature=4, monitor_site="resid_post.0")
+    assert refused.value.where == "monitor site" and "resid_post.1, resid_post.2" in refused.value.message
+
+
+@pytest.mark.parametrize("line, words", [
+    ("ablate feature 4 site resid_post.0", ("feature edit at resid_post.0, but no SAE reads there; the demo's SAEs read at "
+                                           "resid_post.1, resid_post.2")),
+    ("ablate feature 4 site nowhere.1", "unknown site 'nowhere.1'"),
+    ("ablate feature 4 site resid_post.9", "names layer 9, but the model has 3 layers"),
+    ("steer feature 3 by 1 when feature 2 above 0 site mlp_out.1", "feature edit at mlp_out.1, but no SAE reads there"),
+])
+def test_an_unknown_site_is_one_message_naming_the_line(line, words):
+    engine = two_site_engine()
+    text = f"steer feature 3 by 2\n{line}\nsteer feature 3 by 1 site resid_post.2"
+    checks = engine.check_lines(text)
+    assert [c.line for c in checks] == [1, 2, 3]
+    assert checks[0].error is None and checks[2].error is None and words in checks[1].error
+    with pytest.raises(SpecError) as refused:
+        engine.generate(PROMPT, text, Sampling(max_new_tokens=2))
+    assert refused.value.where == "edits line 2" and words in refused.value.message
+    assert str(refused.value).startswith("edits line 2: ") and "\n" not in str(refused.value)
+
+
+def test_a_compiler_error_on_a_later_line_names_that_line():
+    engine = two_site_engine()
+    text = "steer feature 3 by 2\n\nsteer feature 30 by 2 site resid_post.2"
+    with pytest.raises(SteerError) as refused:
+        engine.generate(PROMPT, text, Sampling(max_new_tokens=2))
+    assert refused.value.where == "edits line 3" and "out of range" in refused.value.message
+    assert [(c.line, c.error) for c in engine.check_lines(text)] == [(1, None), (3, refused.value.message)]
+
+
+def test_a_direction_edit_may_sit_at_a_site_without_an_sae(tmp_path):
+    from safetensors.torch import save_file
+
+    engine = two_site_engine()
+    save_file({"d": torch.linspace(-1, 1, 32)}, tmp_path / "dirs.safetensors")
+    text = f"steer feature 3 by 2\nadd direction {tmp_path / 'dirs.safetensors'}:d by 4 site mlp_out.0"
+    assert all(c.error is None for c in engine.check_lines(text))
+    frame = engine.generate(PROMPT, text, Sampling(max_new_tokens=6))
+    plan = steer.compile(f"steer feature 3 by 2 site resid_post.1; add direction {tmp_path / 'dirs.safetensors'}:d by 4 "
+                         f"site mlp_out.0", engine.model, list(engine.saes.values()))
+    assert frame.steered == generate(engine.model, engine.tokenizer, [PROMPT], plan, Sampling(max_new_tokens=6))[0]
+
+
+def test_the_engine_refuses_saes_it_cannot_serve():
+    from steer.errors import SAEError
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    for saes, words in [
+        ([random_sae(site="resid_post.1"), random_sae(site="blocks.1.hook_resid_post", seed=2)], "two SAEs read at site resid_post.1"),
+        ([random_sae(site="resid_post.1"), random_sae()], "names no site"),
+        ([random_sae(site="resid_post.7")], "names layer 7"),
+        ([random_sae(d_in=16, site="resid_post.1")], "d_in is 16"),
+    ]:
+        with pytest.raises(SAEError, match=words):
+            DemoEngine(model, tokenizer, saes, model_name="tiny")
+
+
+def test_export_of_a_two_site_list_verifies_and_reproduces_the_hooks(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, base = save_tiny("llama", tmp_path / "base")
+    engine = two_site_engine(model, tokenizer, base)
+    text = "steer feature 3 by 2\nsteer feature 5 by -1.5 site resid_post.2"
+    result = engine.export(text, "weights", tmp_path / "exports")
+    assert result.ok and result.report.rstrip().endswith("verified"), result.report
+    with zipfile.ZipFile(result.archive) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "unzipped" / "artifact", dtype=torch.float32).eval()
+    plan = steer.compile("steer feature 3 by 2 site resid_post.1; steer feature 5 by -1.5 site resid_post.2", model,
+                         list(engine.saes.values()))
+    assert sorted(str(s.site) for s in plan.sites) == list(TWO_SITES)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with steer.applied(model, plan):
+            hooked = model(ids).logits
+        assert torch.allclose(merged(ids).logits, hooked, atol=1e-5)
+        with steer.applied(model, steer.compile("steer feature 3 by 2", model, engine.sae)):
+            first_only = model(ids).logits
+        assert not torch.allclose(first_only, hooked, atol=1e-3)  # the second site's edit is in the checkpoint too
+    pack = engine.export(TWO_SITE_EDITS, "pack", tmp_path / "exports")  # any edit, both SAEs' rows
+    assert pack.ok, pack.report
+
+
+def test_controls_name_the_site_of_a_feature_not_at_the_default_site():
+    assert edit_line("steer", 12, 2, "generation", "resid_post.2") == "steer feature 12 by +2 units feature scope generation site resid_post.2"
+    assert parse_dsl(edit_line("ablate", 12, 0, "all", "resid_post.2")) == (Edit(op="scale", feature=12, amount=0.0, site="resid_post.2"),)
+    assert edit_line("steer", 12, 2) == "steer feature 12 by +2 units feature"
+
+
+def test_default_saes_are_every_shipped_site_default_first_or_the_one_default(monkeypatch):
+    from steer.demo.engine import default_sae_names
+    from steer.sae import shipped
+
+    monkeypatch.setattr(shipped, "shipped_available", lambda: False)
+    assert default_sae_names() == ["default"]
+    manifest = {"default_site": "resid_post.10", "saes": {s: {"path": s} for s in
+                                                          ("resid_post.3", "resid_post.7", "resid_post.10", "resid_post.16")}}
+    monkeypatch.setattr(shipped, "shipped_available", lambda: True)
+    monkeypatch.setattr(shipped, "shipped_manifest", lambda: manifest)
+    assert default_sae_names() == ["default", "default:resid_post.3", "default:resid_post.7", "default:resid_post.16"]
+
+
+def test_each_site_searches_the_atlas_of_its_own_sae(tmp_path):
+    from steer.demo.app import FeatureSearch, match_atlases
+    from steer.discover.atlas import build_atlas, open_atlas
+
+    engine = two_site_engine()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "the river {i} runs past seven quiet stones, north of the market."}}\n'
+                              for i in range(30)))
+    paths = {site: build_atlas(engine.model, engine.tokenizer, sae, str(corpus), tokens=600, out=tmp_path / f"{site}.db",
+                               context_size=40, window=12, contexts=3, progress=False)
+             for site, sae in engine.saes.items()}
+    searches = match_atlases(engine, [open_atlas(paths["resid_post.2"]), open_atlas(paths["resid_post.1"])])
+    assert set(searches) == set(TWO_SITES)
+    for site, search in searches.items():
+        assert isinstance(search, FeatureSearch) and search.atlas.metadata["site"] == site
+        assert search.find("5") == [open_atlas(paths[site]).feature(5)]
+    assert searches["resid_post.1"].card(5).p99 != searches["resid_post.2"].card(5).p99  # each SAE's own statistics
+    one = DemoEngine(engine.model, engine.tokenizer, [engine.saes["resid_post.1"]], model_name="tiny")
+    with pytest.raises(SteerError, match="built for an SAE at resid_post.2 that the demo does not load"):
+        match_atlases(one, [open_atlas(paths["resid_post.1"]), open_atlas(paths["resid_post.2"])])
+    assert set(match_atlases(one, [open_atlas(paths["resid_post.2"])])) == {"resid_post.1"}  # one and one: as before
+
+
+def test_default_atlases_other_than_the_default_sites_are_built_only_when_asked_for(tmp_path, monkeypatch):
+    """`FeatureSearch.defaults`: ``default``'s atlas is built at once; another site's is only looked up in the cache
+    until its site is searched, then built — one build at a time, on the demo's atlas thread."""
+    from steer.demo import app
+    from steer.discover.atlas import build_atlas
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "the river runs past seven quiet stones, north of the market, again and again."}\n' * 20)
+    path = build_atlas(tiny_model("llama"), tiny_tokenizer(), random_sae(site="resid_post.1"), str(corpus), tokens=300,
+                       out=tmp_path / "atlas.db", context_size=40, window=12, contexts=3, progress=False)
+    calls = []
+
+    def fake(name, *, progress=True, build=True):
+        calls.append((name, build))
+        return path if build else None
+
+    monkeypatch.setattr(app, "default_atlas_of", fake)
+    searches = app.FeatureSearch.defaults({"resid_post.10": "default", "resid_post.3": "default:resid_post.3"})
+    app._BACKGROUND.join()
+    assert calls == [("default", True), ("default:resid_post.3", False)]
+    assert searches["resid_post.10"].find("5")[0].id == 5
+    with pytest.raises(SteerError, match="is being built"):
+        searches["resid_post.3"].find("5")
+    app._BACKGROUND.join()
+    assert calls[2:] == [("default:resid_post.3", True)]
+    assert searches["resid_post.3"].find("5")[0].id == 5
+    searches["resid_post.3"].find("river")
+    assert len(calls) == 3  # built once
+
+
+@pytest.fixture(scope="module")
+def two_site_server(tmp_path_factory):
+    """`steer demo` on a tiny Llama with two SAEs (``--sae A --sae B``, at resid_post.1 and resid_post.2)."""
+    from demo_server import running_demo
+    from steer.sae import save_sae
+
+    root = tmp_path_factory.mktemp("two-site-demo")
+    save_tiny("llama", root / "model")
+    for sae in two_saes():
+        save_sae(sae, root / sae.site)
+    (root / "tmp").mkdir()
+    with running_demo("--model", str(root / "model"), "--sae", str(root / TWO_SITES[0]), "--sae", str(root / TWO_SITES[1]),
+                      "--atlas", "none", "--max-new-tokens", "16", env={"TMPDIR": str(root / "tmp")}) as url:
+        yield url, root
+
+
+def test_the_served_demo_steers_at_two_sites_exactly_as_the_hooked_reference(two_site_server):
+    from gradio_client import Client
+
+    from steer.models import load_model
+    from steer.saes import load_sae
+
+    url, root = two_site_server
+    client = Client(url, verbose=False)
+    unsteered, steered, _, _, monitor_text, _, _, status = client.predict(
+        PROMPT, TWO_SITE_EDITS, "5 site resid_post.2", 10, 0, 1, 0, True, api_name="/generate")
+    assert "steer-error" not in status, status
+    model, tokenizer = load_model(str(root / "model"))
+    plan = steer.compile(TWO_SITE_SPEC, model, [load_sae(root / site) for site in TWO_SITES])
+    sampling = Sampling(max_new_tokens=10)
+    assert steered == generate(model, tokenizer, [PROMPT], plan, sampling)[0] != unsteered
+    assert unsteered == generate(model, tokenizer, [PROMPT], None, sampling)[0]
+    assert monitor_text.startswith("Feature 5 — at resid_post.2 — ")
+    out = client.predict(PROMPT, "steer feature 3 by 2\nablate feature 4 site resid_post.0", None, 4, 0, 1, 0, True,
+                         api_name="/generate")
+    status = out[-1]
+    import html
+
+    assert out[0] == out[1] == "" and ("line 2: feature edit at resid_post.0, but no SAE reads there; the demo's SAEs read "
+                                       "at resid_post.1, resid_post.2") in html.unescape(status)
+    assert "line 1: ok" in status
+    text, checks = client.predict("steer feature 3 by 2", "ablate", 6, 0, "all", "resid_post.2", api_name="/add_edit")
+    assert text == "steer feature 3 by 2\nablate feature 6 site resid_post.2" and checks.count("steer-ok") == 2
+    _, report = client.predict(TWO_SITE_EDITS, "pack", api_name="/export")
+    assert report.rstrip().endswith("verified"), report

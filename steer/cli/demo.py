@@ -11,12 +11,18 @@ def register(commands) -> None:
         "demo", help="serve the Gradio demo: steered vs unsteered side by side, monitor, KL, export",
         description="Serve a web page that generates with and without an edit list side by side (same seed and "
                     "sampling), colours tokens by a monitored feature, shows the per-step KL between the two, searches "
-                    "the feature atlas and exports the edits with their verify report. Needs the `demo` extra.",
+                    "the feature atlas and exports the edits with their verify report. With several SAEs (one per "
+                    "site) an edit line picks one with `site SITE`. Needs the `demo` extra.",
     )
     p.add_argument("--model", help=f"registry name or HF directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--sae", help="SAE directory or file (default: the default model's default SAE, `default`)")
-    p.add_argument("--atlas", metavar="FILE", help="feature atlas for the search panel, or `none` (default: the default "
-                                                     "SAE's, built in the background on first use)")
+    p.add_argument("--sae", action="append", metavar="PATH_OR_NAME",
+                   help="an SAE directory or file, or `default` / `default:SITE` (a shipped SAE); repeat for one SAE per "
+                        "site, each read at the site its config names; the first one's site is where edit lines without "
+                        "`site` apply (default: every shipped SAE of the default model, `default` first, or the one "
+                        "default SAE where none ship)")
+    p.add_argument("--atlas", metavar="FILE", action="append",
+                   help="feature atlas for the search panel (repeatable: each is matched to the SAE it was built for), "
+                        "or `none` (default: a default SAE's own atlas, built in the background on first use)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, metavar="N",

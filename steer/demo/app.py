@@ -1,9 +1,9 @@
 """The Gradio page: prompt, edit list, unsteered | steered side by side, monitor, KL, export.
 
 ``serve()`` is what ``steer demo`` (and ``python demos/app.py``) runs: it loads
-the model and SAE once (default: the embedded SmolLM2-135M-Instruct and its
-default SAE), builds the page over a `DemoEngine`, and serves it on
-127.0.0.1 unless told otherwise, with Gradio's queue limiting how many
+the model and its SAEs once (default: the embedded SmolLM2-135M-Instruct and
+its shipped SAEs, one per site — or the one default SAE where none ship),
+builds the page over a `DemoEngine`, and serves it on 127.0.0.1 unless told otherwise, with Gradio's queue limiting how many
 generations run at once (``concurrency``; they interleave step by step under
 the engine's lock, see `steer.demo.engine`) and how many may wait.
 
@@ -18,9 +18,12 @@ no exact lowering for the export target) is shown as the `SteerError`'s one
 line, never a stack trace. Gradio is imported only by `build_app` / `serve`,
 so ``steer demo --help`` and the helpers here need no Gradio.
 
-The feature search reads the feature atlas (`steer.discover.atlas`): a given
-atlas file, or for the default SAE the default atlas, built in the background
-on first use (the panel says so until it is ready).
+The feature search reads the feature atlas (`steer.discover.atlas`) of the
+SAE at the site picked in the panel: a given atlas file (matched to its SAE by
+the atlas's own record of it), or for a default SAE its default atlas, built in
+the background on first use (the panel says so until it is ready). The feature
+id, its card (labels, p99) and the line the controls add are all the chosen
+site's; a line for a site other than the default one says ``site S``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import html
 import importlib.util
 import math
 import os
+import queue
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +43,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from steer.demo.engine import EXPORT_TARGETS, DemoEngine, Frame, LineCheck, Limits
+from steer.demo.engine import EXPORT_TARGETS, DemoEngine, Frame, LineCheck, Limits, default_sae_names
 from steer.errors import SteerError
 from steer.generate import Sampling
 from steer.ops import dsl_verbs
@@ -52,8 +57,9 @@ CONTROLS: dict[str, Slider] = {word: verb.slider for word, verb in dsl_verbs().i
 operation modules (`steer.ops`)."""
 
 
-def edit_line(operation: str, feature, strength: float, scope: str = "all") -> str:
-    """The DSL line the controls stand for; a `SteerError` for a missing or bad feature id or choice."""
+def edit_line(operation: str, feature, strength: float, scope: str = "all", site: str | None = None) -> str:
+    """The DSL line the controls stand for (``site``: the SAE's site, when not the default one); a `SteerError` for a
+    missing or bad feature id or choice."""
     if operation not in CONTROLS:
         raise SteerError(f"unknown operation {operation!r}; allowed: {', '.join(CONTROLS)}", where="operation")
     if scope not in SCOPES:
@@ -61,7 +67,7 @@ def edit_line(operation: str, feature, strength: float, scope: str = "all") -> s
     if feature is None or feature == "" or float(feature) != int(float(feature)) or int(float(feature)) < 0:
         raise SteerError("pick a feature (an integer ≥ 0) first: search the atlas or type its id", where="feature")
     line = CONTROLS[operation].template.format(i=int(float(feature)), s=float(strength))
-    return line + (f" scope {scope}" if scope != "all" else "")
+    return line + (f" scope {scope}" if scope != "all" else "") + (f" site {site}" if site else "")
 
 
 def append_line(edits_text: str, line: str) -> str:
@@ -112,7 +118,8 @@ def monitor_summary(frame: Frame) -> str:
     for name, acts in (("unsteered", frame.unsteered_activations), ("steered", frame.steered_activations)):
         fired = sum(a > 0 for a in acts)
         parts.append(f"{name}: fires on {fired} of {len(acts)} tokens (max {max(acts, default=0.0):.3g})")
-    return f"Feature {frame.monitor_feature} — " + "; ".join(parts)
+    at = f"at {frame.monitor_site} — " if frame.monitor_site else ""
+    return f"Feature {frame.monitor_feature} — {at}" + "; ".join(parts)
 
 
 def _number(value, kind, where: str):
@@ -128,18 +135,32 @@ def _number(value, kind, where: str):
     return number
 
 
-def monitor_choice(engine: DemoEngine, edits_text: str, value) -> int | None:
-    """The monitored feature: the given id, else the first feature the edit list names, else none."""
-    if value is not None and str(value).strip():
-        text = str(value).strip()
-        if not text.isdigit():
-            raise SteerError(f"expected a feature id (an integer ≥ 0), got {text!r}", where="monitor feature")
-        return int(text)
+_MONITOR = re.compile(r"([0-9]+)(?:\s+site\s+(\S+))?")
+
+
+def monitor_choice(engine: DemoEngine, edits_text: str, value) -> tuple[int | None, str | None]:
+    """The monitored feature and its site: the given ``J`` or ``J site SITE`` (``J`` alone: at the site of the first
+    edit naming feature J, else the default site), else the first feature the edit list names at its edit's site,
+    else ``(None, None)``."""
     try:
         edits = engine.edits(edits_text or "")
     except SteerError:
-        return None
-    return next((e.feature for e in edits if e.feature is not None), None)
+        edits = ()
+    if value is not None and str(value).strip():
+        text = str(value).strip()
+        match = _MONITOR.fullmatch(text)
+        if not match:
+            raise SteerError(f"expected a feature id (an integer ≥ 0), or `J site SITE`, got {text!r}",
+                             where="monitor feature")
+        feature = int(match.group(1))
+        if match.group(2):
+            return feature, engine.site_name(match.group(2), where="monitor site")
+        named = next((e for e in edits if e.feature == feature), None)
+        return feature, (engine.site_of(named) if named is not None else None) or engine.site
+    first = next((e for e in edits if e.feature is not None), None)
+    if first is None:
+        return None, None
+    return first.feature, engine.site_of(first) or engine.site
 
 
 class FeatureSearch:
@@ -179,8 +200,64 @@ class FeatureSearch:
         threading.Thread(target=build, name="steer-atlas", daemon=True).start()
         return search
 
+    @classmethod
+    def defaults(cls, names: dict[str, str]) -> dict[str, FeatureSearch]:
+        """The default atlases of default SAEs (site → ``default`` / ``default:SITE``). ``default``'s is opened or
+        built at once, in the background, as ever; another site's is opened when cached, else built when that site
+        is first picked or searched — one build at a time (`_in_background`), so four sites do not load two cores
+        for an hour before anyone asks."""
+        from steer.saes import DEFAULT_SAE
+
+        if list(names.values()) == [DEFAULT_SAE]:
+            return {site: cls.default() for site in names}  # the one default SAE: the default atlas, as ever
+        searches = {site: cls() for site in names}
+        try:
+            from steer.discover.atlas import default_atlas  # noqa: F401 (is the atlas available at all?)
+        except ImportError as exc:
+            for search in searches.values():
+                search.state = f"the feature atlas is unavailable in this install ({exc})"
+            return searches
+        for site, name in names.items():
+            search = searches[site]
+            search._name = name
+            if name == DEFAULT_SAE:
+                search.prepare()
+            else:
+                search.state = (f"the feature atlas of {name} is built when you first search it (a few minutes, once); "
+                                "search works once it is ready")
+                _in_background(lambda search=search, name=name: search._open(name, build=False))
+        return searches
+
+    _name: str | None = None
+    """The default SAE name whose atlas this search may still open or build (None: nothing to do)."""
+
+    def prepare(self) -> None:
+        """Start building this default SAE's atlas in the background if it is neither open nor on its way."""
+        name = self._name
+        if self.atlas is None and name is not None:
+            self._name = None  # once
+            self.state = (f"the feature atlas of {name} is being built (first run only, a few minutes); search works "
+                          "once it is ready")
+            _in_background(lambda: self._open(name, build=True))
+
+    def _open(self, name: str, *, build: bool) -> None:
+        """Open ``name``'s default atlas (``build``: building it first if need be; else only if it is cached)."""
+        from steer.discover.atlas import open_atlas
+
+        if self.atlas is not None:
+            return
+        try:
+            path = default_atlas_of(name, progress=True, build=build)
+            if path is not None:
+                self.atlas = open_atlas(path)
+                self._name = None
+        except SteerError as exc:
+            self.state = f"the feature atlas is unavailable: {exc}"
+            self._name = None
+
     def find(self, text: str, limit: int = 20):
         if self.atlas is None:
+            self.prepare()
             raise SteerError(self.state, where="feature search")
         if text.strip().isdigit():
             return [self.atlas.feature(int(text.strip()))]
@@ -188,8 +265,81 @@ class FeatureSearch:
 
     def card(self, feature: int):
         if self.atlas is None:
+            self.prepare()
             raise SteerError(self.state, where="feature search")
         return self.atlas.feature(int(feature))
+
+
+_BACKGROUND: queue.Queue | None = None
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def _in_background(job) -> None:
+    """Run ``job`` on the demo's one atlas thread (a daemon: it never holds up the server's exit), after the jobs
+    before it."""
+    global _BACKGROUND
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None:
+            _BACKGROUND = queue.Queue()
+
+            def work(jobs: queue.Queue) -> None:
+                while True:
+                    job = jobs.get()
+                    try:
+                        job()
+                    except Exception as exc:  # noqa: BLE001 (one failed atlas must not stop the others)
+                        print(f"steer demo: feature atlas: {exc}", file=sys.stderr, flush=True)
+                    finally:
+                        jobs.task_done()
+
+            threading.Thread(target=work, args=(_BACKGROUND,), name="steer-atlas", daemon=True).start()
+        _BACKGROUND.put(job)
+
+
+def default_atlas_of(name: str, *, progress: bool = True, build: bool = True) -> Path | None:
+    """The default atlas of the default SAE ``name`` (``default`` or ``default:SITE``): built on the default model and
+    corpus like `steer.discover.atlas.default_atlas` (which is the one for ``default``), cached, found again by the
+    SAE's files. ``build=False``: None when it is not built yet."""
+    from steer.discover.atlas import DEFAULT_TOKENS, build_atlas, default_atlas, default_atlas_path
+    from steer.sae import load_sae
+    from steer.saes import DEFAULT_SAE, default_sae_dir
+
+    if name == DEFAULT_SAE and build:
+        return default_atlas(progress=progress)
+    sae = load_sae(default_sae_dir(name, progress=progress))  # as default_atlas reads it: the cache key is the files'
+    path = default_atlas_path(sae)
+    if not path.is_file():
+        if not build:
+            return None
+        from steer.models.loading import DEFAULT_MODEL, load_model
+
+        if progress:
+            print(f"steer: building the feature atlas of {name} into {path} — once", file=sys.stderr)
+        model, tokenizer = load_model(DEFAULT_MODEL)
+        build_atlas(model, tokenizer, sae, "default", tokens=DEFAULT_TOKENS, out=path, progress=progress,
+                    model_name=DEFAULT_MODEL)
+    return path
+
+
+def match_atlases(engine: DemoEngine, atlases: list) -> dict[str, FeatureSearch]:
+    """Given atlases (opened `Atlas`es) by the site of the SAE each was built for: the SAE whose content hash the atlas
+    records, else the one at the site it records; with one SAE and one atlas, that SAE's. A `SteerError` for an atlas
+    no SAE of the demo matches, or two for one site."""
+    hashes = {sae.content_hash(): site for site, sae in engine.saes.items()}
+    searches: dict[str, FeatureSearch] = {}
+    for atlas in atlases:
+        if len(atlases) == 1 and len(engine.saes) == 1:
+            site = engine.site
+        else:
+            site = hashes.get(atlas.metadata.get("sae_hash")) or atlas.metadata.get("site")
+            if site not in engine.saes:
+                raise SteerError(f"built for an SAE at {atlas.metadata.get('site')} that the demo does not load (its "
+                                 f"SAEs read at {', '.join(engine.sites)})", where=f"--atlas {atlas.path}")
+        if site in searches:
+            raise SteerError(f"a second atlas for the SAE at {site}", where=f"--atlas {atlas.path}")
+        searches[site] = FeatureSearch()
+        searches[site].atlas = atlas
+    return searches
 
 
 def card_html(card) -> str:
@@ -218,17 +368,23 @@ CSS = """
 """
 
 
-def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export_dir: Path | None = None,
-              downloads: Path | None = None):
-    """The page over ``engine`` (not launched); ``downloads``: Gradio's cache directory when it is this server's own
-    (`serve`), whose old export zips are then reaped (`reap_downloads`)."""
+def build_app(engine: DemoEngine, search: FeatureSearch | dict[str, FeatureSearch] | None = None, *,
+              export_dir: Path | None = None, downloads: Path | None = None):
+    """The page over ``engine`` (not launched); ``search``: the atlas search of the default site's SAE, or one per
+    site (canonical site name → search; a site without one has none); ``downloads``: Gradio's cache directory when
+    it is this server's own (`serve`), whose old export zips are then reaped (`reap_downloads`)."""
     import gradio as gr
     import pandas as pd
 
-    search = search or FeatureSearch()
+    searches = {engine.site: search} if isinstance(search, FeatureSearch) else dict(search or {})
+    for name in engine.sites:
+        searches.setdefault(name, FeatureSearch())
+    multi = len(engine.sites) > 1
     export_dir = Path(export_dir or tempfile.mkdtemp(prefix="steer-demo-exports-"))
     limits = engine.limits
-    sae_site = engine.sae.site or "?"
+
+    def search_at(name):
+        return searches.get(name or engine.site) or FeatureSearch()
 
     def on_check(edits_text):
         try:
@@ -246,8 +402,9 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
             sampling = Sampling(max_new_tokens=_number(max_new_tokens, int, "max new tokens"),
                                 temperature=_number(temperature, float, "temperature"),
                                 top_p=_number(top_p, float, "top-p"), seed=_number(seed, int, "seed"))
-            feature = monitor_choice(engine, edits_text, monitor_feature)
-            for frame in engine.stream(prompt or "", edits_text or "", sampling, monitor_feature=feature, chat=bool(chat)):
+            feature, monitor_site = monitor_choice(engine, edits_text, monitor_feature)
+            for frame in engine.stream(prompt or "", edits_text or "", sampling, monitor_feature=feature,
+                                       monitor_site=monitor_site, chat=bool(chat)):
                 scale = max((*frame.unsteered_activations, *frame.steered_activations, 0.0))
                 texts = (frame.unsteered, frame.steered,
                          highlights(frame.unsteered_pieces, frame.unsteered_activations, scale),
@@ -260,9 +417,11 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         except SteerError as exc:
             yield (*empty, error_html(exc))
 
-    def on_add(edits_text, operation, feature, strength, scope):
+    def on_add(edits_text, operation, feature, strength, scope, site=None):
         try:
-            text = append_line(edits_text, edit_line(operation, feature, strength, scope))
+            site = engine.site_name(site or None)
+            text = append_line(edits_text, edit_line(operation, feature, strength, scope,
+                                                     site if site != engine.site else None))
         except SteerError as exc:
             return edits_text, error_html(exc)
         return text, on_check(text)
@@ -272,9 +431,17 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         return gr.Slider(minimum=c.minimum, maximum=c.maximum, step=c.step, value=c.default, label=c.label,
                          interactive=c.minimum != c.maximum)
 
-    def on_search(text):
+    def on_site(site):
+        state = search_at(site)
+        state.prepare()  # a default SAE's atlas not built yet: start it now
+        card_text = f"<div>{html.escape(state.state)}</div>" if state.atlas is None else ""
+        sae = engine.saes.get(site, engine.sae)
+        return (gr.Dropdown(choices=[], value=None), card_text,
+                gr.Number(value=None, maximum=sae.d_sae - 1, label=f"feature id (0..{sae.d_sae - 1} at {site})"))
+
+    def on_search(text, site=None):
         try:
-            cards = search.find(text or "")
+            cards = search_at(site).find(text or "")
         except SteerError as exc:
             return gr.Dropdown(choices=[], value=None), error_html(exc)
         if not cards:
@@ -282,11 +449,11 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         choices = [(f"{c.id}: " + " ".join(t.strip() for t, _ in c.promoted[:4]) + f" (p99 {c.p99:.2g})", c.id) for c in cards]
         return gr.Dropdown(choices=choices, value=cards[0].id), card_html(cards[0])
 
-    def on_pick(feature):
+    def on_pick(feature, site=None):
         if feature is None:
             return gr.skip(), gr.skip()
         try:
-            return int(feature), card_html(search.card(int(feature)))
+            return int(feature), card_html(search_at(site).card(int(feature)))
         except SteerError as exc:
             return int(feature), error_html(exc)
 
@@ -303,14 +470,20 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         return str(result.archive), result.report
 
     with gr.Blocks(title="steer — steered vs unsteered", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
-        gr.Markdown(f"## steer — steered vs unsteered\nModel `{engine.model_name}`; SAE at `{sae_site}` "
-                    f"({engine.sae.d_sae} features). Edits are steer's one-line DSL, one per line.")
+        if multi:
+            saes_text = ", ".join(f"`{name}` ({sae.d_sae} features)" for name, sae in engine.saes.items())
+            gr.Markdown(f"## steer — steered vs unsteered\nModel `{engine.model_name}`; SAEs at {saes_text}. Edits "
+                        f"are steer's one-line DSL, one per line; `site S` picks the SAE at S (default `{engine.site}`).")
+        else:
+            gr.Markdown(f"## steer — steered vs unsteered\nModel `{engine.model_name}`; SAE at `{engine.site}` "
+                        f"({engine.sae.d_sae} features). Edits are steer's one-line DSL, one per line.")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label=f"Prompt (at most {limits.max_prompt_chars} characters)", lines=3,
                                     max_length=limits.max_prompt_chars, value="Tell me about your weekend.", elem_id="prompt")
                 edits = gr.Textbox(label="Edits (DSL, one per line)", lines=4, elem_id="edits",
-                                   placeholder="steer feature 1021 by +4 units feature\nsuppress feature 12 by 80% scope generation")
+                                   placeholder="steer feature 1021 by +4 units feature\nsuppress feature 12 by 80% scope generation"
+                                   + (f"\nablate feature 7 site {engine.sites[1]}" if multi else ""))
                 checks = gr.HTML(checks_html([]), elem_id="edit-checks")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Sampling", open=False):
@@ -322,11 +495,15 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
                     chat = gr.Checkbox(True, label="chat template")
             with gr.Column(scale=2):
                 gr.Markdown("#### Add an edit")
+                site = gr.Dropdown(list(engine.sites), value=engine.site, label="site (the SAE whose features you search "
+                                   "and add)", interactive=True, visible=multi, elem_id="site")
                 with gr.Row():
                     query = gr.Textbox(label="Search features (words, or an id)", scale=3, elem_id="search")
                     find = gr.Button("Search", scale=1, elem_id="search-button")
                 results = gr.Dropdown(label="Matching features", choices=[], interactive=True)
-                card = gr.HTML(f"<div>{html.escape(search.state)}</div>" if search.atlas is None else "", elem_id="feature-card")
+                first_search = search_at(engine.site)
+                card = gr.HTML(f"<div>{html.escape(first_search.state)}</div>" if first_search.atlas is None else "",
+                               elem_id="feature-card")
                 feature = gr.Number(label="feature id", precision=0, minimum=0, maximum=engine.sae.d_sae - 1, elem_id="feature-id")
                 operation = gr.Dropdown(list(CONTROLS), value="steer", label="operation", elem_id="operation")
                 first = CONTROLS["steer"]
@@ -338,7 +515,9 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
             unsteered = gr.Textbox(label="Unsteered", lines=10, interactive=False, elem_id="unsteered")
             steered = gr.Textbox(label="Steered", lines=10, interactive=False, elem_id="steered")
         with gr.Accordion("Monitor: generated tokens coloured by a feature's activation", open=True):
-            monitor = gr.Textbox(label="monitored feature id", placeholder="blank: the first feature of the edit list",
+            monitor = gr.Textbox(label="monitored feature id" + (" (J, or J site SITE)" if multi else ""),
+                                 placeholder="blank: the first feature of the edit list"
+                                 + (f" (at its edit's site); J alone: at {engine.site}" if multi else ""),
                                  elem_id="monitor-feature")
             with gr.Row():
                 monitor_unsteered = gr.HighlightedText(label="unsteered", show_legend=False, elem_id="monitor-unsteered")
@@ -361,12 +540,14 @@ def build_app(engine: DemoEngine, search: FeatureSearch | None = None, *, export
         generate.click(on_generate, [prompt, edits, monitor, max_new_tokens, temperature, top_p, seed, chat],
                        [unsteered, steered, monitor_unsteered, monitor_steered, monitor_text, kl_plot, kl_text, checks],
                        api_name="generate")
-        add.click(on_add, [edits, operation, feature, strength, scope], [edits, checks], api_name="add_edit",
+        add.click(on_add, [edits, operation, feature, strength, scope, site], [edits, checks], api_name="add_edit",
                   concurrency_limit=None)
+        site.change(on_site, site, [results, card, feature], show_progress="hidden", api_name=False, concurrency_limit=None)
         operation.change(on_operation, operation, strength, show_progress="hidden", api_name=False, concurrency_limit=None)
-        find.click(on_search, query, [results, card], api_name="search", concurrency_limit=None)
-        query.submit(on_search, query, [results, card], api_name=False, concurrency_limit=None)
-        results.change(on_pick, results, [feature, card], show_progress="hidden", api_name=False, concurrency_limit=None)
+        find.click(on_search, [query, site], [results, card], api_name="search", concurrency_limit=None)
+        query.submit(on_search, [query, site], [results, card], api_name=False, concurrency_limit=None)
+        results.change(on_pick, [results, site], [feature, card], show_progress="hidden", api_name=False,
+                       concurrency_limit=None)
         export.click(on_export, [edits, target], [archive, report], api_name="export", concurrency_limit=1)
     return app
 
@@ -388,9 +569,15 @@ def reap_downloads(cache: Path, *, newest: Path | None = None, keep: int = KEEP_
     return doomed
 
 
-def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None = None, host: str = "127.0.0.1",
-          port: int = 7860, concurrency: int = 4, max_waiting: int = 64, limits: Limits = Limits()) -> None:
+def serve(*, model: str | None = None, sae: str | list[str] | None = None, atlas: str | list[str] | None = None,
+          host: str = "127.0.0.1", port: int = 7860, concurrency: int = 4, max_waiting: int = 64,
+          limits: Limits = Limits()) -> None:
     """Load, build and serve the demo until interrupted.
+
+    ``sae``: one SAE path or name, or several (one per site; the first one's site is the edit list's default);
+    default: `default_sae_names` (every shipped SAE). ``atlas``: atlas files for the search panel, each matched to
+    its SAE (`match_atlases`), or ``none``; a default SAE without one gets its default atlas, built in the
+    background on first use.
 
     Everything the server writes — its export zips and Gradio's cache of the files it hands out — lives in one
     temp directory of its own, deleted on exit; Gradio serves files from that cache only (no other
@@ -404,16 +591,30 @@ def serve(*, model: str | None = None, sae: str | None = None, atlas: str | None
     if max_waiting < 0:
         raise SteerError(f"must be ≥ 0, got {max_waiting}", where="--max-waiting")
     _check_port(host, port)  # before the model loads: a taken port fails in a second, not after the load
-    search = FeatureSearch.open(atlas) if atlas not in (None, "none") else FeatureSearch()  # a bad file fails first
-    engine = DemoEngine.load(model, sae, limits=limits)
-    if atlas == "none":
-        search.state = "feature search is off (--atlas none); type a feature id"
-    elif atlas is None and sae in (None, "default"):
-        search = FeatureSearch.default()  # after the load: the default SAE exists (trained on first use) by now
+    names = [sae] if isinstance(sae, str) else list(sae or default_sae_names())
+    atlases = [atlas] if isinstance(atlas, str) else list(atlas or [])
+    if "none" in atlases and len(atlases) > 1:
+        raise SteerError("`none` turns the feature search off: give it alone", where="--atlas")
+    from steer.discover.atlas import open_atlas
+
+    opened = [open_atlas(a) for a in atlases if a != "none"]  # a bad file fails first
+    engine = DemoEngine.load(model, names, limits=limits)
+    searches = match_atlases(engine, opened)
+    if atlases == ["none"]:
+        for name in engine.sites:
+            searches[name] = FeatureSearch()
+            searches[name].state = "feature search is off (--atlas none); type a feature id"
+    else:
+        from steer.saes import is_default_name
+
+        defaults = {name: given for name, given in zip(engine.sites, names)
+                    if is_default_name(given) and name not in searches}
+        if defaults:  # after the load: the default SAEs exist (the one-site fallback trained on first use) by now
+            searches.update(FeatureSearch.defaults(defaults))
     own = Path(tempfile.mkdtemp(prefix="steer-demo-"))
     downloads = own / "downloads"
     os.environ["GRADIO_TEMP_DIR"] = str(downloads)  # Gradio's cache: read when it copies a file, not at import
-    app = build_app(engine, search, export_dir=own / "exports", downloads=downloads)
+    app = build_app(engine, searches, export_dir=own / "exports", downloads=downloads)
     app.queue(default_concurrency_limit=concurrency, max_size=max_waiting)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: Gradio closes, the export directory goes

@@ -32,9 +32,15 @@ export never holds the lock.
 Both visible continuations sample with the same settings and seed (a
 generator each, seeded alike), so an identity edit gives identical text.
 
-**Monitor**: a ``monitor feature J`` edit is added to both plans; each
-generated token is coloured by f_J at that token's own position (the last
-token is fed once more, without sampling, to read it).
+**Monitor**: a ``monitor feature J site S`` edit is added to both plans; each
+generated token is coloured by f_J (the feature of the SAE at S) at that
+token's own position (the last token is fed once more, without sampling, to
+read it).
+
+**Sites**: the engine holds one SAE per site (each SAE reads at the site its
+config names). An edit line picks its SAE with ``site S`` (canonical, SAELens
+or HF module name); without one it is at the first SAE's site (`DemoEngine.site`,
+the spec's default site). Compiling, the monitor and exports use the same SAEs.
 
 **Bounds** (`Limits`) are checked here, server-side, whatever the page allows.
 Never leaves a hook installed after a step; never mutates the model.
@@ -42,6 +48,7 @@ Never leaves a hook installed after a step; never mutates the model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -56,13 +63,13 @@ from pathlib import Path
 
 import torch
 
-from steer.errors import SpecError, SteerError
+from steer.errors import SAEError, SpecError, SteerError
 from steer.generate import Sampling, cache_keyword, cache_of, context_length, last_logit_only, prompt_ids, stop_ids
 from steer.lower.hooks import applied
 from steer.lower.targets import TARGETS
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
-from steer.spec.edit import Edit
+from steer.spec.edit import Condition, Edit
 
 EXPORT_TARGETS = tuple(TARGETS)
 """What "Export" can write: every artifact target (`steer.lower.targets`)."""
@@ -119,6 +126,8 @@ class Frame:
     """f_J at each generated token of the continuation (as many as have been fed back)."""
     steered_activations: tuple[float, ...] = ()
     done: bool = False
+    monitor_site: str | None = None
+    """The site whose SAE's feature is monitored (canonical name); None when nothing is monitored."""
 
 
 @dataclass(frozen=True)
@@ -131,12 +140,39 @@ class ExportResult:
 
 
 class DemoEngine:
-    """One model, one SAE, one lock; see the module docstring."""
+    """One model, one SAE per site, one lock; see the module docstring.
+
+    ``sae`` is an `SAE` or a sequence of them, each reading at the site its config names (no two at one site);
+    the first one's site is the default site of the edit list (`site`), and `sae` is that SAE."""
 
     def __init__(self, model, tokenizer, sae, *, model_name: str, limits: Limits = Limits()):
+        from steer.models.adapters import adapter_for, hidden_size
+
         self.model = model
         self.tokenizer = tokenizer
-        self.sae = sae
+        self._adapter = adapter_for(model)
+        self.saes: dict[str, object] = {}
+        """The SAEs by canonical site name (``resid_post.7``), in the order given."""
+        for one in (list(sae) if isinstance(sae, (list, tuple)) else [sae]):
+            where = f"sae {one.source or '<memory>'}"
+            if one.site is None:
+                raise SAEError("the SAE's config names no site; the demo reads each SAE at the site its config names",
+                               where=where)
+            try:
+                site = str(self._adapter.parse_site(one.site, model))
+            except SteerError as exc:
+                raise SAEError(exc.message, where=where) from None
+            if one.d_in != hidden_size(model):
+                raise SAEError(f"SAE d_in is {one.d_in} but the model's hidden size is {hidden_size(model)}", where=where)
+            if site in self.saes:
+                raise SAEError(f"two SAEs read at site {site}; give one per site", where=where)
+            self.saes[site] = one
+        if not self.saes:
+            raise SAEError("the demo needs at least one SAE", where="sae")
+        self.sites: tuple[str, ...] = tuple(self.saes)
+        self.site: str = self.sites[0]
+        """The default site: edit lines without ``site`` are edits there."""
+        self.sae = self.saes[self.site]
         self.model_name = model_name
         self.limits = limits
         self._lock = threading.Lock()
@@ -145,24 +181,67 @@ class DemoEngine:
         self.eos = set(stop_ids(model, tokenizer))
 
     @classmethod
-    def load(cls, model: str | None = None, sae: str | None = None, *, limits: Limits = Limits()) -> "DemoEngine":
-        """The engine for a model (default: the embedded default model) and SAE (default: its default SAE)."""
+    def load(cls, model: str | None = None, sae=None, *, limits: Limits = Limits()) -> "DemoEngine":
+        """The engine for a model (default: the embedded default model) and SAEs: a path or name, or a list of them
+        (`steer.saes.load_sae`: ``default``, ``default:SITE``); default: `default_sae_names`."""
         from steer.models import DEFAULT_MODEL, load_model
-        from steer.saes import DEFAULT_SAE, load_sae
+        from steer.saes import load_sae
 
+        names = [sae] if isinstance(sae, (str, Path)) else list(sae or default_sae_names())
         name = model or DEFAULT_MODEL
         loaded, tokenizer = load_model(name)
-        return cls(loaded, tokenizer, load_sae(sae or DEFAULT_SAE), model_name=name, limits=limits)
+        return cls(loaded, tokenizer, [load_sae(n) for n in names], model_name=name, limits=limits)
+
+    # -- sites ---------------------------------------------------------------------------------
+
+    def site_name(self, name: str | None, *, where: str = "site") -> str:
+        """The canonical name of a site (any name `steer` reads; None: the default site); a `SteerError` when the
+        model has no such site."""
+        if name is None:
+            return self.site
+        try:
+            return str(self._adapter.parse_site(str(name), self.model))
+        except SteerError as exc:
+            raise SpecError(exc.message, where=where) from None
+
+    def sae_at(self, name: str | None, *, where: str = "site"):
+        """The SAE reading at site ``name`` (None: the default site); a `SteerError` naming the SAE sites if none."""
+        site = self.site_name(name, where=where)
+        if site not in self.saes:
+            raise SpecError(f"no SAE reads at {site}; the demo's SAEs read at {', '.join(self.sites)}", where=where)
+        return self.saes[site]
+
+    def check_site(self, edit: Edit) -> None:
+        """A `SpecError` when the edit's ``site`` is no site of the model, or a feature edit's site has no SAE here
+        (``site writers`` is left to the compiler)."""
+        from steer.plan.compile import WRITERS
+
+        if edit.site == WRITERS:
+            return
+        site = self.site_name(edit.site)
+        if (edit.feature is not None or isinstance(edit.when, Condition)) and site not in self.saes:
+            raise SpecError(f"feature edit at {site}, but no SAE reads there; the demo's SAEs read at "
+                            f"{', '.join(self.sites)}", where="site")
+
+    def site_of(self, edit: Edit) -> str | None:
+        """The canonical site an edit is at (its ``site`` or the default), or None when the name is no site."""
+        try:
+            return self.site_name(edit.site)
+        except SteerError:
+            return None
 
     # -- the edit list --------------------------------------------------------------------
 
     def check_lines(self, text: str) -> list[LineCheck]:
-        """Every non-blank line checked: parser messages per line, then the compiler's first complaint."""
+        """Every non-blank line checked: parser and site messages per line (`check_site`), then the compiler's first
+        complaint."""
         self._check_edit_text(text)
         checks, edits, line_of = [], [], []
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                parsed = parse_dsl(line)
+                parsed = _parse_line(line, number)
+                for edit in parsed:
+                    self.check_site(edit)
             except SpecError as exc:
                 checks.append(LineCheck(number, line, exc.message))
                 continue
@@ -184,7 +263,10 @@ class DemoEngine:
         edits: list[Edit] = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                edits.extend(parse_dsl(line))
+                parsed = _parse_line(line, number)
+                for edit in parsed:
+                    self.check_site(edit)
+                edits.extend(parsed)
             except SpecError as exc:
                 raise SpecError(exc.message, where=f"edits line {number}") from None
         if len(edits) > self.limits.max_edits:
@@ -196,8 +278,13 @@ class DemoEngine:
             raise SpecError(f"the edit list is {len(text)} characters; the demo takes at most {self.limits.max_edit_chars}",
                             where="edits")
 
+    def spec(self, edits: tuple[Edit, ...], **fields) -> Spec:
+        """The spec the demo compiles ``edits`` as: edits without ``site`` are at the default site."""
+        return Spec(edits=edits, site=self.site, **fields)
+
     def plan(self, edits: tuple[Edit, ...]) -> Plan | None:
-        """The compiled plan of ``edits`` against the model and SAE (cached; None for no edits)."""
+        """The compiled plan of ``edits`` against the model and SAEs (cached; None for no edits). A compiler error
+        about an edit of the list names its line (``edits line N``)."""
         if not edits:
             return None
         with self._lock:
@@ -205,7 +292,10 @@ class DemoEngine:
             if plan is None:
                 from steer.plan import compile as compile_plan
 
-                plan = compile_plan(Spec(edits=edits), self.model, self.sae, tokenizer=self.tokenizer)
+                try:
+                    plan = compile_plan(self.spec(edits), self.model, list(self.saes.values()), tokenizer=self.tokenizer)
+                except SteerError as exc:
+                    raise _naming_the_line(exc, edits) from None
                 self._plans[edits] = plan
                 while len(self._plans) > 64:
                     self._plans.popitem(last=False)
@@ -236,8 +326,9 @@ class DemoEngine:
         return ids
 
     def stream(self, prompt: str, edits_text: str, sampling: Sampling = Sampling(max_new_tokens=48), *,
-               monitor_feature: int | None = None, chat: bool = True) -> Iterator[Frame]:
-        """Unsteered and steered continuations, one `Frame` per decode step (the last has ``done``)."""
+               monitor_feature: int | None = None, monitor_site: str | None = None, chat: bool = True) -> Iterator[Frame]:
+        """Unsteered and steered continuations, one `Frame` per decode step (the last has ``done``); the monitor
+        reads ``monitor_feature`` of the SAE at ``monitor_site`` (default: the default site)."""
         self.check_sampling(sampling)
         ids = self.prompt_tokens(prompt, chat=chat)
         context = context_length(self.model)
@@ -248,9 +339,15 @@ class DemoEngine:
         edits = self.edits(edits_text)
         monitor: tuple[Edit, ...] = ()
         if monitor_feature is not None:
-            if not 0 <= monitor_feature < self.sae.d_sae:
-                raise SteerError(f"feature {monitor_feature} is not in the SAE (0..{self.sae.d_sae - 1})", where="monitor feature")
-            monitor = parse_dsl(f"monitor feature {int(monitor_feature)}")
+            monitor_site = self.site_name(monitor_site, where="monitor site")
+            sae = self.sae_at(monitor_site, where="monitor site")
+            if not 0 <= monitor_feature < sae.d_sae:
+                at = f" at {monitor_site}" if len(self.saes) > 1 else ""
+                raise SteerError(f"feature {monitor_feature} is not in the SAE{at} (0..{sae.d_sae - 1})",
+                                 where="monitor feature")
+            monitor = parse_dsl(f"monitor feature {int(monitor_feature)} site {monitor_site}")
+        else:
+            monitor_site = None
         steered = _Continuation(ids, self.plan(edits + monitor), len(edits) if monitor else None, sampling.seed)
         unsteered = _Continuation(ids, self.plan(monitor), 0 if monitor else None, sampling.seed)
         reference = _Continuation(ids, None, None, sampling.seed)
@@ -269,17 +366,17 @@ class DemoEngine:
                     c.accept(next_token(c.logits, sampling, c.generator), self.eos, sampling.max_new_tokens)
             if reference in feeding and steered.tokens and not steered.finished:
                 reference.pending = torch.tensor([[steered.tokens[-1]]])
-            yield self._frame(unsteered, steered, kl, monitor_feature, done=False)
-        yield self._frame(unsteered, steered, kl, monitor_feature, done=True)
+            yield self._frame(unsteered, steered, kl, monitor_feature, monitor_site, done=False)
+        yield self._frame(unsteered, steered, kl, monitor_feature, monitor_site, done=True)
 
-    def _frame(self, unsteered: "_Continuation", steered: "_Continuation", kl: list[float], monitor_feature, *,
-               done: bool) -> Frame:
+    def _frame(self, unsteered: "_Continuation", steered: "_Continuation", kl: list[float], monitor_feature,
+               monitor_site, *, done: bool) -> Frame:
         with self._lock:
             texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in (unsteered, steered)]
             pieces = [tuple(self.tokenizer.decode([t], skip_special_tokens=True) for t in c.tokens) for c in (unsteered, steered)]
         return Frame(texts[0], texts[1], tuple(unsteered.tokens), tuple(steered.tokens), pieces[0], pieces[1], tuple(kl),
                      monitor_feature,
-                     unsteered.generated_activations(), steered.generated_activations(), done)
+                     unsteered.generated_activations(), steered.generated_activations(), done, monitor_site)
 
     def generate(self, prompt: str, edits_text: str, sampling: Sampling = Sampling(max_new_tokens=48), **kwargs) -> Frame:
         """The last frame of `stream`."""
@@ -303,7 +400,7 @@ class DemoEngine:
         edits = self.edits(edits_text)
         if not edits:
             raise SteerError("the edit list is empty: nothing to export", where="edits")
-        spec = Spec(edits=edits, model=self.model_name)
+        spec = self.spec(edits, model=self.model_name)
         digest = hashlib.sha256(f"{target}\n{spec}".encode()).hexdigest()[:10]
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -311,7 +408,10 @@ class DemoEngine:
             work = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
             try:
                 model, tokenizer = load_model(self.model_name)  # our own copy: the shared model stays free
-                plan = compile_plan(spec, model, self.sae, tokenizer=tokenizer)
+                try:
+                    plan = compile_plan(spec, model, list(self.saes.values()), tokenizer=tokenizer)
+                except SteerError as exc:
+                    raise _naming_the_line(exc, edits) from None
                 export(plan, model, tokenizer, target, work / "artifact", base=self.model_name)
                 del model
                 verdict = verify_artifact(work / "artifact")
@@ -383,11 +483,45 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
+def default_sae_names() -> list[str]:
+    """The SAEs the demo loads when none is named: every shipped SAE (``default`` — the manifest's default site —
+    first, then ``default:SITE`` for the other sites) where the package ships them, else the one ``default``."""
+    from steer.sae.shipped import shipped_available, shipped_manifest
+    from steer.saes import DEFAULT_SAE
+
+    if not shipped_available():
+        return [DEFAULT_SAE]
+    manifest = shipped_manifest()
+    first = manifest.get("default_site")
+    return [DEFAULT_SAE if site == first else f"{DEFAULT_SAE}:{site}"
+            for site in sorted(manifest["saes"], key=lambda s: s != first)]
+
+
+def _parse_line(line: str, number: int) -> tuple[Edit, ...]:
+    """The edits of one line of the list, each remembering its line (``line N``, for compiler errors)."""
+    return tuple(dataclasses.replace(e, origin=f"line {number}") for e in parse_dsl(line, source=None))
+
+
+def _naming_the_line(exc: SteerError, edits: tuple[Edit, ...]) -> SteerError:
+    """A compiler error about ``edits[i]`` as the same message at ``edits line N`` (where that edit was written)."""
+    match = _EDIT_INDEX.search(exc.where or "")
+    if not match or int(match.group(1)) >= len(edits):
+        return exc
+    origin = edits[int(match.group(1))].origin or ""
+    number = origin.removeprefix("line ")
+    return type(exc)(exc.message, where=f"edits line {number}" if number.isdigit() else exc.where)
+
+
 _EDIT_INDEX = re.compile(r"edits\[(\d+)\]")
+_EDIT_LINE = re.compile(r"^edits line (\d+)$")
 
 
 def _line_of_error(exc: SteerError, line_of: list[int]) -> int | None:
-    """The edit-list line a compiler error is about (its ``where`` names ``edits[i]``), or the first line."""
+    """The edit-list line a compiler error is about (its ``where`` names ``edits line N`` or ``edits[i]``), or the
+    first line."""
+    named = _EDIT_LINE.search(exc.where or "")
+    if named and int(named.group(1)) in line_of:
+        return int(named.group(1))
     match = _EDIT_INDEX.search(exc.where or "")
     if match and int(match.group(1)) < len(line_of):
         return line_of[int(match.group(1))]
