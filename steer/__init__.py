@@ -8,6 +8,8 @@ The stable Python API is four names:
     with steer.applied(model, plan) as run:
         model.generate(...)
 
+``steer.applied(model, [plan_0, None, ...])`` steers each batch row by its own plan (a `RowsRun`).
+
 The pipeline reads top to bottom in the package: ``spec`` (what the user
 asked) → ``plan`` (validated, resolved, SAE sliced) → ``lower`` (hooks; later
 artifacts) → verify.
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SteeringRun": "steer.lower", "applied": "steer.lower", "load_model": "steer.models", "Plan": "steer.plan",
     "compile": "steer.plan", "SAE": "steer.sae", "load_sae": "steer.saes", "Edit": "steer.spec",
-    "Spec": "steer.spec", "parse_spec": "steer.spec",
+    "Spec": "steer.spec", "parse_spec": "steer.spec", "RowsRun": "steer.lower.hooks",
 }
 
 
@@ -40,6 +42,6 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
-    "SAE", "Edit", "ModelError", "Plan", "SAEError", "Spec", "SpecError", "SteerError", "SteeringRun",
+    "SAE", "Edit", "ModelError", "Plan", "RowsRun", "SAEError", "Spec", "SpecError", "SteerError", "SteeringRun",
     "applied", "compile", "load_model", "load_sae", "parse_spec", "__version__",
 ]

@@ -9,6 +9,7 @@ gives identical text. Never keeps hooks installed after it returns.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,11 +119,20 @@ def stop_ids(model, tokenizer) -> list[int]:
     return [int(t) for t in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
 
 
-def generate(model, tokenizer, prompts: list[str], plan: Plan | None = None, sampling: Sampling = Sampling(),
-             *, chat: bool = True) -> list[str]:
-    """The continuation of each prompt (new tokens only, special tokens dropped)."""
+def generate(model, tokenizer, prompts: list[str], plan: Plan | Sequence[Plan | None] | None = None,
+             sampling: Sampling = Sampling(), *, chat: bool = True) -> list[str]:
+    """The continuation of each prompt (new tokens only, special tokens dropped).
+
+    ``plan`` may be one plan per prompt (None: unedited): each prompt is steered by its own, in one batch; greedy
+    continuations equal each prompt's alone (sampled ones draw from one generator for the batch, so they differ)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise SteerError("the prompt is empty", where="PROMPT")
+    if plan is not None and not isinstance(plan, Plan):
+        plan = list(plan)
+        if len(plan) != len(prompts):
+            raise ValueError(f"{len(plan)} plan(s) for {len(prompts)} prompt(s): pass one plan (or None) per prompt")
+        if all(p is None for p in plan):
+            plan = None
     check_prompt_fits(model, tokenizer, prompts, sampling.max_new_tokens, chat=chat)
     inputs = {k: v.to(model.device) for k, v in prompt_ids(tokenizer, prompts, chat=chat).items()}
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id)

@@ -20,11 +20,21 @@ spec uses ``scope: prompt|generation``, or pass ``prompt_length``.
 
 Monitor edits record f_i(x) per token position in ``run.activations(i)``.
 
+Per-row plans: ``steer.applied(model, [plan_0, None, plan_2, ...])`` — one entry per batch row — steers row i by
+its own plan (None: unedited), exactly as that row alone under ``steer.applied(model, plan_i)``. At each site, the
+rows are grouped by plan: each distinct plan's `SiteHook` (the same vectorised computation as above) runs once on
+its rows only (``x.index_select`` → steer → ``index_copy``), so a site costs nothing for the rows that do not edit
+it, and the Python loop is over the distinct plans, not rows or edits. Scope counts positions in the batch's padded
+coordinates (the prompt is the padded width), which classifies every row's tokens as it does alone. It yields a
+`RowsRun`; ``run[i]`` is row i's `RowRun`, whose monitor read-outs drop the row's left padding (taken from the first
+call's ``attention_mask``), so they equal the row's read-outs alone.
+
 Never registers a hook outside the edited sites; never mutates the Plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -59,15 +69,7 @@ class SteeringRun:
 
     # called by the hooks
     def _on_base_forward(self, _module, args, kwargs):
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
-        length = tokens.shape[1]
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if self.prompt_length is None:
-            self.prompt_length = past + length
-        self.positions = torch.arange(past, past + length, device=tokens.device)
+        self.positions, self.prompt_length = _positions(args, kwargs, self.prompt_length)
 
     def _record(self, edit_index: int, values: torch.Tensor) -> None:
         """Write ``values`` (B, T) at the current positions; the buffer doubles when full, so a decode step
@@ -85,6 +87,102 @@ class SteeringRun:
         held[:, start:end] = values.detach()
         self._monitored[edit_index] = held
         self._filled[edit_index] = max(self._filled.get(edit_index, 0), end)
+
+
+def _positions(args: tuple, kwargs: dict, prompt_length: int | None) -> tuple[torch.Tensor, int]:
+    """The positions ``(T,)`` of a base-model forward call (KV-cache length + offset), and the prompt's length:
+    ``prompt_length``, or past + T when it is None (the first call is the prompt)."""
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
+    length = tokens.shape[1]
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if prompt_length is None:
+        prompt_length = past + length
+    return torch.arange(past, past + length, device=tokens.device), prompt_length
+
+
+class RowRun:
+    """Row i of a per-row `applied` context: its plan and its monitor read-outs, as if it had run alone.
+
+    ``activations(e)`` is ``(1, L)`` — the row's positions without its left padding — like a batch-of-one
+    `SteeringRun`'s; a row whose plan is None monitors nothing."""
+
+    def __init__(self, rows: RowsRun, row: int, run: SteeringRun | None, slot: int):
+        self._rows, self.row, self._run, self._slot = rows, row, run, slot
+
+    @property
+    def plan(self) -> Plan | None:
+        return None if self._run is None else self._run.plan
+
+    def activations(self, edit_index: int) -> torch.Tensor:
+        """``(1, L)``: f_i(x) of this row's monitor edit ``edit_index`` at each of its positions seen so far."""
+        if self._run is None:
+            raise KeyError(f"row {self.row} has no plan (None): it monitors nothing")
+        pad = self._rows.padding[self.row] if self._rows.padding is not None else 0
+        return self._run.activations(edit_index)[self._slot: self._slot + 1, pad:]
+
+    def fired(self, edit_index: int) -> torch.Tensor:
+        """``(1, L)`` bool: where the monitored feature is above its threshold."""
+        return self.activations(edit_index) > self._run._thresholds[edit_index]
+
+
+class RowsRun(Sequence):
+    """What one per-row `applied` context saw: ``run[i]`` is row i's `RowRun`.
+
+    Rows that share a Plan object share one `SteeringRun` (``groups``: (run, rows), in order of first row)."""
+
+    def __init__(self, plans: Sequence[Plan | None], prompt_length: int | None):
+        self.plans = tuple(plans)
+        self.prompt_length = prompt_length
+        self.positions: torch.Tensor | None = None
+        self.padding: list[int] | None = None  # each row's leading masked positions, from the first call
+        by_plan: dict[int, tuple[SteeringRun, list[int]]] = {}
+        for i, plan in enumerate(self.plans):
+            if plan is not None:
+                by_plan.setdefault(id(plan), (SteeringRun(plan, prompt_length), []))[1].append(i)
+        self.groups = list(by_plan.values())
+        group_of = {i: (run, rows.index(i)) for run, rows in self.groups for i in rows}
+        self.rows = tuple(RowRun(self, i, *group_of.get(i, (None, 0))) for i in range(len(self.plans)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    # called by the base model's pre-hook
+    def _on_base_forward(self, _module, args, kwargs):
+        self.positions, self.prompt_length = _positions(args, kwargs, self.prompt_length)
+        if self.padding is None:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == len(self.plans):
+                self.padding = (mask.cumsum(-1) == 0).sum(-1).tolist()  # leading zeros: left padding
+            else:
+                self.padding = [0] * len(self.plans)
+        for run, _rows in self.groups:
+            run.positions, run.prompt_length = self.positions, self.prompt_length
+
+
+class _Installed:
+    """``on_output`` / ``on_input`` for a hook with ``steer(x) -> x' | None``."""
+
+    def on_output(self, _module, _args, output):
+        x = output_tensor(output)
+        steered = self.steer(x)
+        if steered is None:
+            return None
+        return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
+
+    def on_input(self, _module, args, kwargs):
+        x = site_tensor(args, kwargs)
+        steered = self.steer(x)
+        if steered is None:
+            return None
+        if args:
+            return (steered, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": steered}
 
 
 class _Group:
@@ -112,7 +210,7 @@ class _Group:
         return source if self.all_slots else source.index_select(-1, self.slots)  # (B,T,G)
 
 
-class SiteHook:
+class SiteHook(_Installed):
     """The hook of one site; tensors cast once to the model's dtype and device.
 
     The writing edits are grouped by operation; each group's coefficients are one expression over its
@@ -237,46 +335,94 @@ class SiteHook:
             return None
         return torch.addmm(x.reshape(-1, x.shape[-1]), C.reshape(-1, C.shape[-1]), self.write).view(x.shape)
 
-    def on_output(self, _module, _args, output):
-        x = output_tensor(output)
-        steered = self.steer(x)
-        if steered is None:
-            return None
-        return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
 
-    def on_input(self, _module, args, kwargs):
-        x = site_tensor(args, kwargs)
-        steered = self.steer(x)
-        if steered is None:
-            return None
-        if args:
-            return (steered, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": steered}
+class RowsHook(_Installed):
+    """One site's hook under per-row plans: each distinct plan's `SiteHook` steers only its own rows.
+
+    ``parts``: (hook, rows) per distinct plan editing the site, rows disjoint. A part covering the whole batch in
+    order runs on x itself (the single-plan path); others on ``x.index_select(0, rows)``, written back with
+    ``index_copy``. Every part reads the original x."""
+
+    def __init__(self, parts: list[tuple[SiteHook, list[int]]], batch: int, device: torch.device):
+        self.batch = batch
+        self.parts = [(hook, None if rows == list(range(batch)) else torch.tensor(rows, device=device))
+                      for hook, rows in parts]
+
+    def steer(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.shape[0] != self.batch:
+            raise ValueError(f"per-row plans: {self.batch} plan(s) for a batch of {x.shape[0]} row(s); pass one plan "
+                             "(or None) per row")
+        out = None
+        for hook, rows in self.parts:
+            if rows is None:  # the only part: every row, in order
+                return hook.steer(x)
+            steered = hook.steer(x.index_select(0, rows))
+            if steered is not None:
+                if out is None:
+                    out = x.clone()
+                out.index_copy_(0, rows, steered)
+        return out
+
+
+def _needs_clock(plan: Plan) -> bool:
+    """Whether the plan's hooks read positions (a scope) or record them (a monitor)."""
+    return plan.needs_positions or any(sp.reader and any(not OPERATIONS[e.op].writes for e in sp.edits)
+                                       for sp in plan.sites)
+
+
+def _rows_of(plans) -> tuple[Plan | None, ...]:
+    if isinstance(plans, (str, bytes)) or not isinstance(plans, Sequence):
+        raise TypeError(f"applied takes a Plan, or a sequence of Plan or None (one per batch row); got {type(plans).__name__}")
+    if not plans:
+        raise ValueError("applied: per-row plans must name at least one row")
+    for i, plan in enumerate(plans):
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"applied: row {i}'s plan is a {type(plan).__name__}, not a Plan or None")
+    return tuple(plans)
 
 
 @contextmanager
-def applied(model: nn.Module, plan: Plan, *, prompt_length: int | None = None):
-    """Apply ``plan`` to ``model`` inside the block; yields a `SteeringRun`."""
+def applied(model: nn.Module, plan: Plan | Sequence[Plan | None], *, prompt_length: int | None = None):
+    """Apply ``plan`` to ``model`` inside the block; yields a `SteeringRun`.
+
+    ``plan`` may be a sequence as long as the batch instead: row i gets ``plan[i]`` (None: unedited), exactly as
+    if it ran alone; yields a `RowsRun` (``run[i]``: row i's read-outs)."""
     adapter = adapter_for(model)
-    if (plan.hidden_size, plan.n_layers) != (hidden_size(model), adapter.n_layers(model)):
-        raise ValueError(
-            f"plan was compiled for d={plan.hidden_size}, {plan.n_layers} layers; "
-            f"this model has d={hidden_size(model)}, {adapter.n_layers(model)} layers"
-        )
+    per_row = not isinstance(plan, Plan)
+    plans = _rows_of(plan) if per_row else (plan,)
+    for p in plans:
+        if p is not None and (p.hidden_size, p.n_layers) != (hidden_size(model), adapter.n_layers(model)):
+            raise ValueError(
+                f"plan was compiled for d={p.hidden_size}, {p.n_layers} layers; "
+                f"this model has d={hidden_size(model)}, {adapter.n_layers(model)} layers"
+            )
     param = next(model.parameters())
-    run = SteeringRun(plan, prompt_length)
+    run = RowsRun(plans, prompt_length) if per_row else SteeringRun(plan, prompt_length)
     handles = []
+
+    def install(module, where, hook):
+        if where == "output":
+            handles.append(module.register_forward_hook(hook.on_output))
+        else:
+            handles.append(module.register_forward_pre_hook(hook.on_input, with_kwargs=True))
+
     try:
-        if plan.needs_positions or any(sp.reader and any(not OPERATIONS[e.op].writes for e in sp.edits) for sp in plan.sites):
+        if any(p is not None and _needs_clock(p) for p in plans):
             base = model.get_submodule(adapter.base)
             handles.append(base.register_forward_pre_hook(run._on_base_forward, with_kwargs=True))
-        for site_plan in plan.sites:
-            module, where = adapter.site_module(model, site_plan.site)
-            hook = SiteHook(site_plan, run, param.dtype, param.device)
-            if where == "output":
-                handles.append(module.register_forward_hook(hook.on_output))
-            else:
-                handles.append(module.register_forward_pre_hook(hook.on_input, with_kwargs=True))
+        if not per_row:
+            for site_plan in plan.sites:
+                module, where = adapter.site_module(model, site_plan.site)
+                install(module, where, SiteHook(site_plan, run, param.dtype, param.device))
+        else:
+            sites: dict[tuple[int, str], tuple[nn.Module, str, list]] = {}  # hooked point → its parts
+            for group_run, rows in run.groups:
+                for site_plan in group_run.plan.sites:
+                    module, where = adapter.site_module(model, site_plan.site)
+                    parts = sites.setdefault((id(module), where), (module, where, []))[2]
+                    parts.append((SiteHook(site_plan, group_run, param.dtype, param.device), rows))
+            for module, where, parts in sites.values():
+                install(module, where, RowsHook(parts, len(plans), param.device))
         yield run
     finally:
         for handle in handles:
