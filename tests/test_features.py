@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -189,23 +190,76 @@ def test_show_and_search_run_without_importing_torch(tiny, tmp_path):
     assert result.stdout.splitlines()[-1] == "False False"
 
 
+def fake_shipped(root: Path, default_site: str = "resid_post.10") -> Path:
+    """A shipped-SAE layout under ``root``: two site directories with a few files and a manifest naming the default."""
+    for site in ("resid_post.3", "resid_post.10"):
+        (root / site).mkdir(parents=True, exist_ok=True)
+        (root / site / "cfg.json").write_text(json.dumps({"site": site}))
+        (root / site / "sae_weights.safetensors").write_bytes(site.encode() * 100)
+    (root / "manifest.json").write_text(json.dumps({"default_site": default_site,
+                                                    "saes": {s: {"path": s} for s in ("resid_post.3", "resid_post.10")}}))
+    return root / default_site
+
+
 def test_the_default_atlas_pointer_is_found_without_torch_and_refused_when_stale(tmp_path, monkeypatch):
+    """The pointer names the atlas of the SAE ``default`` reads, keyed on that SAE's files: it is refused for another
+    default SAE — changed shipped files, another default site, another recipe where none ship — or a gone SAE."""
+    import steer.data
     from steer.discover import atlas as atlas_module
 
-    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
-    (tmp_path / "atlases").mkdir()
-    db, sae = tmp_path / "atlases" / "x.db", tmp_path / "sae"
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "atlases").mkdir(parents=True)
+    db = tmp_path / "cache" / "atlases" / "x.db"
     db.write_bytes(b"")
-    sae.mkdir()
-    (sae / "cfg.json").write_text("{}")
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(steer.data, "SAES_DIR", shipped)
+    sae = fake_shipped(shipped)
     atlas_module._write_pointer(db, sae)
     assert atlas_module.quick_default_atlas() == db
-    record = json.loads((tmp_path / "atlases" / "default.json").read_text())
-    (tmp_path / "atlases" / "default.json").write_text(json.dumps({**record, "recipe_sha256": "0" * 64}))
-    assert atlas_module.quick_default_atlas() is None          # another recipe: another SAE, not this atlas
+    weights = sae / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    assert atlas_module.quick_default_atlas() is None          # other files at the default site: another SAE
     atlas_module._write_pointer(db, sae)
-    (sae / "cfg.json").unlink()
+    assert atlas_module.quick_default_atlas() == db
+    fake_shipped(shipped, default_site="resid_post.3")
+    assert atlas_module.quick_default_atlas() is None          # ``default`` reads another site's SAE now
+    atlas_module._write_pointer(db, shipped / "resid_post.10")  # nor is a pointer to a non-default SAE ever taken
+    assert atlas_module.quick_default_atlas() is None
+    atlas_module._write_pointer(db, shipped / "resid_post.3")
+    assert atlas_module.quick_default_atlas() == db
+    (shipped / "resid_post.3" / "cfg.json").unlink()
     assert atlas_module.quick_default_atlas() is None          # the SAE it was built for is gone
+
+    # a checkout that ships no SAEs: ``default`` is the one-site recipe's SAE, trained once
+    monkeypatch.setattr(steer.data, "SAES_DIR", tmp_path / "ships-none")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "cfg.json").write_text("{}")
+    atlas_module._write_pointer(db, trained)
+    assert atlas_module.quick_default_atlas() == db
+    record = json.loads((tmp_path / "cache" / "atlases" / "default.json").read_text())
+    (tmp_path / "cache" / "atlases" / "default.json").write_text(
+        json.dumps({**record, "default": {"recipe_sha256": "0" * 64}}))
+    assert atlas_module.quick_default_atlas() is None          # another recipe: another SAE, not this atlas
+    atlas_module._write_pointer(db, trained)
+    (trained / "cfg.json").unlink()
+    assert atlas_module.quick_default_atlas() is None          # the SAE it was built for is gone
+
+
+def test_the_default_atlas_pointer_is_read_without_importing_torch(tmp_path):
+    """`steer features show ID` without --atlas finds the atlas of the shipped default SAE through the pointer alone."""
+    from steer.sae.shipped import shipped_available, shipped_sae_dir
+
+    if not shipped_available():
+        pytest.skip("this checkout ships no SAEs")
+    code = ("import sys\nfrom pathlib import Path\nfrom steer.discover import atlas\n"
+            f"atlas._write_pointer(Path({str(tmp_path / 'x.db')!r}), Path({str(shipped_sae_dir())!r}))\n"
+            "print(atlas.quick_default_atlas(), 'torch' in sys.modules)\n")
+    (tmp_path / "x.db").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "STEER_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "x.db"), "False"]
 
 
 def test_index_cli_builds_the_same_atlas_as_the_api(tiny, tmp_path, capsys):
@@ -427,3 +481,19 @@ def test_default_atlas_search_ranks_a_feature_firing_on_the_word_first(default_s
         peaks = [c.tokens[int(np.argmax(c.activations))].strip().lower() for c in first.contexts[:10]]
         assert sum(word in t for t in peaks) >= 5, (word, first.id, peaks)
 
+
+
+@pytest.mark.default_model
+def test_the_default_atlas_is_the_shipped_default_saes_and_its_pointer_is_keyed_on_those_files(default_setup):
+    from steer.discover.atlas import _pointer_path, quick_default_atlas
+    from steer.sae.shipped import shipped_available, shipped_manifest, shipped_sae_dir
+
+    if not shipped_available():
+        pytest.skip("this checkout ships no SAEs")
+    _, _, atlas = default_setup
+    manifest = shipped_manifest()
+    assert atlas.metadata["sae"] == str(shipped_sae_dir())
+    assert quick_default_atlas() == atlas.path
+    record = json.loads(_pointer_path().read_text())
+    assert record["sae"] == str(shipped_sae_dir())
+    assert record["sae_files"] == manifest["saes"][manifest["default_site"]]["files"]

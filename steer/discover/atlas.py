@@ -35,9 +35,11 @@ feature: the tokens it fires on, its promoted tokens, its context text; porter
 stemming) that `Atlas.search` ranks with BM25. The file is written to a temp
 file beside ``out`` and renamed into place: an error or Ctrl-C leaves nothing.
 
-``default_atlas()`` is the atlas of the default SAE on the default model,
-built on first use (a progress bar; measured: 3 min of CPU time on this 2-core machine kind) and cached under
-``$STEER_CACHE/atlases/<SAE content hash>-<params hash>.db``.
+``default_atlas()`` is the atlas of the default SAE (the shipped resid_post.10 one) on the default model,
+built on first use (a progress bar; measured on this 2-core machine kind: 4 min 22 s, 257 s of CPU time, while
+another job held about one core; 3 min of CPU time earlier, for the former default SAE at the same site) and
+cached under ``$STEER_CACHE/atlases/<SAE content hash>-<params hash>.db``; a pointer file keyed on the SAE's
+files finds it again without torch.
 ``open_atlas(path)`` reads one: ``Atlas.feature(i)``, ``Atlas.search(text)``,
 ``Atlas.metadata``. Reading an atlas file needs neither the model nor the SAE.
 
@@ -63,8 +65,8 @@ from steer.export.atomic import atomic_file, write_text_atomic
 
 FORMAT = "steer-feature-atlas/1"
 DEFAULT_TOKENS = 100_000
-"""Tokens the default atlas reads: ≈ 9% of the embedded corpus; the build took 3 min of CPU time here
-(the model's pass up to layer 10 is ~90% of it)."""
+"""Tokens the default atlas reads: ≈ 9% of the embedded corpus; the build took 257 s of CPU time here (4 min 22 s on
+2 cores shared with another job), ~90% of it the model's pass up to block 10 (the SAE encode and the scan ~5% each)."""
 DEFAULT_WINDOW = 24
 """Tokens per stored context: ``WINDOW_BEFORE`` before the peak, the peak, the rest after it."""
 WINDOW_BEFORE = 17
@@ -228,8 +230,8 @@ def default_atlas(progress: bool = True) -> Path:
     """The default SAE's atlas on the default model and corpus, built on first use and cached.
 
     Finding it means hashing the default SAE, which needs torch (seconds to import on a small machine);
-    so the answer is also kept in a pointer file (`_DEFAULT_POINTER`) that `quick_default_atlas` reads
-    without torch, for `steer features show`/`search`.
+    so the answer is also kept in a pointer file (`_pointer_path`, keyed by `_pointer_key`: the SAE's files)
+    that `quick_default_atlas` reads without torch, for `steer features show`/`search`.
     """
     from steer.models.loading import DEFAULT_MODEL, load_model
     from steer.sae import load_sae
@@ -248,13 +250,28 @@ def default_atlas(progress: bool = True) -> Path:
     return path
 
 
-def _pointer_key() -> dict:
-    """What the pointer is valid for: this steer and the default recipe's bytes (a new recipe or version → a new SAE)."""
-    from steer import __version__
+def _default_sae_now() -> dict:
+    """What the name ``default`` reads now, found without torch: the shipped SAE at the manifest's default site (its
+    directory), or — in a checkout that ships none — the SAE the one-site recipe trains (that recipe's bytes)."""
+    from steer.data import SAES_DIR
 
+    manifest = SAES_DIR / "manifest.json"
+    if manifest.is_file():
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+        return {"shipped": str(SAES_DIR / record["saes"][record["default_site"]]["path"])}
     recipe = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m-resid_post.10.yaml"
-    digest = hashlib.sha256(recipe.read_bytes()).hexdigest() if recipe.is_file() else None
-    return {"steer": __version__, "recipe_sha256": digest, "source": str(Path(__file__).resolve().parents[1])}
+    return {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest() if recipe.is_file() else None}
+
+
+def _pointer_key(sae_dir: Path) -> dict:
+    """What the pointer is valid for: this steer, what ``default`` names now (`_default_sae_now`), and the SAE
+    directory the atlas was built from with the sha256 of each of its files — so a changed default SAE (other shipped
+    files, another default site, a retrained recipe) never finds the atlas of the old one."""
+    from steer import __version__
+    from steer.data import file_hashes
+
+    return {"steer": __version__, "source": str(Path(__file__).resolve().parents[1]), "default": _default_sae_now(),
+            "sae": str(sae_dir), "sae_files": file_hashes(sae_dir)}
 
 
 def _pointer_path() -> Path:
@@ -264,21 +281,26 @@ def _pointer_path() -> Path:
 
 
 def _write_pointer(atlas: Path, sae_dir: Path) -> None:
-    write_text_atomic(_pointer_path(), json.dumps({**_pointer_key(), "atlas": str(atlas), "sae": str(sae_dir)}, indent=1),
+    write_text_atomic(_pointer_path(), json.dumps({**_pointer_key(Path(sae_dir)), "atlas": str(atlas)}, indent=1),
                       what="atlas pointer", error=AtlasError)
 
 
 def quick_default_atlas() -> Path | None:
-    """The default atlas from the pointer `default_atlas` leaves, without importing torch; None when unsure."""
+    """The default atlas from the pointer `default_atlas` leaves, without importing torch; None when unsure: another
+    steer, another default SAE, or SAE files that are gone or changed since (~20 ms to hash the 9 MB)."""
     try:
         record = json.loads(_pointer_path().read_text())
-    except (OSError, ValueError):
+        sae_dir = Path(record["sae"])
+        key = _pointer_key(sae_dir)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if {k: record.get(k) for k in key} != key or not key["sae_files"]:
+        return None
+    shipped = key["default"].get("shipped")
+    if shipped is not None and Path(shipped) != sae_dir:
+        return None  # built for another SAE than the one ``default`` reads now
     atlas = Path(record.get("atlas", ""))
-    sae_cfg = Path(record.get("sae", "")) / "cfg.json"
-    if {k: record.get(k) for k in ("steer", "recipe_sha256", "source")} != _pointer_key():
-        return None
-    return atlas if atlas.is_file() and sae_cfg.is_file() else None
+    return atlas if atlas.is_file() else None
 
 
 def build_atlas(model, tokenizer, sae, corpus, *, tokens: int = DEFAULT_TOKENS, out: str | os.PathLike,

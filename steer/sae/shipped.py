@@ -11,19 +11,21 @@ sha256 of every file. Names:
   the shipped SAE at that site.
 
 This module only finds files: it never trains, never reads a model, never
-writes (training the recipe again is `steer.train`'s business).
+writes (training the recipe again is `steer.train`'s business). Where the files
+are (`SHIPPED_DIR`) and how they are hashed (`file_hashes`) come from
+`steer.data`, which imports no torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import cache
 from pathlib import Path
 
+from steer.data import SAES_DIR, file_hashes  # noqa: F401 (file_hashes: re-exported, as the manifest records them)
 from steer.errors import SAEError
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "saes"
+SHIPPED_DIR = SAES_DIR
 MANIFEST = "manifest.json"
 DEFAULT_NAME = "default"
 
@@ -62,8 +64,3 @@ def shipped_sae_dir(name: str = DEFAULT_NAME, site: str | None = None) -> Path:
         raise SAEError(f"no shipped SAE at {site}; shipped sites: {', '.join(manifest['saes'])} (or pass an SAE path)",
                        where=f"sae {name}")
     return SHIPPED_DIR / manifest["saes"][site]["path"]
-
-
-def file_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file in ``directory`` (name → hex), as the manifest records them."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
