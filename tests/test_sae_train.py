@@ -483,8 +483,9 @@ def test_generate_with_the_default_sae_and_an_empty_cache_does_not_train(tmp_pat
     if not shipped_available():
         pytest.skip("this checkout ships no SAEs yet: `default` would train the one-site recipe on first use")
     env = {**os.environ, "STEER_CACHE": str(tmp_path / "empty-cache"), "OMP_NUM_THREADS": "1"}
+    # feature 3448 of the shipped resid_post.10 SAE fires on "weather" (36 on this prompt; atlas: Sun, weather, sky)
     done = subprocess.run([sys.executable, "-m", "steer.cli.main", "generate", "The weather today is", "--sae", "default",
-                           "--spec", "suppress feature 7 by 50%", "--max-new-tokens", "4"],
+                           "--spec", "suppress feature 3448 by 50%", "--max-new-tokens", "4"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training" not in done.stderr.lower() and not (tmp_path / "empty-cache" / "saes").exists()
