@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-SAE_HELP = "SAE directory or file (default: the default SAE of the default model, trained on first use)"
+SAE_HELP = "SAE directory or file, or `default` / `default:SITE` (default: the default model's shipped SAE at resid_post.10)"
 ATLAS_HELP = "atlas file made by `steer features index` (default: the default SAE's atlas, built on first use)"
 
 
