@@ -227,7 +227,7 @@ class SiteHook(_Installed):
         self.edits = site_plan.edits
         self.monitors = [e for e in self.edits if not OPERATIONS[e.op].writes]  # read-outs
         self.encoder = self._folded_encoder()
-        sigma = self._constant_sigma()
+        self.sigma = sigma = self._constant_sigma()  # None: per-token, from SAE.normalize at each call
         writers = [e for e in self.edits if e.write is not None]
         names = list(dict.fromkeys(e.op for e in writers))  # group order: first appearance
         ordered = [e for name in names for e in writers if e.op == name]
@@ -297,7 +297,7 @@ class SiteHook(_Installed):
         f = sigma = proj = None
         if self.sae is not None:
             if self.encoder is not None:
-                sigma = self._constant_sigma()
+                sigma = self.sigma
                 weight, bias, c = self.encoder
                 x_in = x * c if c != 1.0 else x  # x̃, as SAE.normalize gives it
                 if self.sae.apply_b_dec_to_input:
