@@ -228,7 +228,7 @@ def test_export_refusal_is_one_message_and_leaves_nothing(tmp_path):
 def test_feature_search_reads_the_atlas_and_says_why_when_there_is_none(tmp_path):
     import html
 
-    from steer.demo.app import FeatureSearch, card_html
+    from steer.demo.search import FeatureSearch, card_html
     from steer.discover.atlas import build_atlas, open_atlas
 
     corpus = tmp_path / "corpus.jsonl"
@@ -615,7 +615,7 @@ def test_default_saes_are_every_shipped_site_default_first_or_the_one_default(mo
 
 
 def test_each_site_searches_the_atlas_of_its_own_sae(tmp_path):
-    from steer.demo.app import FeatureSearch, match_atlases
+    from steer.demo.search import FeatureSearch, match_atlases
     from steer.discover.atlas import build_atlas, open_atlas
 
     engine = two_site_engine()
@@ -640,7 +640,7 @@ def test_each_site_searches_the_atlas_of_its_own_sae(tmp_path):
 def test_default_atlases_other_than_the_default_sites_are_built_only_when_asked_for(tmp_path, monkeypatch):
     """`FeatureSearch.defaults`: ``default``'s atlas is built at once; another site's is only looked up in the cache
     until its site is searched, then built — one build at a time, on the demo's atlas thread."""
-    from steer.demo import app
+    from steer.demo import search as app  # the demo's atlas search and its background builds
     from steer.discover.atlas import build_atlas
 
     corpus = tmp_path / "corpus.jsonl"
