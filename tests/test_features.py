@@ -30,7 +30,7 @@ import torch
 from steer.cli.main import main
 from steer.discover.atlas import WINDOW_BEFORE, build_atlas, open_atlas
 from steer.discover.contrast import auroc, contrast, read_prompts
-from steer.sae import save_sae
+from steer.sae import load_sae, save_sae
 from tests.conftest import random_sae, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,7 +448,6 @@ FOOTBALL = ("football", "soccer", "rugby", "striker", "goalkeeper", "midfield", 
 @pytest.fixture(scope="module")
 def default_setup(default_model):
     from steer.discover.atlas import default_atlas
-    from steer.sae import load_sae
     from steer.train import default_sae
 
     return default_model, load_sae(default_sae()), open_atlas(default_atlas())
@@ -492,9 +491,11 @@ def test_the_default_atlas_is_the_shipped_default_saes_and_its_pointer_is_keyed_
 
     if not shipped_available():
         pytest.skip("this checkout ships no SAEs")
-    _, _, atlas = default_setup
+    _, sae, atlas = default_setup
     manifest = shipped_manifest()
-    assert atlas.metadata["sae"] == str(shipped_sae_dir())
+    # the atlas is cached by the SAE's content, so checkouts sharing ~/.cache share it: it records the directory it
+    # was built from (maybe another checkout's), and is the shipped SAE's by its content hash
+    assert atlas.metadata["sae_hash"] == load_sae(shipped_sae_dir()).content_hash() == sae.content_hash()
     assert quick_default_atlas() == atlas.path
     record = json.loads(_pointer_path().read_text())
     assert record["sae"] == str(shipped_sae_dir())
