@@ -112,13 +112,25 @@ def monitor_indices(plan):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_each_row_equals_its_plan_alone(arch, dirs):
+    check_each_row_equals_its_plan_alone(arch, dirs, own_positions=False)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_each_row_at_its_own_positions_equals_its_plan_alone(arch, dirs):
+    """``prompt_length=[len(row), ...]``: scope and monitors at each row's own positions (generate's position ids,
+    pads not recorded) instead of the padded coordinates — the same tokens, logits and read-outs."""
+    check_each_row_equals_its_plan_alone(arch, dirs, own_positions=True)
+
+
+def check_each_row_equals_its_plan_alone(arch, dirs, *, own_positions: bool):
     model = tiny(arch)
     labelled = row_plans(model, dirs)
     labels, plans = [label for label, _ in labelled], [plan for _, plan in labelled]
     rows = prompts(len(plans))
     assert len(set(map(len, rows))) > 3, "rows of several lengths: left padding"
     ids, mask = left_pad(rows)
-    with torch.no_grad(), steer.applied(model, plans) as run:
+    lengths = [len(r) for r in rows] if own_positions else None
+    with torch.no_grad(), steer.applied(model, plans, prompt_length=lengths) as run:
         tokens, logits = decode(model, ids, mask)
     assert len(run) == len(plans) and next(model.parameters()).dtype == (torch.float32 if arch == "gemma2" else torch.float64)
     with torch.no_grad():
@@ -248,6 +260,10 @@ def test_errors_and_cleanliness(dirs):
         assert torch.equal(model(ids).logits, clean)
         with steer.applied(model, [None, None]) as run:  # nothing to hook
             assert torch.equal(model(ids).logits, clean) and run[1].plan is None
+        with pytest.raises(ValueError, match="3 for 2 row"), steer.applied(model, [plan, None], prompt_length=[1, 2, 3]):
+            pass
+        with pytest.raises(TypeError, match="per-row plans"), steer.applied(model, plan, prompt_length=[1, 2]):
+            pass
 
 
 @pytest.mark.default_model

@@ -29,6 +29,12 @@ coordinates (the prompt is the padded width), which classifies every row's token
 `RowsRun`; ``run[i]`` is row i's `RowRun`, whose monitor read-outs drop the row's left padding (taken from the first
 call's ``attention_mask``), so they equal the row's read-outs alone.
 
+Rows at different positions (``prompt_length=[P_0, P_1, ...]``, one per row): each row's positions are its own —
+the call's ``position_ids`` (B, T), or KV-cache length + offset when it passes none — and its token at position p is
+a generation token when p ≥ P_i. Monitors record each row at its own positions (a token the call's 2-D
+``attention_mask`` masks out, a pad, is not recorded). This is how rows whose prompts and histories differ in
+length — each with its own KV cache, no padding (`steer.demo.batch`) — are steered in one forward call.
+
 Never registers a hook outside the edited sites; never mutates the Plan.
 """
 
@@ -51,10 +57,13 @@ class SteeringRun:
 
     def __init__(self, plan: Plan, prompt_length: int | None):
         self.plan = plan
-        self.prompt_length = prompt_length
+        self.prompt_length = prompt_length  # or, per row (set by `RowsRun`): a (B, 1) tensor
         self.positions: torch.Tensor | None = None  # (T,) positions of the current forward call, on the model's device
+        # — or (B, T), each row's own (per-row prompt lengths); then `valid` (B, T) marks the tokens to record
+        self.valid: torch.Tensor | None = None
         self._monitored: dict[int, torch.Tensor] = {}  # edit index → (B, capacity) buffer
         self._filled: dict[int, int] = {}  # edit index → positions recorded so far
+        self._row_filled: dict[int, torch.Tensor] = {}  # edit index → (B,) per row, when positions are per row
         self._thresholds = {e.index: e.amount for sp in plan.sites for e in sp.edits if not OPERATIONS[e.op].writes}
 
     def activations(self, edit_index: int) -> torch.Tensor:
@@ -74,6 +83,9 @@ class SteeringRun:
     def _record(self, edit_index: int, values: torch.Tensor) -> None:
         """Write ``values`` (B, T) at the current positions; the buffer doubles when full, so a decode step
         copies one column, not the whole history."""
+        if self.positions is not None and self.positions.dim() == 2:
+            self._record_rows(edit_index, values)
+            return
         start = 0 if self.positions is None else int(self.positions[0])
         end = start + values.shape[1]
         held = self._monitored.get(edit_index)
@@ -87,6 +99,28 @@ class SteeringRun:
         held[:, start:end] = values.detach()
         self._monitored[edit_index] = held
         self._filled[edit_index] = max(self._filled.get(edit_index, 0), end)
+
+    def _record_rows(self, edit_index: int, values: torch.Tensor) -> None:
+        """`_record` with per-row positions (B, T): row b's values go to its own columns; tokens not `valid` go to a
+        spare last column (so a pad never overwrites a real position), outside what `activations` shows."""
+        positions = self.positions
+        seen = positions if self.valid is None else positions.masked_fill(~self.valid, -1)
+        ends = seen.max(dim=1).values + 1  # (B,) each row's end after this call
+        end = int(ends.max())
+        held = self._monitored.get(edit_index)
+        if held is None or held.shape[0] != values.shape[0]:
+            held = values.new_zeros(values.shape[0], max(end, 64) + 1)
+            self._row_filled[edit_index] = torch.zeros_like(ends)
+        elif held.shape[1] - 1 < end:
+            grown = held.new_zeros(held.shape[0], max(end, 2 * (held.shape[1] - 1)) + 1)
+            grown[:, : held.shape[1] - 1] = held[:, :-1]
+            held = grown
+        spare = held.shape[1] - 1
+        index = positions if self.valid is None else torch.where(self.valid, positions, spare)
+        held.scatter_(1, index, values.detach())
+        self._monitored[edit_index] = held
+        self._row_filled[edit_index] = torch.maximum(self._row_filled[edit_index], ends)
+        self._filled[edit_index] = int(self._row_filled[edit_index].max())
 
 
 def _positions(args: tuple, kwargs: dict, prompt_length: int | None) -> tuple[torch.Tensor, int]:
@@ -120,8 +154,11 @@ class RowRun:
         """``(1, L)``: f_i(x) of this row's monitor edit ``edit_index`` at each of its positions seen so far."""
         if self._run is None:
             raise KeyError(f"row {self.row} has no plan (None): it monitors nothing")
+        read = self._run.activations(edit_index)[self._slot: self._slot + 1]
+        if self._rows.row_prompt is not None:  # per-row positions: the row's own columns, up to its own end
+            return read[:, : int(self._run._row_filled[edit_index][self._slot])]
         pad = self._rows.padding[self.row] if self._rows.padding is not None else 0
-        return self._run.activations(edit_index)[self._slot: self._slot + 1, pad:]
+        return read[:, pad:]
 
     def fired(self, edit_index: int) -> torch.Tensor:
         """``(1, L)`` bool: where the monitored feature is above its threshold."""
@@ -131,10 +168,19 @@ class RowRun:
 class RowsRun(Sequence):
     """What one per-row `applied` context saw: ``run[i]`` is row i's `RowRun`.
 
-    Rows that share a Plan object share one `SteeringRun` (``groups``: (run, rows), in order of first row)."""
+    Rows that share a Plan object share one `SteeringRun` (``groups``: (run, rows), in order of first row).
+    ``prompt_length``: one for the batch (positions in padded coordinates), or one per row (each row's own
+    positions; see the module docstring)."""
 
-    def __init__(self, plans: Sequence[Plan | None], prompt_length: int | None):
+    def __init__(self, plans: Sequence[Plan | None], prompt_length: int | Sequence[int] | None):
         self.plans = tuple(plans)
+        self.row_prompt: torch.Tensor | None = None  # (B,) per-row prompt lengths
+        if prompt_length is not None and not isinstance(prompt_length, int):
+            lengths = [int(n) for n in prompt_length]
+            if len(lengths) != len(self.plans):
+                raise ValueError(f"per-row prompt lengths: {len(lengths)} for {len(self.plans)} row(s); give one per row")
+            self.row_prompt = torch.tensor(lengths)
+            prompt_length = None
         self.prompt_length = prompt_length
         self.positions: torch.Tensor | None = None
         self.padding: list[int] | None = None  # each row's leading masked positions, from the first call
@@ -155,6 +201,9 @@ class RowsRun(Sequence):
     # called by the base model's pre-hook
     def _on_base_forward(self, _module, args, kwargs):
         self.positions, self.prompt_length = _positions(args, kwargs, self.prompt_length)
+        if self.row_prompt is not None:
+            self._per_row(kwargs)
+            return
         if self.padding is None:
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == len(self.plans):
@@ -163,6 +212,27 @@ class RowsRun(Sequence):
                 self.padding = [0] * len(self.plans)
         for run, _rows in self.groups:
             run.positions, run.prompt_length = self.positions, self.prompt_length
+
+    def _per_row(self, kwargs) -> None:
+        """Each row's own positions (B, T): the call's ``position_ids``, else the cache positions; the tokens its 2-D
+        ``attention_mask`` keeps."""
+        batch, length = len(self.plans), self.positions.shape[0]
+        given = kwargs.get("position_ids")
+        if isinstance(given, torch.Tensor) and given.dim() == 2 and given.shape[1] == length:
+            positions = given.to(self.positions.device).expand(batch, length)
+        else:
+            positions = self.positions.expand(batch, length)
+        mask = kwargs.get("attention_mask")
+        valid = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+            valid = mask[:, -length:].to(positions.device).bool()
+        self.positions, self.padding = positions, [0] * batch
+        prompt = self.row_prompt.to(positions.device)
+        for run, rows in self.groups:
+            index = torch.tensor(rows, device=positions.device)
+            run.positions = positions.index_select(0, index)
+            run.prompt_length = prompt.index_select(0, index)[:, None]  # (B_g, 1)
+            run.valid = None if valid is None else valid.index_select(0, index)
 
 
 class _Installed:
@@ -324,8 +394,8 @@ class SiteHook(_Installed):
             slots, above, conditioned = self.when
             C = torch.where(~conditioned | (f.index_select(-1, slots) > above), C, 0.0)
         if self.scoped:
-            generated = (self.run.positions >= self.run.prompt_length)[:, None]  # (T,1)
-            C = C * torch.where(generated, self.on_generation, self.on_prompt)  # (T,E) mask
+            generated = (self.run.positions >= self.run.prompt_length)[..., None]  # (T,1), or (B,T,1) per row
+            C = C * torch.where(generated, self.on_generation, self.on_prompt)  # (T,E) or (B,T,E) mask
         return C
 
     def steer(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -382,13 +452,17 @@ def _rows_of(plans) -> tuple[Plan | None, ...]:
 
 
 @contextmanager
-def applied(model: nn.Module, plan: Plan | Sequence[Plan | None], *, prompt_length: int | None = None):
+def applied(model: nn.Module, plan: Plan | Sequence[Plan | None], *,
+            prompt_length: int | Sequence[int] | None = None):
     """Apply ``plan`` to ``model`` inside the block; yields a `SteeringRun`.
 
     ``plan`` may be a sequence as long as the batch instead: row i gets ``plan[i]`` (None: unedited), exactly as
-    if it ran alone; yields a `RowsRun` (``run[i]``: row i's read-outs)."""
+    if it ran alone; yields a `RowsRun` (``run[i]``: row i's read-outs). With per-row plans, ``prompt_length`` may
+    be one per row: each row is then at its own positions (see the module docstring)."""
     adapter = adapter_for(model)
     per_row = not isinstance(plan, Plan)
+    if not per_row and prompt_length is not None and not isinstance(prompt_length, int):
+        raise TypeError("applied: per-row prompt lengths need per-row plans (a sequence of Plan or None)")
     plans = _rows_of(plan) if per_row else (plan,)
     for p in plans:
         if p is not None and (p.hidden_size, p.n_layers) != (hidden_size(model), adapter.n_layers(model)):
