@@ -2,48 +2,45 @@
 
 No Gradio here; `steer.demo.app` is the page over it.
 
-**Isolation (why requests never see each other's edits).** `steer.applied`
-installs forward hooks on the model object, and the demo serves every user
-from one shared model. So every use of the model — and of the tokenizer, whose
-padding side `prompt_ids` flips — holds one lock (`DemoEngine._lock`), and
-hooks are installed and removed inside a single hold: a request feeds one
-decode step of its continuations under ``steer.applied(model, plan)`` and the
-hooks are gone before the lock is released. Requests therefore interleave step
-by step (every user sees tokens stream), but no forward pass ever runs with
-another request's hooks in place. Each continuation keeps its own KV cache and
-its own sampling generator, so a request's tokens are the ones it gets alone
-(the Gradio queue bounds how many interleave; see `steer.demo.app`). The
-alternatives — batching requests (hooks apply to the whole batch, so every
-edit would need per-row masks) or a replica per concurrent request (memory ×
-N) — buy throughput the 2-core target does not have. Exports load their own
-copy of the model (`load_model` of a cached checkpoint is fast), so a long
-export never holds the lock.
+**Concurrent users share one batch** (`steer.demo.batch`). One scheduler thread owns the model's forward
+passes: a request queues its three continuations and reads its frames as they come; at every step the scheduler
+feeds every active user's continuations — each with its own plan (`steer.applied` with one plan per row), its own
+KV cache and its own sampling generator — as the rows of one forward call, so K users cost one call per step, not
+3·K. A row's numbers do not depend on the other rows (each row attends to its own cache alone, the batch is padded
+to a size whose products are row-invariant, each row's plan is its own object; see `steer.demo.batch`): every
+user gets, bit for bit, the tokens, KL and monitor read-outs the same request gets alone.
+
+**Isolation (why requests never see each other's edits).** `steer.applied` installs forward hooks on the shared
+model; they are installed and removed inside one hold of the model lock (`DemoEngine._lock`), around one forward
+call, and steer each row by that row's plan only (a row whose plan is None is untouched). No other forward pass
+runs while they are in place: everything that runs the model holds that lock. The tokenizer, whose padding side
+`prompt_ids` flips, has its own lock. Exports load their own copy of the model (`load_model` of a cached
+checkpoint is fast), so a long export never holds the lock. ``DemoEngine(batched=False)`` keeps the earlier path —
+each request feeds its continuations one forward call each, under the lock, step by step — for comparison
+(bench/demo.py).
 
 **Per step** a request feeds three continuations of the same prompt:
 
-* *unsteered* — the model as it is (with a monitor-only plan when a feature is
-  monitored: a monitor writes nothing, so the logits are the unhooked ones);
+* *unsteered* — the model as it is (with a monitor-only plan when a feature is monitored: a monitor writes nothing,
+  so the logits are the unhooked ones);
 * *steered* — under the user's plan;
-* *reference* — the unsteered model fed the *steered* tokens, so that at
-  steered step t, KL(unsteered ‖ steered) compares the two next-token
-  distributions (temperature 1) given the same prefix: the prompt and the
-  steered tokens before t. That is the readout of the edit's side effect.
+* *reference* — the unsteered model fed the *steered* tokens, so that at steered step t, KL(unsteered ‖ steered)
+  compares the two next-token distributions (temperature 1) given the same prefix: the prompt and the steered
+  tokens before t. That is the readout of the edit's side effect.
 
-Both visible continuations sample with the same settings and seed (a
-generator each, seeded alike), so an identity edit gives identical text.
+Both visible continuations sample with the same settings and seed (a generator each, seeded alike), so an
+identity edit gives identical text.
 
-**Monitor**: a ``monitor feature J site S`` edit is added to both plans; each
-generated token is coloured by f_J (the feature of the SAE at S) at that
-token's own position (the last token is fed once more, without sampling, to
+**Monitor**: a ``monitor feature J site S`` edit is added to both plans; each generated token is coloured by f_J
+(the feature of the SAE at S) at that token's own position (the last token is fed once more, without sampling, to
 read it).
 
-**Sites**: the engine holds one SAE per site (each SAE reads at the site its
-config names). An edit line picks its SAE with ``site S`` (canonical, SAELens
-or HF module name); without one it is at the first SAE's site (`DemoEngine.site`,
-the spec's default site). Compiling, the monitor and exports use the same SAEs.
+**Sites**: the engine holds one SAE per site (each SAE reads at the site its config names). An edit line picks its
+SAE with ``site S`` (canonical, SAELens or HF module name); without one it is at the first SAE's site
+(`DemoEngine.site`, the spec's default site). Compiling, the monitor and exports use the same SAEs.
 
 **Bounds** (`Limits`) are checked here, server-side, whatever the page allows.
-Never leaves a hook installed after a step; never mutates the model.
+Never leaves a hook installed after a step; never mutates the model's weights.
 """
 
 from __future__ import annotations
@@ -57,15 +54,14 @@ import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from steer.errors import SAEError, SpecError, SteerError
-from steer.generate import Sampling, cache_keyword, cache_of, context_length, last_logit_only, prompt_ids, stop_ids
-from steer.lower.hooks import applied
+from steer.demo.batch import Request, Scheduler, Snapshot, kl_divergence, next_token  # noqa: F401 (re-exported)
+from steer.generate import Sampling, context_length, prompt_ids, stop_ids
 from steer.lower.targets import TARGETS
 from steer.plan.ir import Plan
 from steer.spec import Spec, parse_dsl
@@ -140,12 +136,13 @@ class ExportResult:
 
 
 class DemoEngine:
-    """One model, one SAE per site, one lock; see the module docstring.
+    """One model, one SAE per site, one decoding scheduler; see the module docstring.
 
     ``sae`` is an `SAE` or a sequence of them, each reading at the site its config names (no two at one site);
-    the first one's site is the default site of the edit list (`site`), and `sae` is that SAE."""
+    the first one's site is the default site of the edit list (`site`), and `sae` is that SAE. ``batched=False``:
+    the earlier serial path (each request's continuations one forward call each, under the lock)."""
 
-    def __init__(self, model, tokenizer, sae, *, model_name: str, limits: Limits = Limits()):
+    def __init__(self, model, tokenizer, sae, *, model_name: str, limits: Limits = Limits(), batched: bool = True):
         from steer.models.adapters import adapter_for, hidden_size
 
         self.model = model
@@ -176,7 +173,11 @@ class DemoEngine:
         self.model_name = model_name
         self.limits = limits
         self._lock = threading.Lock()
+        """Held by whatever runs the model (a forward call, a compile)."""
+        self._tokenizer_lock = threading.Lock()
         self._export_lock = threading.Lock()
+        self.batched = batched
+        self._scheduler = Scheduler(model, self._lock)
         self._plans: OrderedDict[tuple[Edit, ...], Plan] = OrderedDict()
         self.eos = set(stop_ids(model, tokenizer))
 
@@ -287,7 +288,7 @@ class DemoEngine:
         about an edit of the list names its line (``edits line N``)."""
         if not edits:
             return None
-        with self._lock:
+        with self._lock, self._tokenizer_lock:
             plan = self._plans.get(edits)
             if plan is None:
                 from steer.plan import compile as compile_plan
@@ -318,7 +319,7 @@ class DemoEngine:
         if len(prompt) > self.limits.max_prompt_chars:
             raise SteerError(f"the prompt is {len(prompt)} characters; the demo takes at most {self.limits.max_prompt_chars}",
                              where="prompt")
-        with self._lock:
+        with self._tokenizer_lock:
             ids = prompt_ids(self.tokenizer, [prompt], chat=chat)["input_ids"]
         if ids.shape[1] > self.limits.max_prompt_tokens:
             raise SteerError(f"the prompt is {ids.shape[1]} tokens with its template; the demo takes at most "
@@ -348,35 +349,34 @@ class DemoEngine:
             monitor = parse_dsl(f"monitor feature {int(monitor_feature)} site {monitor_site}")
         else:
             monitor_site = None
-        steered = _Continuation(ids, self.plan(edits + monitor), len(edits) if monitor else None, sampling.seed)
-        unsteered = _Continuation(ids, self.plan(monitor), 0 if monitor else None, sampling.seed)
-        reference = _Continuation(ids, None, None, sampling.seed)
-        kl: list[float] = []
-        while True:
-            feeding = [c for c in (unsteered, steered, reference) if c.pending is not None]
-            if not feeding:
-                break
+        request = Request(ids, self.plan(edits + monitor), self.plan(monitor), len(edits) if monitor else None,
+                          sampling, self.eos)
+        steps = self._scheduler.run(request) if self.batched else self._serial(request)
+        snapshot = None
+        try:
+            for snapshot in steps:
+                yield self._frame(snapshot, monitor_feature, monitor_site, done=False)
+        finally:
+            steps.close()  # a reader gone mid-way (Gradio closes the generator): the request is dropped
+        yield self._frame(snapshot, monitor_feature, monitor_site, done=True)
+
+    def _serial(self, request: Request) -> Iterator[Snapshot]:
+        """The earlier path: each step feeds the request's continuations one forward call each, under the lock."""
+        while feeding := request.feeding():
             with self._lock:
                 for c in feeding:
                     c.feed(self.model)
-            if reference in feeding:
-                kl.append(kl_divergence(reference.logits, steered.logits))
-            for c in (unsteered, steered):
-                if c in feeding and not c.finished:
-                    c.accept(next_token(c.logits, sampling, c.generator), self.eos, sampling.max_new_tokens)
-            if reference in feeding and steered.tokens and not steered.finished:
-                reference.pending = torch.tensor([[steered.tokens[-1]]])
-            yield self._frame(unsteered, steered, kl, monitor_feature, monitor_site, done=False)
-        yield self._frame(unsteered, steered, kl, monitor_feature, monitor_site, done=True)
+            request.advance(feeding)
+            yield request.snapshot()
 
-    def _frame(self, unsteered: "_Continuation", steered: "_Continuation", kl: list[float], monitor_feature,
-               monitor_site, *, done: bool) -> Frame:
-        with self._lock:
-            texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in (unsteered, steered)]
-            pieces = [tuple(self.tokenizer.decode([t], skip_special_tokens=True) for t in c.tokens) for c in (unsteered, steered)]
-        return Frame(texts[0], texts[1], tuple(unsteered.tokens), tuple(steered.tokens), pieces[0], pieces[1], tuple(kl),
-                     monitor_feature,
-                     unsteered.generated_activations(), steered.generated_activations(), done, monitor_site)
+    def _frame(self, snapshot: Snapshot, monitor_feature, monitor_site, *, done: bool) -> Frame:
+        columns = (snapshot.unsteered_tokens, snapshot.steered_tokens)
+        with self._tokenizer_lock:
+            texts = [self.tokenizer.decode(list(tokens), skip_special_tokens=True) for tokens in columns]
+            pieces = [tuple(self.tokenizer.decode([t], skip_special_tokens=True) for t in tokens) for tokens in columns]
+        return Frame(texts[0], texts[1], snapshot.unsteered_tokens, snapshot.steered_tokens, pieces[0], pieces[1],
+                     snapshot.kl, monitor_feature, snapshot.unsteered_activations, snapshot.steered_activations, done,
+                     monitor_site)
 
     def generate(self, prompt: str, edits_text: str, sampling: Sampling = Sampling(max_new_tokens=48), **kwargs) -> Frame:
         """The last frame of `stream`."""
@@ -423,64 +423,6 @@ class DemoEngine:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return ExportResult(archive, report, verdict.ok)
-
-
-class _Continuation:
-    """One continuation of the prompt, fed step by step through its own KV cache."""
-
-    def __init__(self, prompt: torch.Tensor, plan: Plan | None, monitor_index: int | None, seed: int):
-        self.plan = plan
-        self.monitor_index = monitor_index
-        self.prompt_length = prompt.shape[1]
-        self.pending: torch.Tensor | None = prompt  # (1, T) ids not fed yet
-        self.cache = None
-        self.logits: torch.Tensor | None = None  # (V,) next-token logits after the last feed
-        self.tokens: list[int] = []
-        self.finished = False
-        self.activations: list[float] = []  # monitored f_J at every fed position, prompt included
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def feed(self, model) -> None:
-        """Run the pending ids (the caller holds the engine's lock: hooks live only inside this call)."""
-        past = self.cache.get_seq_length() if self.cache is not None else 0
-        mask = torch.ones(1, past + self.pending.shape[1], dtype=torch.long)
-        steering = applied(model, self.plan, prompt_length=self.prompt_length) if self.plan else nullcontext()
-        with torch.no_grad(), steering as run:
-            out = model(input_ids=self.pending, attention_mask=mask, use_cache=True,
-                        **{cache_keyword(model): self.cache}, **last_logit_only(model))
-        self.cache = cache_of(out)
-        self.logits = out.logits[0, -1].float()
-        if self.monitor_index is not None:
-            self.activations.extend(run.activations(self.monitor_index)[0, past:].tolist())
-        self.pending = None
-
-    def accept(self, token: int, eos: set[int], max_new_tokens: int) -> None:
-        self.tokens.append(token)
-        self.finished = token in eos or len(self.tokens) >= max_new_tokens
-        if not self.finished or (self.monitor_index is not None and token not in eos):
-            self.pending = torch.tensor([[token]])  # when finished: fed once more only to read the monitor
-
-    def generated_activations(self) -> tuple[float, ...]:
-        return tuple(self.activations[self.prompt_length:])
-
-
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; else temperature then nucleus (top-p) sampling."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(p ‖ q) in nats between the softmax distributions of two logit vectors."""
-    log_p = torch.log_softmax(p_logits.double(), dim=-1)
-    log_q = torch.log_softmax(q_logits.double(), dim=-1)
-    return float((log_p.exp() * (log_p - log_q)).sum())
 
 
 def default_sae_names() -> list[str]:
