@@ -13,9 +13,12 @@ monitor read-outs). Three things make a row's numbers independent of the other r
 * *Own keys and values, own attention.* Continuations differ in length, and padding them to one length would
   change the order of the attention's sums. So each keeps its keys and values in its own buffers (`RowCache`),
   and during a decode call the model's attention implementation is `rows_attention`: the projections, MLPs and
-  head run batched, and each row's attention is the model's own attention function on that row's query, keys
-  and values alone — the same call, the same shapes, whatever else is in the batch. Each row is at its own
-  positions (``position_ids``), and `steer.applied` takes one prompt length per row (scope, monitors).
+  head run batched, and each row attends to its own keys and values only. For the plain softmax attention of
+  ``sdpa`` and ``eager`` models this is two batched products over the rows with equally many keys, which give
+  each row the same bits however many rows share them (measured; transformers' sdpa kernel does not, so it is
+  not used for this); anything else (a logit soft-cap, attention sinks, ...) is the model's own attention
+  function called on each row alone. Each row is at its own positions (``position_ids``), and `steer.applied`
+  takes one prompt length per row (scope, monitors).
 * *Batch-invariant products.* A row of a batched linear layer comes out the same whatever the other rows are,
   provided the batch has a multiple of `ROW_MULTIPLE` rows: measured on this CPU's MKL kernels, every row of an
   (M×K)·(K×N) product equals its row in any other product whose M is a multiple of 4 (or ≥ 12, at any position),
@@ -234,24 +237,63 @@ class _RowsStep:
         return self._functions[kind]
 
     def attend(self, module, query, key, value, kwargs):
-        attend = self.function(module)
+        """Each row's keys and values appended to its cache; its attention over them, alone (see `_grouped`)."""
         layer = module.layer_idx
         window = kwargs.get("sliding_window")
-        positions = kwargs.get("position_ids")
-        outputs: list[torch.Tensor | None] = []
+        seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for i, cache in enumerate(self.caches):
             if cache is None:
-                outputs.append(None)
+                seen.append(None)
                 continue
             keys, values = cache.append(layer, key[i: i + 1], value[i: i + 1])
             if window and keys.shape[2] > window:
                 keys, values = keys[:, :, -window:], values[:, :, -window:]
+            seen.append((keys, values))
+        if query.shape[2] == 1 and self.implementation in ("sdpa", "eager") and all(
+                value is None or value is False or name in _PLAIN for name, value in kwargs.items()):
+            return self._grouped(query, seen, kwargs.get("scaling")), None
+        attend = self.function(module)
+        positions = kwargs.get("position_ids")
+        outputs: list[torch.Tensor | None] = []
+        for i, row in enumerate(seen):
+            if row is None:
+                outputs.append(None)
+                continue
             row_kwargs = dict(kwargs)
-            if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == len(self.caches):
+            if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == len(seen):
                 row_kwargs["position_ids"] = positions[i: i + 1]
-            outputs.append(attend(module, query[i: i + 1], keys, values, None, **row_kwargs)[0])
+            outputs.append(attend(module, query[i: i + 1], *row, None, **row_kwargs)[0])
         idle = torch.zeros_like(next(o for o in outputs if o is not None))
         return torch.cat([idle if o is None else o for o in outputs]), None
+
+    @staticmethod
+    def _grouped(query, seen, scaling):
+        """Plain softmax attention of one query token per row (what sdpa and eager compute, with no mask: a decode
+        token sees all its keys), for the rows with equally many keys at once: ``softmax(q·kᵀ·scale) · v`` as two
+        batched products. Measured on the CPU kernels, a row's result does not depend on how many rows share the
+        products (transformers' sdpa kernel does not have that property, hence not it). Grouped-query heads: the
+        g query heads of a key head are its g rows. ``(B, 1, H, D)``, like transformers' attention functions."""
+        batch, heads, _, dim = query.shape
+        out = query.new_zeros(batch, 1, heads, dim)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(seen):
+            if row is not None:
+                groups.setdefault(row[0].shape[2], []).append(i)
+        scale = scaling if scaling is not None else dim ** -0.5
+        for rows in groups.values():
+            keys = torch.cat([seen[i][0] for i in rows])  # (G, H_kv, L, D)
+            values = torch.cat([seen[i][1] for i in rows])
+            index = torch.tensor(rows, device=query.device)
+            q = query.index_select(0, index).view(len(rows), keys.shape[1], -1, dim)  # (G, H_kv, g, D)
+            weights = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)
+            heads_out = torch.matmul(weights.to(query.dtype), values)  # (G, H_kv, g, D)
+            out.index_copy_(0, index, heads_out.reshape(len(rows), 1, heads, dim))
+        return out
+
+
+_PLAIN = frozenset({"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position", "is_causal"})
+"""Attention keywords that leave a decode token's plain softmax attention as it is (dropout is 0 in eval mode; the
+window is applied to the keys; a single query token is causal by itself)."""
 
 
 def rows_attention(module, query, key, value, attention_mask, **kwargs):
@@ -319,7 +361,8 @@ def decode_rows(model, rows: list[Continuation]) -> None:
     module docstring); the batch is padded with idle rows to a multiple of `ROW_MULTIPLE`."""
     device = next(model.parameters()).device
     padded: list[Continuation | None] = list(rows) + [None] * (-len(rows) % ROW_MULTIPLE)
-    ids = torch.tensor([[int(c.pending[0, -1])] if c is not None else [0] for c in padded], device=device)
+    tokens = [int(c.pending[0, -1]) for c in rows]
+    ids = torch.tensor([[tokens[i] if c is not None else tokens[0]] for i, c in enumerate(padded)], device=device)
     positions = torch.tensor([[c.length] if c is not None else [0] for c in padded], device=device)
     config = model.config
     own = config._attn_implementation
