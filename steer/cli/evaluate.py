@@ -12,11 +12,16 @@ HELP_SUITE = ("a shipped suite (gender-occupation, gender-explicit, age, capabil
 HELP_KEEP = ("a constraint the Pareto front is drawn under, repeatable: SUITE>=95%% (of base), SUITE>=0.9, "
              "SUITE<=0.1, kl<=0.05 (nats/token), ppl<=3%% (perplexity change)")
 HELP_SPLIT = "which prompts: dev, held_out or all (a suite without split marks uses all of them for every split)"
+HELP_BATCH_ROWS = ("rows per forward pass when {what} run together as rows of one batch (prompts × {what}, through "
+                   "per-row plans; a 128-token neutral-text row counts as 32): the memory budget (default "
+                   "%(default)s; 0: one {one} at a time, as before rows). Same numbers either way, within float "
+                   "tolerance")
 
 
 def register(commands) -> None:
     from steer.evaluate.report import NEUTRAL_TOKENS
-    from steer.evaluate.tune import DEFAULT_MAX_KL
+    from steer.evaluate.scoring import BATCH_ROWS
+    from steer.evaluate.tune import BATCH_TRIALS, DEFAULT_MAX_KL
 
     e = commands.add_parser(
         "eval", help="base vs steered: suite scores, KL, perplexity and top-1 agreement on neutral text",
@@ -30,6 +35,8 @@ def register(commands) -> None:
                    help=HELP_SUITE + " (default: all shipped suites)")
     e.add_argument("--split", default="all", choices=("all", "dev", "held_out"), help=HELP_SPLIT + " (default all)")
     e.add_argument("--json", metavar="OUT", help="also write the report, per-prompt values included, as JSON to OUT")
+    e.add_argument("--batch-rows", type=_rows, default=BATCH_ROWS, metavar="N",
+                   help=HELP_BATCH_ROWS.format(what="base and steered", one="model"))
     _model_and_text(e, NEUTRAL_TOKENS)
     e.set_defaults(run=run_eval)
 
@@ -48,6 +55,8 @@ def register(commands) -> None:
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--batch-rows", type=_rows, default=BATCH_ROWS, metavar="N",
+                   help=HELP_BATCH_ROWS.format(what="grid points", one="point"))
     _model_and_text(s, NEUTRAL_TOKENS)
     s.set_defaults(run=run_sweep)
 
@@ -73,8 +82,37 @@ def register(commands) -> None:
     t.add_argument("-o", "--output", metavar="FILE", help="write the chosen spec here as YAML (default: print it)")
     t.add_argument("--json", metavar="OUT", help="also write every trial as JSON to OUT")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--batch-trials", type=_trials, default=BATCH_TRIALS, metavar="N",
+                   help="trials asked for at once and evaluated as rows of one batch (Optuna ask-and-tell; default "
+                        "%(default)s). The first 10 trials, TPE's random start-up, are drawn together and are the "
+                        "ones sequential TPE draws; after that each batch of N is sampled from the trials completed "
+                        "before it (pending ones counted by Optuna's constant liar), so TPE refits once per batch "
+                        "instead of after every trial and later trials differ from sequential TPE's. Deterministic "
+                        "for a given --seed and N; 1 is sequential TPE")
+    t.add_argument("--batch-rows", type=_rows, default=BATCH_ROWS, metavar="N",
+                   help=HELP_BATCH_ROWS.format(what="trials", one="trial"))
     _model_and_text(t, NEUTRAL_TOKENS)
     t.set_defaults(run=run_tune)
+
+
+def _rows(text: str) -> int:
+    return _count(text, 0, "0 (one at a time) or more")
+
+
+def _trials(text: str) -> int:
+    return _count(text, 1, "at least 1")
+
+
+def _count(text: str, least: int, what: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer, {what}; got {text!r}")
+    return value
 
 
 def _model_and_text(p, neutral_tokens: int) -> None:
@@ -115,7 +153,7 @@ def run_eval(args) -> int:
     check_suites_fit(model, tokenizer, suites, args.split)
     baseline = measure_baseline(model, tokenizer, neutral=args.neutral, neutral_tokens=args.neutral_tokens)
     report = evaluate(plan, model, tokenizer, suites, steered_model=steered_model, baseline=baseline, split=args.split,
-                      subject=subject, model_name=name)
+                      subject=subject, model_name=name, batch_rows=args.batch_rows)
     print(report.table())
     if args.json:
         write_text_atomic(args.json, json.dumps(report.as_dict(details=True), indent=2) + "\n")
@@ -157,7 +195,7 @@ def run_sweep(args) -> int:
     spec, model, tokenizer, _ = _load(args)
     result = sweep(spec, model, tokenizer, params, args.suite, target=args.target, split=args.split,
                    neutral=args.neutral, neutral_tokens=args.neutral_tokens, constraints=constraints,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, batch_rows=args.batch_rows)
     write_sweep(result, args.output, overwrite=args.overwrite)
     front, ok = set(result.front), set(result.feasible)
     names = [s.name for s in result.reports[0].suites] if result.reports else []
@@ -193,7 +231,8 @@ def run_tune(args) -> int:
     spec, model, tokenizer, _ = _load(args)
     result = tune(spec, model, tokenizer, args.suite, trials=args.trials, ranges=ranges or None, candidates=candidates,
                   max_kl=args.max_kl, seed=args.seed, split=args.split, neutral=args.neutral,
-                  neutral_tokens=args.neutral_tokens, constraints=constraints, progress=not args.no_progress)
+                  neutral_tokens=args.neutral_tokens, constraints=constraints, progress=not args.no_progress,
+                  batch_rows=args.batch_rows, batch_trials=args.batch_trials)
     print(describe(result))
     if args.json:
         write_text_atomic(args.json, json.dumps(as_dict(result), indent=2) + "\n")

@@ -7,10 +7,10 @@
 - `steer.evaluate.sae_metrics` — SAE quality (FVU, L0, delta LM loss) on held-out text.
 """
 
-from steer.evaluate.report import Baseline, Report, evaluate, evaluation_for_export, measure_baseline
+from steer.evaluate.report import Baseline, Report, evaluate, evaluate_many, evaluation_for_export, measure_baseline
 from steer.evaluate.suites import Suite, SuiteError, load_suite, shipped_suites
 
 __all__ = [
-    "Baseline", "Report", "Suite", "SuiteError", "evaluate", "evaluation_for_export", "load_suite", "measure_baseline",
+    "Baseline", "Report", "Suite", "SuiteError", "evaluate", "evaluate_many", "evaluation_for_export", "load_suite", "measure_baseline",
     "shipped_suites",
 ]

@@ -18,8 +18,15 @@ neutral text is read as one prompt per row, so edits with ``scope:
 generation`` do not act on it (they act in generation suites).
 
 `Baseline` holds the base model's numbers so sweeps and tuning measure the base
-once. `evaluation_for_export` turns a `Report` into the manifest's
-``evaluation`` field and the edit card's lines. Never changes the model.
+once. `evaluate_many` evaluates several plans together: each suite's prompts ×
+the plans (and the unedited model, where the baseline lacks that suite) and the
+neutral rows × the plans run as rows of shared forward passes through per-row
+plans (`steer.evaluate.scoring.score_suite_rows`), at most ``batch_rows`` rows
+a pass (a neutral row, 128 tokens with full-vocabulary logits, counts as
+`NEUTRAL_ROW_COST` rows); each plan's report is what `evaluate` gives for it
+alone, within float tolerance. `evaluation_for_export` turns a `Report` into
+the manifest's ``evaluation`` field and the edit card's lines. Never changes
+the model.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.errors import SteerError
-from steer.evaluate.scoring import SuiteResult, score_suite
+from steer.evaluate.scoring import BATCH_ROWS, SuiteResult, score_suite, score_suite_rows
 from steer.evaluate.suites import Suite, load_suites
 from steer.lower.hooks import applied
 
@@ -41,7 +48,9 @@ NEUTRAL_CONTEXT = 128
 NEUTRAL_HELD_OUT = 0.05
 """The default corpus's held-out fraction — the same rule and fraction the default SAE recipe trains with."""
 NEUTRAL_BATCH = 4
-"""Rows per forward pass (a row's logits are 128 × vocabulary floats)."""
+"""Rows per forward pass, one plan at a time (a row's logits are 128 × vocabulary floats)."""
+NEUTRAL_ROW_COST = 32
+"""What a neutral row counts against ``batch_rows`` (a prompt row keeps one position's logits, a neutral row 127)."""
 
 
 # -- neutral text --------------------------------------------------------------
@@ -89,8 +98,11 @@ def neutral_text(tokenizer, source="default", *, tokens: int = NEUTRAL_TOKENS, c
 
 @torch.no_grad()
 def _row_logprobs(model, rows: torch.Tensor, plan) -> torch.Tensor:
-    """``(B, T-1, V)`` float32 next-token log-probs at each position but the last."""
+    """``(B, T-1, V)`` float32 next-token log-probs at each position but the last; ``plan`` a Plan, None, or one
+    Plan-or-None per row."""
     ids = rows.to(next(model.parameters()).device)
+    if isinstance(plan, list):
+        plan = None if all(p is None for p in plan) else plan[0] if all(p is plan[0] for p in plan) else plan
     with applied(model, plan) if plan is not None else nullcontext():
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -150,22 +162,52 @@ def measure_baseline(model, tokenizer, suites=(), *, neutral="default", neutral_
 def neutral_effect(baseline: Baseline, model, plan) -> NeutralEffect:
     """Compare ``model`` under ``plan`` with the baseline on its neutral rows."""
     rows = baseline.neutral.rows
-    kl_sum, kl_max, agree, nll_base, nll_steered, n = 0.0, 0.0, 0, 0.0, 0.0, 0
+    tally = _Tally()
     for i in range(0, len(rows), NEUTRAL_BATCH):
         steered = _row_logprobs(model, rows[i:i + NEUTRAL_BATCH], plan)            # (B, T-1, V)
         for j in range(steered.shape[0]):
-            base_lp = baseline.logprobs[i + j].double()                              # (T-1, V)
-            lp = steered[j].double()
-            kl = (base_lp.exp() * (base_lp - lp)).sum(-1).clamp(min=0)               # (T-1,)
-            target = rows[i + j, 1:]
-            kl_sum += float(kl.sum())
-            kl_max = max(kl_max, float(kl.max()))
-            agree += int((base_lp.argmax(-1) == lp.argmax(-1)).sum())
-            nll_base -= float(base_lp.gather(-1, target[:, None]).sum())
-            nll_steered -= float(lp.gather(-1, target[:, None]).sum())
-            n += kl.numel()
-    return NeutralEffect(source=baseline.neutral.source, predictions=n, kl_mean=kl_sum / n, kl_max=kl_max,
-                         top1=agree / n, ppl_base=math.exp(nll_base / n), ppl_steered=math.exp(nll_steered / n))
+            tally.add(baseline.logprobs[i + j], steered[j], rows[i + j, 1:])
+    return tally.effect(baseline.neutral.source)
+
+
+def neutral_effects(baseline: Baseline, model, plans, *, batch_rows: int = BATCH_ROWS) -> list[NeutralEffect]:
+    """`neutral_effect` of each of ``plans`` (Plan or None), the neutral rows × plans run as the rows of shared
+    forward passes of at most ``batch_rows // NEUTRAL_ROW_COST`` rows (at least one)."""
+    plans = list(plans)
+    rows = baseline.neutral.rows
+    R = len(rows)
+    per_pass = max(1, batch_rows // NEUTRAL_ROW_COST)
+    pairs = [(j, r) for j in range(len(plans)) for r in range(R)]  # plan-major: each plan's rows in order
+    tallies = [_Tally() for _ in plans]
+    for start in range(0, len(pairs), per_pass):
+        chunk = pairs[start:start + per_pass]
+        steered = _row_logprobs(model, rows[[r for _, r in chunk]], [plans[j] for j, _ in chunk])
+        for k, (j, r) in enumerate(chunk):
+            tallies[j].add(baseline.logprobs[r], steered[k], rows[r, 1:])
+    return [t.effect(baseline.neutral.source) for t in tallies]
+
+
+class _Tally:
+    """Running sums of one plan's neutral comparison, row by row in the rows' order (float64)."""
+
+    def __init__(self):
+        self.kl_sum, self.kl_max, self.agree, self.nll_base, self.nll_steered, self.n = 0.0, 0.0, 0, 0.0, 0.0, 0
+
+    def add(self, base: torch.Tensor, steered: torch.Tensor, target: torch.Tensor) -> None:
+        base_lp, lp = base.double(), steered.double()                                # (T-1, V)
+        kl = (base_lp.exp() * (base_lp - lp)).sum(-1).clamp(min=0)                   # (T-1,)
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.agree += int((base_lp.argmax(-1) == lp.argmax(-1)).sum())
+        self.nll_base -= float(base_lp.gather(-1, target[:, None]).sum())
+        self.nll_steered -= float(lp.gather(-1, target[:, None]).sum())
+        self.n += kl.numel()
+
+    def effect(self, source: str) -> NeutralEffect:
+        n = self.n
+        return NeutralEffect(source=source, predictions=n, kl_mean=self.kl_sum / n, kl_max=self.kl_max,
+                             top1=self.agree / n, ppl_base=math.exp(self.nll_base / n),
+                             ppl_steered=math.exp(self.nll_steered / n))
 
 
 # -- the report ----------------------------------------------------------------
@@ -255,27 +297,80 @@ def _fmt(value: float | None) -> str:
 
 def evaluate(plan, model, tokenizer, suites=(), *, steered_model=None, baseline: Baseline | None = None,
              neutral="default", neutral_tokens: int = NEUTRAL_TOKENS, split: str = "all", subject: str | None = None,
-             model_name: str | None = None) -> Report:
+             model_name: str | None = None, batch_rows: int = BATCH_ROWS) -> Report:
     """Base vs steered: ``model`` alone vs ``model`` under ``plan`` (or vs ``steered_model``).
 
     ``suites`` are Suites, shipped names or paths; ``baseline`` (from
     `measure_baseline`, same neutral text) saves measuring the base again.
+    ``batch_rows`` > 0: passes of up to that many rows (`evaluate_many`); a suite the baseline lacks is scored on
+    the base in passes of the same shapes as the steered model's, so an edit that changes nothing reads exactly
+    0 change; 0: `NEUTRAL_BATCH` / `steer.evaluate.scoring.BATCH` per pass, as before rows.
     """
     if plan is not None and steered_model is not None:
         raise ValueError("give a plan (hooks on model) or a steered_model, not both")
-    suites = load_suites(suites)
     if baseline is None:
         baseline = measure_baseline(model, tokenizer, neutral=neutral, neutral_tokens=neutral_tokens)
+    suites = load_suites(suites)
+    if batch_rows and steered_model is None:
+        for s in suites:
+            if (s.name, split) not in baseline.suites:
+                baseline.suites[(s.name, split)] = score_suite_rows(model, tokenizer, s, [None], split=split,
+                                                                    batch_rows=batch_rows)[0]
+        return evaluate_many([plan], model, tokenizer, suites, baseline=baseline, split=split,
+                             subjects=[subject], model_name=model_name, batch_rows=batch_rows)[0]
     steered = steered_model if steered_model is not None else model
     comparisons = tuple(
         SuiteComparison(base=baseline.suite(model, tokenizer, s, split),
                         steered=score_suite(steered, tokenizer, s, plan, split=split))
         for s in suites
     )
-    if subject is None:
-        subject = _describe_plan(plan) if plan is not None else "steered model"
-    return Report(subject=subject, model=model_name or str(getattr(model.config, "_name_or_path", "") or "model"),
+    return Report(subject=_subject(plan, subject, "steered model"), model=_model_name(model, model_name),
                   split=split, neutral=neutral_effect(baseline, steered, plan), suites=comparisons)
+
+
+def evaluate_many(plans, model, tokenizer, suites=(), *, baseline: Baseline, split: str = "all", subjects=None,
+                  model_name: str | None = None, batch_rows: int = BATCH_ROWS, progress=None) -> list[Report]:
+    """`evaluate` of each of ``plans`` (Plan or None) against ``baseline``, the plans run as rows of shared forward
+    passes (module docstring); ``batch_rows`` < 1 evaluates them one after another as `evaluate` did before rows.
+    ``progress(n)`` is called as parts of the work finish (``len(suites) + 1`` parts in all)."""
+    plans, suites = list(plans), load_suites(suites)
+    subjects = list(subjects) if subjects is not None else [None] * len(plans)
+    if len(subjects) != len(plans):
+        raise ValueError(f"{len(subjects)} subject(s) for {len(plans)} plan(s)")
+    tick = progress or (lambda n: None)
+    if batch_rows < 1:
+        reports = []
+        for plan, subject in zip(plans, subjects):
+            reports.append(evaluate(plan, model, tokenizer, suites, baseline=baseline, split=split, subject=subject,
+                                    model_name=model_name, batch_rows=0))
+        tick(len(suites) + 1)
+        return reports
+    steered: dict[str, list[SuiteResult]] = {}
+    for s in suites:
+        key = (s.name, split)
+        base_row = [None] if key not in baseline.suites else []  # the base rides along as rows of the same passes
+        results = score_suite_rows(model, tokenizer, s, base_row + plans, split=split, batch_rows=batch_rows)
+        if base_row:
+            baseline.suites[key] = results.pop(0)
+        steered[s.name] = results
+        tick(1)
+    effects = neutral_effects(baseline, model, plans, batch_rows=batch_rows)
+    tick(1)
+    name = _model_name(model, model_name)
+    return [Report(subject=_subject(plan, subject, "steered model"), model=name, split=split, neutral=effect,
+                   suites=tuple(SuiteComparison(base=baseline.suites[(s.name, split)], steered=steered[s.name][i])
+                                for s in suites))
+            for i, (plan, subject, effect) in enumerate(zip(plans, subjects, effects))]
+
+
+def _subject(plan, subject: str | None, otherwise: str) -> str:
+    if subject is not None:
+        return subject
+    return _describe_plan(plan) if plan is not None else otherwise
+
+
+def _model_name(model, model_name: str | None) -> str:
+    return model_name or str(getattr(model.config, "_name_or_path", "") or "model")
 
 
 def _describe_plan(plan) -> str:

@@ -15,6 +15,16 @@ The rules are defined in `steer.evaluate.suites`; here is how each is computed:
 a chat template's system turn) once, repeating its KV cache over the batch:
 on 2 CPU cores the prompts' shared few-shot prefix was most of the work.
 
+**Several plans at once** (`score_suite_rows`, for sweeps, tuning and
+evaluation): the rows of a forward pass are prompts × plans, plan-major,
+through per-row plans (``steer.applied(model, [plan, ...])``; a None row is
+the unedited model), so each row computes what it computes alone and the
+numbers are `score_suite`'s for each plan within float tolerance. The shared
+prefix runs once per plan (one row each) and its KV cache is repeated over
+that plan's prompts. ``batch_rows`` bounds the rows of one pass: a chunk is a
+block of plans × a block of prompts (as many prompts as fit beside every
+plan; fewer plans when not even one prompt each fits).
+
 The steered side is ``model`` under ``plan`` (hooks, exact), or any model-like
 object with no plan (an exported checkpoint, a PEFT model). Never changes the
 model: hooks live only inside each batch's context.
@@ -35,7 +45,9 @@ from steer.generate import cache_keyword, cache_of, last_logit_only, prompt_ids,
 from steer.lower.hooks import applied
 
 BATCH = 64
-"""Prompts per forward pass / generate call."""
+"""Prompts per forward pass / generate call (one plan at a time)."""
+BATCH_ROWS = 256
+"""Rows (prompt × plan) per forward pass when several plans run as rows (``--batch-rows``)."""
 
 
 @dataclass(frozen=True)
@@ -77,24 +89,70 @@ class SuiteResult:
 
 
 def score_suite(model, tokenizer, suite: Suite, plan=None, *, split: str = "all", batch_size: int = BATCH) -> SuiteResult:
-    """Score ``suite`` (its prompts in ``split``) on ``model``, under ``plan`` if given."""
+    """Score ``suite`` (its prompts in ``split``) on ``model``, under ``plan`` if given (one plan, ``batch_size``
+    prompts per pass)."""
     prompts = suite.select(split)
     texts = [p.text for p in prompts]
-    rule = suite.scoring.rule
-    extras: dict[str, float | None] = {}
-    outputs: tuple[str, ...] = ()
-    if rule == "logprob_gap":
-        a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
-        b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
-        if set(a) & set(b):
-            raise SuiteError("the two token sets share a token under this tokenizer", where=f"{suite.path}: scoring")
+    if suite.scoring.rule == "logprob_gap":
+        a, b = _token_sets(tokenizer, suite)
         values = []
         for start in range(0, len(texts), batch_size):
             logp = next_token_logprobs(model, tokenizer, texts[start:start + batch_size], plan, chat=suite.chat)  # (B, V)
             values += (logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)).tolist()
+        return _result(suite, split, prompts, values)
+    return _result(suite, split, prompts, None, tuple(_generate(model, tokenizer, texts, plan, suite, batch_size)))
+
+
+def score_suite_rows(model, tokenizer, suite: Suite, plans, *, split: str = "all",
+                     batch_rows: int = BATCH_ROWS) -> list[SuiteResult]:
+    """`score_suite` under each of ``plans`` (Plan or None), prompts × plans run as the rows of shared forward
+    passes of at most ``batch_rows`` rows (module docstring)."""
+    plans = list(plans)
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    if not plans:
+        return []
+    prompts = suite.select(split)
+    texts = [p.text for p in prompts]
+    rule = suite.scoring.rule
+    a, b = _token_sets(tokenizer, suite) if rule == "logprob_gap" else (None, None)
+    new_tokens = 0 if rule == "logprob_gap" else suite.scoring.max_new_tokens
+    per_prompt = max(1, min(len(texts), batch_rows // len(plans)))   # prompts per chunk
+    per_plan = max(1, min(len(plans), batch_rows // per_prompt))     # plans per chunk
+    values: list[list] = [[] for _ in plans]
+    for first in range(0, len(plans), per_plan):
+        chunk = plans[first:first + per_plan]
+        for start in range(0, len(texts), per_prompt):
+            part = texts[start:start + per_prompt]
+            logp, tokens = run_prompt_rows(model, tokenizer, part, chunk, chat=suite.chat, new_tokens=new_tokens)
+            for j in range(len(chunk)):
+                rows = slice(j * len(part), (j + 1) * len(part))
+                if rule == "logprob_gap":
+                    values[first + j] += (logp[rows][:, a].logsumexp(-1) - logp[rows][:, b].logsumexp(-1)).tolist()
+                else:
+                    values[first + j] += tokenizer.batch_decode(tokens[rows], skip_special_tokens=True)
+    if rule == "logprob_gap":
+        return [_result(suite, split, prompts, v) for v in values]
+    return [_result(suite, split, prompts, None, tuple(v)) for v in values]
+
+
+def _token_sets(tokenizer, suite: Suite) -> tuple[list[int], list[int]]:
+    a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
+    b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
+    if set(a) & set(b):
+        raise SuiteError("the two token sets share a token under this tokenizer", where=f"{suite.path}: scoring")
+    return a, b
+
+
+def _result(suite: Suite, split: str, prompts: tuple[Prompt, ...], gaps: list[float] | None,
+            outputs: tuple[str, ...] = ()) -> SuiteResult:
+    """The result from the per-prompt signed gaps (logprob_gap) or the generated outputs (the other rules)."""
+    rule = suite.scoring.rule
+    extras: dict[str, float | None] = {}
+    if rule == "logprob_gap":
+        values = gaps
         score, extras = logprob_scores(suite.scoring, prompts, values)
     else:
-        outputs = tuple(_generate(model, tokenizer, texts, plan, suite, batch_size))
         if rule == "keyword_rate":
             pattern = keyword_pattern(suite.scoring.keywords)
             values = [float(pattern.search(o) is not None) for o in outputs]
@@ -102,8 +160,8 @@ def score_suite(model, tokenizer, suite: Suite, plan=None, *, split: str = "all"
             values = [float(answer_matches(o, p.answers, suite.scoring.match)) for o, p in zip(outputs, prompts)]
         score = sum(values) / len(values)
     return SuiteResult(suite=suite.name, rule=rule, better=suite.scoring.better, split=split, score=float(score),
-                       prompts=tuple(texts), values=tuple(float(v) for v in values), extras=extras, outputs=outputs,
-                       headline=suite.scoring.headline if rule == "logprob_gap" else "")
+                       prompts=tuple(p.text for p in prompts), values=tuple(float(v) for v in values), extras=extras,
+                       outputs=outputs, headline=suite.scoring.headline if rule == "logprob_gap" else "")
 
 
 def logprob_scores(scoring: Scoring, prompts: tuple[Prompt, ...], gaps: list[float]) -> tuple[float, dict]:
@@ -151,47 +209,70 @@ def run_prompts(model, tokenizer, texts: list[str], plan=None, *, chat: bool = F
     template's system turn) are run once and their KV cache repeated over the
     batch; the rest is left-padded *after* that prefix, with the attention mask
     and position ids counted over real tokens only, so each row computes what
-    it would alone. One hook context covers the batch, with the padded prompt
-    as the prompt (``scope``). A row's generation ends at its EOS token.
+    it would alone. The hooks see the padded prompt as the prompt (``scope``).
+    A row's generation ends at its EOS token.
     """
+    return run_prompt_rows(model, tokenizer, texts, [plan], chat=chat, new_tokens=new_tokens)
+
+
+@torch.no_grad()
+def run_prompt_rows(model, tokenizer, texts: list[str], plans, *, chat: bool = False,
+                    new_tokens: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
+    """`run_prompts` under each of ``plans`` (Plan or None) at once: ``(P·N, V)`` log-probs and P·N token lists,
+    row ``j·N + i`` being text i under ``plans[j]``. The shared prefix runs as one row per plan, its KV cache
+    repeated over the texts; one plan (or the same Plan object throughout) is the single-plan hook path."""
+    plans = list(plans)
     encoded = [prompt_ids(tokenizer, [t], chat=chat)["input_ids"][0].tolist() for t in texts]
     shared = _common_prefix(encoded)
-    rows = [e[shared:] for e in encoded]
+    rows = [e[shared:] for e in encoded] * len(plans)                                             # plan-major
+    n = len(rows)
     width = max(len(r) for r in rows)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     suffix = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)             # (B, S)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)                             # (B, P+S)
+    mask = torch.cat([mask.new_ones(n, shared), mask], dim=1)                                     # (B, P+S)
     positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, shared:]                                 # (B, S)
     keep = last_logit_only(model)
     cache_arg = cache_keyword(model)
     stop = _eos_ids(model, tokenizer)
     generated: list[list[int]] = [[] for _ in rows]
-    with applied(model, plan, prompt_length=shared + width) if plan is not None else nullcontext():
-        cache = None
-        if shared:
-            cache = cache_of(model(input_ids=suffix.new_tensor([encoded[0][:shared]]), use_cache=True))
-            cache.batch_repeat_interleave(len(rows))
+    prompt_length = shared + width  # the padded prompt, for scope
+    cache = None
+    if shared:  # its own hook context: this call's batch is one row per plan
+        with _hooked(model, plans, prompt_length):
+            cache = cache_of(model(input_ids=suffix.new_tensor([encoded[0][:shared]] * len(plans)), use_cache=True))
+        cache.batch_repeat_interleave(len(texts))
+    with _hooked(model, [p for p in plans for _ in texts], prompt_length):
         out = model(input_ids=suffix, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_arg: cache}, **keep)
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                          # (B, V)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
         step_logits = out.logits[:, -1]
         for step in range(new_tokens):
             token = step_logits.argmax(-1)                                                         # (B,)
             done |= torch.isin(token, stop)
-            for i in range(len(rows)):
+            for i in range(n):
                 if not done[i]:
                     generated[i].append(int(token[i]))
             if bool(done.all()) or step == new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                         use_cache=True, **{cache_arg: cache_of(out)}, **keep)
             step_logits = out.logits[:, -1]
     return logprobs.cpu(), generated
+
+
+def _hooked(model, plans: list, prompt_length: int):
+    """The hook context for a batch whose row i runs under ``plans[i]``: none when every row is unedited, the
+    single-plan path when every row has the same Plan, else per-row plans."""
+    if all(p is None for p in plans):
+        return nullcontext()
+    if all(p is plans[0] for p in plans):
+        return applied(model, plans[0], prompt_length=prompt_length)
+    return applied(model, plans, prompt_length=prompt_length)
 
 
 def next_token_logprobs(model, tokenizer, texts: list[str], plan=None, *, chat: bool = False) -> torch.Tensor:

@@ -13,7 +13,13 @@ included when the steps land on it) or a comma list (``0.2,0.5,1`` or
 ``resid_post.8,resid_post.10``). The grid is the product of all parameters.
 
 Each grid point is compiled (`steer.compile`, SAEs from the spec or ``sae``)
-and evaluated against one `Baseline`, so the base model is measured once.
+and evaluated against one `Baseline`, so the base model is measured once. The
+points run together as rows of shared forward passes — prompts × points,
+neutral rows × points, through per-row plans, at most ``batch_rows`` rows a
+pass (`steer.evaluate.report.evaluate_many`), `POINTS_PER_ROW_BATCH` points
+at a time (a point's plan may hold a whole topk encoder) — with the numbers
+each point gets alone, within float tolerance; ``batch_rows=0`` evaluates
+the points one after another.
 `write_sweep` writes ``sweep.csv`` (one row per grid point), ``sweep.json``
 (the same plus the base numbers and the Pareto front) and ``sweep.png`` — the
 target suite's score against KL(base‖steered) on neutral text, each point
@@ -38,12 +44,15 @@ from pathlib import Path
 
 from steer.errors import SpecError, SteerError
 from steer.evaluate.constraints import Constraint, feasible, resolve
-from steer.evaluate.report import NEUTRAL_TOKENS, Baseline, Report, evaluate, measure_baseline
+from steer.evaluate.report import NEUTRAL_TOKENS, Baseline, Report, evaluate_many, measure_baseline
+from steer.evaluate.scoring import BATCH_ROWS
 from steer.evaluate.suites import load_suites
 from steer.ops import OPERATIONS
 from steer.spec.edit import Condition, Spec
 
 MAX_POINTS = 10_000
+POINTS_PER_ROW_BATCH = 32
+"""Grid points compiled and evaluated together (the rows of their passes are chunked to ``batch_rows``)."""
 EDIT_FIELDS: tuple[str, ...] = ("amount", "feature", "site", "scope", "units", "when.above", "when.feature")
 SPEC_FIELDS: tuple[str, ...] = ("site", "scope")
 INT_FIELDS: tuple[str, ...] = ("feature", "when.feature")
@@ -239,15 +248,18 @@ class Sweep:
 
 def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, target: str | None = None, split: str = "dev",
               sae=None, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS, baseline: Baseline | None = None,
-              constraints=(), progress: bool = True) -> Sweep:
+              constraints=(), progress: bool = True, batch_rows: int = BATCH_ROWS) -> Sweep:
     """Evaluate ``spec`` at every grid point of ``params`` on ``suites`` (the first is the target unless named);
-    ``constraints`` (`Constraint` s) decide which points the Pareto front is drawn from."""
+    ``constraints`` (`Constraint` s) decide which points the Pareto front is drawn from. ``batch_rows``: rows per
+    forward pass, the points run together as rows (0: one point after another)."""
     from tqdm.auto import tqdm
 
     from steer.plan import compile as compile_plan
 
     if importlib.util.find_spec("matplotlib") is None:  # fail before the grid runs, not when plotting
         raise SteerError("the sweep plot needs matplotlib: pip install matplotlib (or steer[evaluate])", where="steer sweep")
+    if batch_rows < 0:
+        raise SteerError(f"--batch-rows must be ≥ 0 (0: one point at a time), got {batch_rows}", where="--batch-rows")
     suites = load_suites(suites)
     if not suites:
         raise SteerError("a sweep needs at least one suite (the target behaviour)", where="--suite")
@@ -260,15 +272,27 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
     specs = [apply_values(spec, p) for p in points]  # every bad value fails here, before any model work
     for s in suites:
         s.select(split)
-    if baseline is None:
-        baseline = measure_baseline(model, tokenizer, suites, neutral=neutral, neutral_tokens=neutral_tokens, split=split)
-    reports = []
-    for values, point_spec in tqdm(list(zip(points, specs)), desc="sweep", unit="point", disable=not progress):
-        try:
-            plan = compile_plan(point_spec, model, sae, tokenizer=tokenizer)
-        except SteerError as exc:
-            raise type(exc)(exc.message, where=f"{_label(values)}: {exc.where}" if exc.where else _label(values)) from None
-        reports.append(evaluate(plan, model, tokenizer, suites, baseline=baseline, split=split, subject=_label(values)))
+    if baseline is None:  # with rows, the base's suite scores ride along as rows of the first points' passes
+        baseline = measure_baseline(model, tokenizer, () if batch_rows else suites, neutral=neutral,
+                                    neutral_tokens=neutral_tokens, split=split)
+    reports: list[Report] = []
+    group = POINTS_PER_ROW_BATCH if batch_rows else 1
+    parts = len(suites) + 1  # evaluate_many's progress: one part per suite, one for the neutral text
+    with tqdm(total=len(points), desc="sweep", unit="point", disable=not progress,
+              bar_format="{l_bar}{bar}| {n:.3g}/{total} [{elapsed}<{remaining}]") as bar:
+        for start in range(0, len(points), group):
+            chunk = list(zip(points[start:start + group], specs[start:start + group]))
+            plans = []
+            for values, point_spec in chunk:
+                try:
+                    plans.append(compile_plan(point_spec, model, sae, tokenizer=tokenizer))
+                except SteerError as exc:
+                    raise type(exc)(exc.message, where=f"{_label(values)}: {exc.where}" if exc.where
+                                    else _label(values)) from None
+            share = len(chunk) / parts
+            reports += evaluate_many(plans, model, tokenizer, suites, baseline=baseline, split=split,
+                                     subjects=[_label(values) for values, _ in chunk], batch_rows=batch_rows,
+                                     progress=lambda n, share=share: bar.update(n * share))
     return Sweep(spec=spec, params=tuple(params), target=target, split=split, points=tuple(points),
                  reports=tuple(reports), baseline=baseline, constraints=tuple(constraints))
 

@@ -23,6 +23,17 @@ to the sampler as Optuna constraints), ties to the lower KL; if none meets
 them, the one missing the fewest, lowest KL, flagged, naming the binding
 constraint. The printed front is drawn among the trials meeting ``--keep``. `write_chosen` writes it as canonical YAML, with relative
 SAE and direction paths rewritten to stay valid from the output file's folder.
+
+**Batches of trials** (``batch_trials`` N > 1, Optuna's ask-and-tell): the
+first `STARTUP_TRIALS` trials — TPE's random start-up, which does not look at
+results — are asked for together and are exactly the trials sequential TPE
+draws; after that N trials are asked for at once, each sampled from the trials
+completed before the batch (Optuna's constant liar stands in for the pending
+ones), then all N are evaluated as rows of shared forward passes
+(`steer.evaluate.report.evaluate_many`) and told. Unlike sequential TPE (N =
+1, `study.optimize`), which refits its model after every trial, the model is
+refitted once per batch, so for the same seed the trials after the start-up
+differ; for a given seed and N the trials are the same on every run.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from pathlib import Path
 
 from steer.errors import SpecError, SteerError
 from steer.evaluate.constraints import Constraint, binding, constraint_suites, resolve
-from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, measure_baseline
+from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, evaluate_many, measure_baseline
+from steer.evaluate.scoring import BATCH_ROWS
 from steer.evaluate.suites import load_suite, load_suites
 from steer.evaluate.sweep import parse_number, pareto_front, set_param
 from steer.export.atomic import write_text_atomic
@@ -42,6 +54,10 @@ from steer.ops import OPERATIONS
 from steer.spec.edit import Spec
 
 DEFAULT_MAX_KL = 0.05
+BATCH_TRIALS = 4
+"""Trials asked for at once after the start-up (``--batch-trials``; 1: sequential TPE)."""
+STARTUP_TRIALS = 10
+"""TPE's random start-up trials (Optuna's ``n_startup_trials`` default): the first batch when trials are batched."""
 
 
 @dataclass(frozen=True)
@@ -159,10 +175,13 @@ class Tuning:
 def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range] | None = None,
          candidates: dict[str | None, tuple[int, ...]] | None = None, max_kl: float = DEFAULT_MAX_KL, seed: int = 0,
          split: str = "dev", sae=None, neutral="default", neutral_tokens: int = NEUTRAL_TOKENS,
-         constraints=(), progress: bool = True) -> Tuning:
+         constraints=(), progress: bool = True, batch_rows: int = BATCH_ROWS,
+         batch_trials: int = BATCH_TRIALS) -> Tuning:
     """``trials`` Optuna trials over ``ranges`` / ``candidates``; ``constraints`` (`Constraint` s, e.g. keep a
     preservation suite ≥ 95% of base) are evaluated every trial, steer the sampler (Optuna's constraints_func)
-    and decide the front and the choice."""
+    and decide the front and the choice. ``batch_trials`` > 1 asks for that many trials at once and evaluates
+    them as rows of shared passes (module docstring); ``batch_rows``: rows per forward pass (0: one trial's
+    model at a time)."""
     try:
         import optuna
     except ImportError:
@@ -173,6 +192,10 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
 
     if trials < 1:
         raise SteerError(f"--trials must be ≥ 1, got {trials}", where="--trials")
+    if batch_trials < 1:
+        raise SteerError(f"--batch-trials must be ≥ 1, got {batch_trials}", where="--batch-trials")
+    if batch_rows < 0:
+        raise SteerError(f"--batch-rows must be ≥ 0 (0: one trial at a time), got {batch_rows}", where="--batch-rows")
     if not max_kl > 0:
         raise SteerError(f"--max-kl must be > 0, got {max_kl}", where="--max-kl")
     suite = load_suite(suite)
@@ -200,7 +223,7 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
     done: list[Trial] = []
     bar = tqdm(total=trials, desc="tune", unit="trial", disable=not progress)
 
-    def objective(trial) -> tuple[float, float]:
+    def sample(trial) -> Spec | None:
         trial_spec = spec
         for r in ranges:
             value = (trial.suggest_int(r.path, int(r.low), int(r.high)) if r.integer
@@ -208,15 +231,19 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
             trial_spec = set_param(trial_spec, r.path, value)
         if candidates:
             trial_spec = _with_candidates(trial, trial_spec, candidates)
+        return trial_spec
+
+    def compiled(trial, trial_spec: Spec):
+        try:
+            return compile_plan(trial_spec, model, sae, tokenizer=tokenizer)
+        except SteerError as exc:
+            raise type(exc)(exc.message, where=f"trial {trial.number} {dict(trial.params)}: {exc.where}") from None
+
+    def finish(trial, trial_spec: Spec | None, report: Report | None) -> Trial:
         if trial_spec is None:  # the unedited model meets every relative bound at 100%
             result = Trial(trial.number, dict(trial.params), None, base.score, 0.0, 0.0, None,
                            tuple(0.0 for _ in constraints), dict(base_kept))
         else:
-            try:
-                plan = compile_plan(trial_spec, model, sae, tokenizer=tokenizer)
-            except SteerError as exc:
-                raise type(exc)(exc.message, where=f"trial {trial.number} {dict(trial.params)}: {exc.where}") from None
-            report = evaluate(plan, model, tokenizer, suites, baseline=baseline, split=split)
             result = Trial(trial.number, dict(trial.params), trial_spec, report.suites[0].steered.score,
                            report.neutral.kl_mean, report.neutral.ppl_change_pct, report,
                            tuple(c.violation(report) for c in constraints),
@@ -230,16 +257,42 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
             trial.set_user_attr("constraints", list(bounds.values()))
         done.append(result)
         bar.update(1)
+        return result
+
+    def objective(trial) -> tuple[float, float]:
+        trial_spec = sample(trial)
+        report = None
+        if trial_spec is not None:
+            report = evaluate(compiled(trial, trial_spec), model, tokenizer, suites, baseline=baseline, split=split,
+                              batch_rows=batch_rows)
+        result = finish(trial, trial_spec, report)
         return result.score, result.kl
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = {"seed": seed, "n_startup_trials": STARTUP_TRIALS}  # Optuna's default start-up, named: batches align to it
+    if batch_trials > 1:
+        options["constant_liar"] = True  # pending trials of a batch count as bad guesses, so a batch spreads out
     if hasattr(optuna.trial.Trial, "set_constraint"):
-        sampler = optuna.samplers.TPESampler(seed=seed)
+        sampler = optuna.samplers.TPESampler(**options)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: t.user_attrs["constraints"])
+        sampler = optuna.samplers.TPESampler(**options, constraints_func=lambda t: t.user_attrs["constraints"])
     study = optuna.create_study(directions=["minimize" if better == "lower" else "maximize", "minimize"], sampler=sampler)
     try:
-        study.optimize(objective, n_trials=trials, catch=())
+        if batch_trials == 1:
+            study.optimize(objective, n_trials=trials, catch=())
+        else:
+            while len(done) < trials:
+                # the first batch is TPE's random start-up (drawn as sequential TPE draws it); then batch_trials at once
+                size = STARTUP_TRIALS if not done else batch_trials
+                asked = [study.ask() for _ in range(min(size, trials - len(done)))]
+                specs = [sample(trial) for trial in asked]
+                edited = [i for i, trial_spec in enumerate(specs) if trial_spec is not None]
+                plans = [compiled(asked[i], specs[i]) for i in edited]
+                reports = dict(zip(edited, evaluate_many(plans, model, tokenizer, suites, baseline=baseline,
+                                                         split=split, batch_rows=batch_rows)))
+                for i, trial in enumerate(asked):
+                    result = finish(trial, specs[i], reports.get(i))
+                    study.tell(trial, (result.score, result.kl))
     finally:
         bar.close()
     return Tuning(suite=suite.name, better=better, split=split, max_kl=max_kl, base_score=base.score, trials=tuple(done),
