@@ -4,8 +4,8 @@
 the model and its SAEs once (default: the embedded SmolLM2-135M-Instruct and
 its shipped SAEs, one per site — or the one default SAE where none ship),
 builds the page over a `DemoEngine`, and serves it on 127.0.0.1 unless told otherwise, with Gradio's queue limiting how many
-generations run at once (``concurrency``; they interleave step by step under
-the engine's lock, see `steer.demo.engine`) and how many may wait.
+generations run at once (``concurrency``; their continuations are decoded as
+rows of one forward call per step, see `steer.demo.engine`) and how many may wait.
 
 Offline by construction: Gradio's analytics and version check are off
 (``GRADIO_ANALYTICS_ENABLED=False`` before Gradio is imported, and
