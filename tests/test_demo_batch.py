@@ -16,10 +16,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
-
-import steer.demo.batch as batch
 from conftest import random_sae, tiny_model, tiny_tokenizer
+
+from steer.demo import batch
 from steer.demo.engine import DemoEngine
 from steer.generate import Sampling
 
@@ -27,9 +26,10 @@ PROMPT = "hello there, how are you?"
 
 USERS = [  # (prompt, edit list, sampling, monitored feature, its site)
     (PROMPT, "steer feature 3 by 12", Sampling(max_new_tokens=12), 0, None),
-    ("tell me a long story about the river and the stones, please", "suppress feature 5 by 90% scope generation\n"
-     "clamp feature 7 to 20 when active scope generation", Sampling(max_new_tokens=9, temperature=1.3, top_p=0.9,
-                                                                     seed=3), 4, None),
+    ("tell me a long story about the river and the stones, please",
+     ("suppress feature 5 by 90% scope generation\n"
+      "clamp feature 7 to 20 when active scope generation"),
+     Sampling(max_new_tokens=9, temperature=1.3, top_p=0.9, seed=3), 4, None),
     ("hi", "", Sampling(max_new_tokens=7, temperature=0.8, seed=11), 2, "resid_post.2"),
     (PROMPT, "steer feature 9 by 10 site resid_post.2\nablate feature 1", Sampling(max_new_tokens=10), None, None),
     ("what is the capital of france?", "steer feature 3 by 12", Sampling(max_new_tokens=12, temperature=1.0, seed=5),

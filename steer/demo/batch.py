@@ -5,7 +5,8 @@ reference: the unsteered model fed the steered tokens; see `steer.demo.engine`).
 owns the model's forward passes: `Scheduler.run` queues a request and yields its snapshots; at every step the
 thread feeds every pending continuation of every active request as one row of one forward call (`decode_rows`),
 then samples each row with its own generator, computes each request's KL and hands each request its snapshot.
-A request that joins is prefilled first (`prefill_rows`: its prompt, in calls of its own); one that ends or whose reader goes away (`Scheduler.run`'s generator closed) is dropped between steps.
+A request that joins is prefilled first (`prefill_rows`: its prompt, in calls of its own); one that ends or whose
+reader goes away (`Scheduler.run`'s generator closed) is dropped between steps.
 
 **Exactness** — each user gets, bit for bit, what the same request gets alone (greedy and sampled tokens, KL,
 monitor read-outs). Three things make a row's numbers independent of the other rows:
@@ -27,8 +28,10 @@ monitor read-outs). Three things make a row's numbers independent of the other r
 * *One plan object per row.* `steer.applied` runs one site hook per distinct Plan over its rows; every row
   carries its own copy of its plan, so a hook's products see that one row, alone or not.
 
-The prefill calls are the same alone or not (one request's rows, each alone), so only decoding is shared. tests/test_demo_batch.py
-checks the whole claim on tiny models and the default model.
+The prefill calls are the same alone or not (each row of one request alone), so only decoding is shared. The
+two "measured" properties are the CPU kernels' (MKL on AVX2 here), not promises of torch: on other kernels (another
+BLAS, a GPU) tests/test_demo_batch.py, which checks the whole claim on four tiny architectures and the default
+model, is what says whether they hold.
 
 Prefill uses the model's own attention and KV cache (then copied into the row buffers), so masks, sliding
 windows and every architecture's attention details are the model's; a decode row attends to its whole buffer
@@ -454,7 +457,7 @@ class Scheduler:
         try:
             with self.lock:
                 feed(self.model, [c for continuations in fed for c in continuations])
-        except Exception as exc:  # the call failed for all of them: each reader gets the error
+        except Exception as exc:  # noqa: BLE001 — the call failed for all of them: each reader gets the error
             for request in requests:
                 request.failed = True
                 request.frames.put(exc)

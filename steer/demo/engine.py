@@ -59,8 +59,8 @@ from pathlib import Path
 
 import torch
 
-from steer.errors import SAEError, SpecError, SteerError
 from steer.demo.batch import Request, Scheduler, Snapshot, kl_divergence, next_token  # noqa: F401 (re-exported)
+from steer.errors import SAEError, SpecError, SteerError
 from steer.generate import Sampling, context_length, prompt_ids, stop_ids
 from steer.lower.targets import TARGETS
 from steer.plan.ir import Plan
@@ -182,7 +182,7 @@ class DemoEngine:
         self.eos = set(stop_ids(model, tokenizer))
 
     @classmethod
-    def load(cls, model: str | None = None, sae=None, *, limits: Limits = Limits()) -> "DemoEngine":
+    def load(cls, model: str | None = None, sae=None, *, limits: Limits = Limits()) -> DemoEngine:
         """The engine for a model (default: the embedded default model) and SAEs: a path or name, or a list of them
         (`steer.saes.load_sae`: ``default``, ``default:SITE``); default: `default_sae_names`."""
         from steer.models import DEFAULT_MODEL, load_model
