@@ -27,6 +27,7 @@ from steer.evaluate.suites import load_suite, load_suite_text
 from steer.evaluate.sweep import parse_param, run_sweep
 from steer.evaluate.tune import parse_range, tune
 from steer.sae import save_sae
+from steer.spec import load_spec_file
 from tests.conftest import D, random_sae, save_tiny, tiny_model, tiny_tokenizer
 from tests.test_evaluate import EXPLICIT_SUITE, GAP_SUITE
 
@@ -116,7 +117,7 @@ def test_default_model_sweep_as_rows_equals_point_by_point(default_model):
     gender, capability = load_suite("gender-occupation"), load_suite("capability")
     picked = [dataclasses.replace(gender, prompts=gender.select("dev")[::4]),
               dataclasses.replace(capability, prompts=capability.prompts[:6])]
-    spec = steer.spec.load_spec_file("edits/weddings.yaml")
+    spec = load_spec_file("edits/weddings.yaml")
     params = [parse_param("edits[0].strength=0,0.3,0.8")]
     runs = {rows: run_sweep(spec, model, tokenizer, params, picked, split="all", neutral_tokens=256, progress=False,
                             batch_rows=rows) for rows in (0, 256)}

@@ -18,8 +18,10 @@ points run together as rows of shared forward passes — prompts × points,
 neutral rows × points, through per-row plans, at most ``batch_rows`` rows a
 pass (`steer.evaluate.report.evaluate_many`), `POINTS_PER_ROW_BATCH` points
 at a time (a point's plan may hold a whole topk encoder) — with the numbers
-each point gets alone, within float tolerance; ``batch_rows=0`` evaluates
-the points one after another.
+each point gets alone, within float tolerance; the calibration text that
+``feature``/``norm`` units read is run once for all points, not once per
+point's compile. ``batch_rows=0`` evaluates the points one after another, as
+before rows.
 `write_sweep` writes ``sweep.csv`` (one row per grid point), ``sweep.json``
 (the same plus the base numbers and the Pareto front) and ``sweep.png`` — the
 target suite's score against KL(base‖steered) on neutral text, each point
@@ -277,6 +279,7 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
                                     neutral_tokens=neutral_tokens, split=split)
     reports: list[Report] = []
     group = POINTS_PER_ROW_BATCH if batch_rows else 1
+    calibration = {} if batch_rows else None  # with rows, `feature`/`norm` units calibrate once for every point
     parts = len(suites) + 1  # evaluate_many's progress: one part per suite, one for the neutral text
     with tqdm(total=len(points), desc="sweep", unit="point", disable=not progress,
               bar_format="{l_bar}{bar}| {n:.3g}/{total} [{elapsed}<{remaining}]") as bar:
@@ -285,7 +288,8 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
             plans = []
             for values, point_spec in chunk:
                 try:
-                    plans.append(compile_plan(point_spec, model, sae, tokenizer=tokenizer))
+                    plans.append(compile_plan(point_spec, model, sae, tokenizer=tokenizer,
+                                              calibration_cache=calibration))
                 except SteerError as exc:
                     raise type(exc)(exc.message, where=f"{_label(values)}: {exc.where}" if exc.where
                                     else _label(values)) from None

@@ -233,9 +233,11 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
             trial_spec = _with_candidates(trial, trial_spec, candidates)
         return trial_spec
 
+    calibration = {} if batch_rows else None  # `feature`/`norm` units calibrate once for every trial
+
     def compiled(trial, trial_spec: Spec):
         try:
-            return compile_plan(trial_spec, model, sae, tokenizer=tokenizer)
+            return compile_plan(trial_spec, model, sae, tokenizer=tokenizer, calibration_cache=calibration)
         except SteerError as exc:
             raise type(exc)(exc.message, where=f"trial {trial.number} {dict(trial.params)}: {exc.where}") from None
 

@@ -37,20 +37,24 @@ from steer.spec import Spec, parse_spec
 from steer.spec.edit import Condition, Edit
 
 
-def compile(spec, model: nn.Module, sae=None, *, tokenizer=None) -> Plan:  # noqa: A001 (the public name)
+def compile(spec, model: nn.Module, sae=None, *, tokenizer=None,  # noqa: A001 (the public name)
+            calibration_cache: dict | None = None) -> Plan:
     """Compile ``spec`` (a Spec, a spec file path or DSL text) for ``model``.
 
     ``sae`` is an `SAE`, a path, or a list of them; when None the spec's ``sae``
     entries are loaded, and when the spec names none either, feature edits on
     the default model use its default SAE (`steer.saes.load_sae`: ``"default"``).
     ``tokenizer`` is needed only for ``feature``/``norm`` units that must be
-    calibrated on text.
+    calibrated on text. ``calibration_cache``: a dict kept across compiles (a
+    sweep's points, a tune's trials) so the calibration activations at a site
+    are gathered once (keyed by model, tokenizer and site; the model must not
+    change in between).
     """
     spec = parse_spec(spec)
     adapter = adapter_for(model)
     d_model = hidden_size(model)
     saes = _saes_by_site(spec, sae, adapter, model, d_model)
-    calibration = _Calibration(model, tokenizer, saes)
+    calibration = _Calibration(model, tokenizer, saes, calibration_cache)
 
     by_site: dict[Site, list[tuple[int, Edit]]] = {}
     for index, edit in enumerate(spec.edits):
@@ -250,12 +254,13 @@ def _raw_amount(edit: Edit, vector: torch.Tensor, site: Site, calibration: "_Cal
 class _Calibration:
     """Activations on steer's calibration text, gathered once per compile and only if asked."""
 
-    def __init__(self, model: nn.Module, tokenizer, saes: dict[Site, SAE]):
+    def __init__(self, model: nn.Module, tokenizer, saes: dict[Site, SAE], cache: dict | None = None):
         self.model, self.tokenizer, self.saes = model, tokenizer, saes
-        self._acts: dict[Site, torch.Tensor] = {}
+        self._acts: dict = {} if cache is None else cache
 
     def activations(self, site: Site, where: str) -> torch.Tensor:
-        if site not in self._acts:
+        key = (id(self.model), id(self.tokenizer), site)
+        if key not in self._acts:
             if self.tokenizer is None:
                 raise SpecError("`feature`/`norm` units need calibration text: pass the tokenizer to steer.compile", where=where)
             texts = resources.files("steer.data").joinpath("calibration.txt").read_text().splitlines()
@@ -265,8 +270,8 @@ class _Calibration:
                     ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.model.device)
                     self.model(ids)
                     rows.append(acts[site].pop()[0, 1:].float().cpu())  # drop the first (sink) token
-            self._acts[site] = torch.cat(rows)  # (N, d)
-        return self._acts[site]
+            self._acts[key] = torch.cat(rows)  # (N, d)
+        return self._acts[key]
 
     def mean_norm(self, site: Site, where: str) -> float:
         return float(self.activations(site, where).norm(dim=-1).mean())
