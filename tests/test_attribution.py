@@ -82,7 +82,8 @@ def test_attribution_is_the_derivative_along_each_features_own_contribution(tiny
     suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
     prompts = suite.select("all")
     dictionaries = saes(dtype=torch.float64)
-    result = attribute(model, tokenizer, dictionaries, suite, split="all")
+    # include_first: the hooks' `scale` acts at every position, the first one included
+    result = attribute(model, tokenizer, dictionaries, suite, split="all", include_first=True)
     clean = suite_gaps(model, tokenizer, suite, prompts)
     weights = target_weights(suite, prompts, clean)
     by_key = {(r.site, r.feature): r.attribution for r in result.rows}
@@ -101,18 +102,60 @@ def test_attribution_is_the_derivative_along_each_features_own_contribution(tiny
             assert by_key[(sae.site, feature)] == pytest.approx(derivative, rel=2e-4, abs=1e-6), (sae.site, feature)
 
 
+def test_each_prompts_first_token_is_left_out_unless_asked(tiny):
+    """By default a_i is the derivative along feature i's contribution at every position but each prompt's first
+    (the attention sink): checked by a central difference through a hook written here, which scales the
+    contribution f_i·σ·d_i by (1 + ε) at positions ≥ 1 only (one prompt per pass: no padding, position 0 is the
+    first token)."""
+    from steer.models.adapters import adapter_for
+    from steer.models.capture import rewritten
+
+    model, tokenizer = tiny
+    model = tiny_model("llama").double()
+    suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    prompts = suite.select("all")
+    dictionaries = saes(dtype=torch.float64)
+    default = {(r.site, r.feature): r.attribution for r in attribute(model, tokenizer, dictionaries, suite, split="all").rows}
+    with_first = {(r.site, r.feature): r.attribution
+                  for r in attribute(model, tokenizer, dictionaries, suite, split="all", include_first=True).rows}
+    weights = target_weights(suite, prompts, suite_gaps(model, tokenizer, suite, prompts))
+
+    def target(sae, feature, s):
+        def fn(x):
+            _, _, sigma = sae.normalize(x)
+            contribution = sae.encode(x)[..., feature, None] * sigma * sae.W_dec[feature]
+            contribution[:, 0] = 0
+            return x + (s - 1) * contribution
+        with rewritten(model, adapter_for(model).parse_site(sae.site, model), fn):
+            gaps = suite_gaps(model, tokenizer, suite, prompts, batch_size=1)
+        return sum(w * g for w, g in zip(weights, gaps))
+
+    differs = 0
+    for sae in dictionaries:
+        for feature in (0, 5, 17, 3, 11):
+            def central(eps):
+                return (target(sae, feature, 1 + eps) - target(sae, feature, 1 - eps)) / (2 * eps)
+            derivative = (4 * central(5e-3) - central(1e-2)) / 3  # Richardson, as above
+            assert default[(sae.site, feature)] == pytest.approx(derivative, rel=2e-4, abs=2e-4), (sae.site, feature)
+            differs += abs(with_first[(sae.site, feature)] - default[(sae.site, feature)]) > 1e-3 * abs(derivative)
+    assert differs >= 2  # the first token does carry attribution in this model: leaving it out is not vacuous
+
+
 def test_estimates_match_real_ablations_where_linear_and_correlate_otherwise(tiny):
     model, tokenizer = tiny
     suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
     # decoder rows scaled by 0.01: every ablation is a small perturbation, the target ~linear in each feature
     small = saes(scale=0.01)
-    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, small, suite, split="all"), small, 12)
+    # include_first: the verifying ablation acts at every position, the first one included
+    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, small, suite, split="all",
+                                                             include_first=True), small, 12)
     estimate, true = np.array([v.estimate for v in checked]), np.array([v.true for v in checked])
     assert np.abs(estimate - true).max() <= 0.05 * np.abs(true).max()
     assert np.corrcoef(estimate, true)[0, 1] > 0.999
     # full-size features: a first-order estimate of a nonlinear network, still correlated with the truth
     full = saes()
-    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, full, suite, split="all"), full, 48)
+    checked = verify_attribution(model, tokenizer, attribute(model, tokenizer, full, suite, split="all",
+                                                             include_first=True), full, 48)
     estimate, true = np.array([v.estimate for v in checked]), np.array([v.true for v in checked])
     r = np.corrcoef(estimate, true)[0, 1]
     print(f"\nfull-size features: Pearson r(estimate, true ablation) = {r:.3f} over 48")

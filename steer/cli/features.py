@@ -104,6 +104,10 @@ def register(commands) -> None:
     attribute.add_argument("--top", type=int, default=20, metavar="N", help="features to list (default %(default)s)")
     attribute.add_argument("--verify", type=int, default=0, metavar="N",
                            help="ablate the top N one at a time and print the measured effect (default: none)")
+    attribute.add_argument("--include-first", action="store_true",
+                           help="also count each prompt's first token, the attention sink (default: left out, since "
+                                "features that fire only there rank high for every target and ablating them breaks "
+                                "the model rather than the concept)")
     attribute.add_argument("--json", metavar="OUT", help="also write the listed rows (and verification) as JSON")
     attribute.set_defaults(run=run_attribute)
 
@@ -313,7 +317,8 @@ def run_attribute(args) -> int:
     contrast = load_suite(args.contrast) if args.contrast else None
     saes = [_load_sae(spec)[0] for spec in (args.sae or [None])]
     model, tokenizer = load_model(_model_name(args, saes[0]))
-    result = attribute(model, tokenizer, saes, suite, split=args.split, contrast=contrast)
+    result = attribute(model, tokenizer, saes, suite, split=args.split, contrast=contrast,
+                       include_first=args.include_first)
     checked = verify_attribution(model, tokenizer, result, saes, min(args.verify, len(result.rows))) if args.verify else []
     print(f"{suite.name} ({args.split} split), target = {result.suite.scoring.headline} in differentiable form: "
           f"m = {result.metric:.4g}" + (f"; contrast {contrast.name}: m = {result.contrast_metric:.4g}" if contrast else ""))
