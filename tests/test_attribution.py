@@ -133,7 +133,7 @@ def test_each_prompts_first_token_is_left_out_unless_asked(tiny):
     differs = 0
     for sae in dictionaries:
         for feature in (0, 5, 17, 3, 11):
-            def central(eps):
+            def central(eps, sae=sae, feature=feature):
                 return (target(sae, feature, 1 + eps) - target(sae, feature, 1 - eps)) / (2 * eps)
             derivative = (4 * central(5e-3) - central(1e-2)) / 3  # Richardson, as above
             assert default[(sae.site, feature)] == pytest.approx(derivative, rel=2e-4, abs=2e-4), (sae.site, feature)
