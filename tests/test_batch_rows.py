@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 import steer
 from steer.cli.main import main
 from steer.evaluate.constraints import parse_constraint
-from steer.evaluate.report import evaluate, measure_baseline
+from steer.evaluate.report import evaluate, evaluate_many, measure_baseline
 from steer.evaluate.suites import load_suite, load_suite_text
 from steer.evaluate.sweep import parse_param, run_sweep
 from steer.evaluate.tune import parse_range, tune
@@ -107,6 +107,43 @@ def test_evaluate_with_rows_equals_one_model_at_a_time(dirs):
         baseline = measure_baseline(model, tokenizer, neutral="calibration", neutral_tokens=384)
         reports.append(evaluate(plan, model, tokenizer, suites(), baseline=baseline, batch_rows=rows))
     assert_reports_equal([reports[1]], [reports[0]], rel=1e-9, abs_=1e-9)
+
+
+def test_a_plan_that_changes_nothing_reads_exactly_the_base_in_any_batch(dirs):
+    """Scale by 1, add 0, project out 0 % (each alone, and all together) are the unedited model: batched with real
+    edits, chunked 5 rows a pass, their reports read exactly 0 KL, top-1 1, the base's perplexity and the base's
+    suite results — not ~1e-9 from running as rows of other shapes. Clamp, cap and any other amount are not
+    identities (their deltas depend on the input) and are run."""
+    model, tokenizer = tiny_model("llama").double(), tiny_tokenizer()
+    sae = random_sae(site="resid_post.1")
+    texts = {"scale by 1": "scale feature 3 by 1", "add 0": f"add direction {dirs}:u by 0",
+             "project out 0": f"project out direction {dirs}:u by 0%",
+             "all three": f"scale feature 3 by 1; add direction {dirs}:u by 0; project out direction {dirs}:u by 0%",
+             "scale by 0.5": "scale feature 3 by 0.5", "clamp to 0": "clamp feature 3 to 0",
+             "cap at 0": f"cap direction {dirs}:u at 0"}
+    plans = {name: steer.compile(steer.parse_spec(text, site="resid_post.1"), model, sae) for name, text in texts.items()}
+    identities = {"scale by 1", "add 0", "project out 0", "all three"}
+    assert {name for name, plan in plans.items() if plan.changes_nothing} == identities
+    baseline = measure_baseline(model, tokenizer, neutral="calibration", neutral_tokens=384)
+    reports = evaluate_many(list(plans.values()), model, tokenizer, suites(), baseline=baseline, split="all",
+                            batch_rows=5)
+    for name, report in zip(plans, reports):
+        n = report.neutral
+        if name in identities:
+            assert (n.kl_mean, n.kl_max, n.top1, n.ppl_steered) == (0.0, 0.0, 1.0, n.ppl_base), name
+            for s in report.suites:
+                assert s.steered.values == s.base.values and s.steered.outputs == s.base.outputs, (name, s.name)
+                assert s.steered.score == s.base.score, (name, s.name)
+        else:
+            assert n.kl_mean > 1e-6, name  # run for real: each moves the neutral text
+    calls = []  # the base's numbers are now all in the baseline: identity plans run no forward pass at all
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        again = evaluate_many([plans[name] for name in sorted(identities)] + [None], model, tokenizer, suites(),
+                              baseline=baseline, split="all", batch_rows=5)
+    finally:
+        handle.remove()
+    assert calls == [] and all(r.neutral.kl_mean == 0.0 for r in again)
 
 
 def test_default_model_sweep_as_rows_equals_point_by_point(default_model):

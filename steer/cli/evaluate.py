@@ -55,7 +55,7 @@ def register(commands) -> None:
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--batch-rows", type=_rows, default=0, metavar="N",
+    s.add_argument("--batch-rows", type=_rows, default=BATCH_ROWS, metavar="N",
                    help=HELP_BATCH_ROWS.format(what="grid points", one="point"))
     _model_and_text(s, NEUTRAL_TOKENS)
     s.set_defaults(run=run_sweep)

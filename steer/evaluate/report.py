@@ -170,6 +170,13 @@ def neutral_effect(baseline: Baseline, model, plan) -> NeutralEffect:
     return tally.effect(baseline.neutral.source)
 
 
+def unedited(plan) -> bool:
+    """No plan, or one whose every delta is zero (`Plan.changes_nothing`: scale by 1, add 0, …): its rows are the
+    base model's, so `evaluate_many` and `neutral_effects` take the base's numbers for it instead of running it as
+    rows of other shapes (which agree only within float tolerance)."""
+    return plan is None or plan.changes_nothing
+
+
 def neutral_effects(baseline: Baseline, model, plans, *, batch_rows: int = BATCH_ROWS) -> list[NeutralEffect]:
     """`neutral_effect` of each of ``plans`` (Plan or None), the neutral rows × plans run as the rows of shared
     forward passes of at most ``batch_rows // NEUTRAL_ROW_COST`` rows (at least one)."""
@@ -177,8 +184,12 @@ def neutral_effects(baseline: Baseline, model, plans, *, batch_rows: int = BATCH
     rows = baseline.neutral.rows
     R = len(rows)
     per_pass = max(1, batch_rows // NEUTRAL_ROW_COST)
-    pairs = [(j, r) for j in range(len(plans)) for r in range(R)]  # plan-major: each plan's rows in order
     tallies = [_Tally() for _ in plans]
+    for j, plan in enumerate(plans):  # an unedited row is the base: its own log-probs, so exactly 0 change
+        if unedited(plan):
+            for r in range(R):
+                tallies[j].add(baseline.logprobs[r], baseline.logprobs[r], rows[r, 1:])
+    pairs = [(j, r) for j in range(len(plans)) if not unedited(plans[j]) for r in range(R)]  # plan-major
     for start in range(0, len(pairs), per_pass):
         chunk = pairs[start:start + per_pass]
         steered = _row_logprobs(model, rows[[r for _, r in chunk]], [plans[j] for j, _ in chunk])
@@ -346,13 +357,16 @@ def evaluate_many(plans, model, tokenizer, suites=(), *, baseline: Baseline, spl
         tick(len(suites) + 1)
         return reports
     steered: dict[str, list[SuiteResult]] = {}
+    edited = [j for j, plan in enumerate(plans) if not unedited(plan)]  # the others are scored as the base itself
     for s in suites:
         key = (s.name, split)
         base_row = [None] if key not in baseline.suites else []  # the base rides along as rows of the same passes
-        results = score_suite_rows(model, tokenizer, s, base_row + plans, split=split, batch_rows=batch_rows)
+        rows = base_row + [plans[j] for j in edited]
+        results = score_suite_rows(model, tokenizer, s, rows, split=split, batch_rows=batch_rows) if rows else []
         if base_row:
             baseline.suites[key] = results.pop(0)
-        steered[s.name] = results
+        by_plan = dict(zip(edited, results))
+        steered[s.name] = [by_plan.get(j, baseline.suites[key]) for j in range(len(plans))]
         tick(1)
     effects = neutral_effects(baseline, model, plans, batch_rows=batch_rows)
     tick(1)

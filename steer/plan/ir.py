@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steer.models.adapters import Site
+from steer.ops import OPERATIONS
 from steer.sae.sae import SAE
 from steer.spec.edit import Edit, Spec
 
@@ -61,6 +62,17 @@ class SiteEdit:
     def op(self) -> str:
         return self.edit.op
 
+    @property
+    def changes_nothing(self) -> bool:
+        """The delta is zero whatever the input: a read-out (monitor), or a constant or linear op whose amount
+        makes its coefficient 0 (add 0, scale by 1, project out 0%). Nonlinear ops (clamp, cap) never count."""
+        op = OPERATIONS[self.op]
+        if not op.writes:
+            return True
+        if op.reads == "nothing" or op.linear:
+            return float(op.coefficient(self.amount, 1.0, 1.0)) == 0.0
+        return False
+
 
 @dataclass(frozen=True, eq=False)
 class SitePlan:
@@ -80,6 +92,12 @@ class Plan:
     sites: tuple[SitePlan, ...]
     saes: tuple[tuple[str, str], ...] = field(default=())
     """(source, content hash) of each SAE used."""
+
+    @property
+    def changes_nothing(self) -> bool:
+        """Every edit's delta is zero (`SiteEdit.changes_nothing`): the plan is the unedited model, so the
+        evaluation scores it as the base itself (exactly 0 change, whatever the batch shapes)."""
+        return all(e.changes_nothing for sp in self.sites for e in sp.edits)
 
     @property
     def needs_positions(self) -> bool:
