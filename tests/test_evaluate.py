@@ -446,6 +446,62 @@ def test_export_with_suites_records_the_exports_own_evaluation_in_manifest_and_c
     assert "## Measured effect" in card and "tiny-gap" in card
 
 
+def test_export_card_shows_the_edited_features_firing_rates_before_and_after(saved, tmp_path):
+    """The edit card and manifest give each edited feature's firing rate (f > 0, each row's first position left
+    out) base → edited on the neutral text and each suite's prompts. Reference, written out here: the site's
+    activation from a forward hook of the test's own, encoded by the full SAE; the edited activation by the
+    scale formula x + (s − 1)·f_i(x)·d_i, encoded again. Feature 3 is suppressed 100% and feature 5 by 50%."""
+    from steer.export.checkpoint import export
+    from steer.sae import load_sae
+
+    model, tokenizer, directory, _, root = saved
+    # encoder columns along the decoder rows (d_i · e_i = 1.5), as in trained SAEs; not 1, which would leave an
+    # ablated feature's pre-activation at exactly 0 and its sign to rounding
+    sae = random_sae(site="resid_post.1")
+    sae.W_enc = (1.5 * sae.W_dec / (sae.W_dec ** 2).sum(1, keepdim=True)).T.contiguous()
+    sae_dir = save_sae(sae, root / "dual-sae")
+    sae = load_sae(str(sae_dir))
+    factors = {3: 0.0, 5: 0.5}
+    plan = steer.compile(steer.parse_spec("suppress feature 3 by 100%; suppress feature 5 by 50%", site="resid_post.1",
+                                          sae=[str(sae_dir)]), model, tokenizer=tokenizer)
+    suite = load_suite(write(tmp_path / "gap.yaml", GAP_SUITE))
+    manifest = export(plan, model, tokenizer, "pack", tmp_path / "out", base=directory, suites=[suite], eval_split="dev")
+    recorded = {(r["rows"], r["feature"]): r for r in manifest["evaluation"]["firing"]}
+
+    def rates(rows):
+        counts, positions = {k: [0, 0] for k in factors}, 0
+        for row in rows:
+            seen = []
+            handle = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+            with torch.no_grad():
+                model(torch.tensor([row]))
+            handle.remove()
+            x = seen[0][0, 1:].float()                                        # positions 1.. (the sink left out)
+            f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+            positions += x.shape[0]
+            for k, s in factors.items():
+                x = x + (s - 1.0) * f[:, k:k + 1] * sae.W_dec[k]                # every edit reads f(x) of the input
+            f_edited = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+            for k in factors:
+                counts[k][0] += int((f[:, k] > 0).sum())
+                counts[k][1] += int((f_edited[:, k] > 0).sum())
+        return {k: (b / positions, e / positions) for k, (b, e) in counts.items()}, positions
+
+    neutral = neutral_text(tokenizer, "default").rows.tolist()
+    prompts = [tokenizer(p.text).input_ids for p in suite.select("dev")]
+    for name, rows in (("neutral text", neutral), ("tiny-gap (dev)", prompts)):
+        expected, positions = rates(rows)
+        for k, (base, edited) in expected.items():
+            r = recorded[(name, k)]
+            assert (r["site"], r["positions"]) == ("resid_post.1", positions)
+            assert r["base"] == pytest.approx(base, rel=1e-3) and r["edited"] == pytest.approx(edited, rel=1e-3, abs=1e-6)
+        assert expected[3][0] > 0.05 and expected[3][1] < expected[3][0] / 2  # it fired; suppressed, it fires less
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Edited features' firing rates" in card
+    base3, edited3 = recorded[("neutral text", 3)]["base"], recorded[("neutral text", 3)]["edited"]
+    assert re.search(rf"\| resid_post.1 \| 3 \| {100 * base3:.2f}% → {100 * edited3:.2f}% \|", card)
+
+
 def test_sweep_writes_one_row_per_grid_point_and_a_png(saved, capsys, tmp_path):
     import matplotlib.image
 

@@ -65,7 +65,9 @@ def _evaluate_export(writer, plan, model, tokenizer, tmp: Path, suites, split: s
     if not suites:
         return None, []
     from steer.errors import SteerError
-    from steer.evaluate.report import evaluate, evaluation_for_export
+    from steer.evaluate.firing import firing_lines, firing_rates
+    from steer.evaluate.report import evaluate, evaluation_for_export, measure_baseline
+    from steer.evaluate.suites import load_suites
 
     try:
         loaded = writer.load(tmp, {"target": writer.name, "base_model": {"name": base}})
@@ -73,9 +75,17 @@ def _evaluate_export(writer, plan, model, tokenizer, tmp: Path, suites, split: s
         notes.append(f"suites not evaluated: {exc.message}")
         return None, []
     subject = f"{writer.name} export"
-    report = evaluate(loaded.plan, model, tokenizer, suites, steered_model=loaded.model, split=split, subject=subject)
+    baseline = measure_baseline(model, tokenizer)
+    report = evaluate(loaded.plan, model, tokenizer, suites, steered_model=loaded.model, split=split, subject=subject,
+                      baseline=baseline)
     del loaded
-    return evaluation_for_export(report)
+    evaluation, lines = evaluation_for_export(report)
+    row_sets = {"neutral text": baseline.neutral.rows.tolist()}
+    for suite in load_suites(suites):
+        row_sets[f"{suite.name} ({split})"] = [tokenizer(p.text).input_ids for p in suite.select(split)]
+    rates = firing_rates(plan, model, row_sets)
+    evaluation["firing"] = [r.as_dict() for r in rates]
+    return evaluation, lines + firing_lines(rates)
 
 
 def _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp) -> dict:
