@@ -193,11 +193,23 @@ def load_adapters(base_dir: Path, adapters: dict[str, Path]):
         raise SteerError("the adapters name different base models: "
                             + ", ".join(f"{name}: {base}" for name, base in bases.items()), where="load_adapters")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    if _on_meta(base):  # seen once in CI: the tied output layer left on the meta device by the loader
+        base.tie_weights()
     (first, directory), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, str(directory), adapter_name=first)
     for name, directory in rest:
         model.load_adapter(str(directory), adapter_name=name)
+    unloaded = _on_meta(model)
+    if unloaded:
+        raise SteerError(f"{len(unloaded)} tensor(s) were left unloaded (on the meta device) after loading the base and "
+                         f"its adapters: {', '.join(unloaded[:5])}", where=str(base_dir))
     return model.eval()
+
+
+def _on_meta(model) -> list[str]:
+    """Names of parameters and buffers with no data (meta device): a model that would compute nothing."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, t in tensors if t.is_meta]
 
 
 class AdapterTarget(Target):
