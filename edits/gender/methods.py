@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     args.add_argument("--site", default="resid_post.10", help="where (c), (c⊥) and (d) read their directions")
     args.add_argument("--split", default="held_out")
     args.add_argument("--out", default="out/gender-methods")
+    args.add_argument("--methods", default="a,b,c,c⊥,d", help="which rows to measure (default all: a,b,c,c⊥,d)")
     args = args.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,18 +135,22 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in rows[-1].items()}, default=str), flush=True)
 
     directions = out / "directions.safetensors"
-    for label, spec in (("(a) one SAE feature", args.single), ("(b) attributed multi-site SAE edit", args.spec)):
-        if spec:
+    wanted = set(args.methods.split(","))
+    for key, label, spec in (("a", "(a) one SAE feature", args.single), ("b", "(b) attributed multi-site SAE edit", args.spec)):
+        if spec and key in wanted:
             run(label, steer.compile(steer.parse_spec(spec), model, tokenizer=tokenizer))
-    run("(c) mean-difference, out of all writers",
-        steer.compile(f"project out direction {directions}:stereotype site writers", model, tokenizer=tokenizer))
-    run("(c⊥) its part ⟂ explicit gender, out of all writers",
-        steer.compile(f"project out direction {directions}:orthogonal site writers", model, tokenizer=tokenizer))
-    try:
-        with Leace(model, args.site, x, z):
-            run(f"(d) LEACE at {args.site}")
-    except ImportError:
-        print("(d) skipped: concept-erasure is not installed (pip install concept-erasure --no-deps)")
+    if "c" in wanted:
+        run("(c) mean-difference, out of all writers",
+            steer.compile(f"project out direction {directions}:stereotype site writers", model, tokenizer=tokenizer))
+    if "c⊥" in wanted:
+        run("(c⊥) its part ⟂ explicit gender, out of all writers",
+            steer.compile(f"project out direction {directions}:orthogonal site writers", model, tokenizer=tokenizer))
+    if "d" in wanted:
+        try:
+            with Leace(model, args.site, x, z):
+                run(f"(d) LEACE at {args.site}")
+        except ImportError:
+            print("(d) skipped: concept-erasure is not installed (pip install concept-erasure --no-deps)")
 
     print(f"\n| method ({args.split}) | stereotype (base → edited) | gender-explicit accuracy | KL | perplexity "
           "| age mean abs gap | capability |")
