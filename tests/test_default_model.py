@@ -71,12 +71,15 @@ def test_every_bundled_edit_compiles_and_changes_the_logits(path, default_model)
     spec = parse_spec(str(path))
     plan = steer.compile(spec, model, tokenizer=tokenizer)
     assert len(plan.sites) >= 1
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        clean = model(ids).logits
-        with steer.applied(model, plan):
-            steered = model(ids).logits
-    assert (steered - clean).abs().max() > 1e-3
+    changed = 0.0  # a feature edit acts only where its features fire: some prompt of these must move
+    for prompt in (PROMPT, "My sister, who works as a plumber, told me that she", "The nurse said that"):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            clean = model(ids).logits
+            with steer.applied(model, plan):
+                steered = model(ids).logits
+        changed = max(changed, float((steered - clean).abs().max()))
+    assert changed > 1e-3
 
 
 def test_norm_units_are_multiples_of_the_mean_residual_norm(default_model):
