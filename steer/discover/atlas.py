@@ -36,8 +36,8 @@ stemming) that `Atlas.search` ranks with BM25. The file is written to a temp
 file beside ``out`` and renamed into place: an error or Ctrl-C leaves nothing.
 
 ``default_atlas()`` is the atlas of the default SAE (the shipped resid_post.10 one) on the default model,
-built on first use (a progress bar; measured on this 2-core machine kind: 4 min 22 s, 257 s of CPU time, while
-another job held about one core; 3 min of CPU time earlier, for the former default SAE at the same site) and
+built on first use (a progress bar; measured on this 2-core machine kind, quiet: 75 s, 146 s of CPU time; the
+deepest shipped site, resid_post.16, 112 s; 4 min 22 s while another job held about one core) and
 cached under ``$STEER_CACHE/atlases/<SAE content hash>-<params hash>.db``; a pointer file keyed on the SAE's
 files finds it again without torch.
 ``open_atlas(path)`` reads one: ``Atlas.feature(i)``, ``Atlas.search(text)``,
@@ -65,8 +65,9 @@ from steer.export.atomic import atomic_file, write_text_atomic
 
 FORMAT = "steer-feature-atlas/1"
 DEFAULT_TOKENS = 100_000
-"""Tokens the default atlas reads: ≈ 9% of the embedded corpus; the build took 257 s of CPU time here (4 min 22 s on
-2 cores shared with another job), ~90% of it the model's pass up to block 10 (the SAE encode and the scan ~5% each)."""
+"""Tokens the default atlas reads: ≈ 9% of the embedded corpus; the build takes 75 s on 2 quiet cores (146 s of CPU
+time), most of it the model's pass up to block 10 (profiled at 20k tokens: the pass 60%, writing the SQLite file
+20%, the SAE encode and the scan the rest)."""
 DEFAULT_WINDOW = 24
 """Tokens per stored context: ``WINDOW_BEFORE`` before the peak, the peak, the rest after it."""
 WINDOW_BEFORE = 17
