@@ -92,7 +92,7 @@ def firing_lines(rates: list[FiringRate]) -> list[str]:
     """The edit card's table: one line per (site, feature), a base → edited column per row set."""
     if not rates:
         return []
-    sets = list(dict.fromkeys(r.rows for r in rates))
+    positions = {r.rows: r.positions for r in rates}  # one count per row set, in order
     by_feature: dict = {}
     for r in rates:
         by_feature.setdefault((r.site, r.feature), {})[r.rows] = r
@@ -100,10 +100,9 @@ def firing_lines(rates: list[FiringRate]) -> list[str]:
              "Share of token positions (each row's first, the attention sink, left out) where the feature fires "
              "(f > 0), base → edited (the hooked reference, which the artifact reproduces: see Measured fidelity), "
              "read after the edit at its site.", "",
-             "| site | feature | " + " | ".join(f"{s} ({by_feature[next(iter(by_feature))][s].positions} positions)"
-                                              for s in sets) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in sets) + " |"]
+             "| site | feature | " + " | ".join(f"{s} ({n} positions)" for s, n in positions.items()) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in positions) + " |"]
     for (site, feature), row in by_feature.items():
         lines.append(f"| {site} | {feature} | " + " | ".join(
-            f"{100 * row[s].base:.2f}% → {100 * row[s].edited:.2f}%" for s in sets) + " |")
+            f"{100 * row[s].base:.2f}% → {100 * row[s].edited:.2f}%" for s in positions) + " |")
     return [*lines, ""]

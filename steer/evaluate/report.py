@@ -184,11 +184,10 @@ def neutral_effects(baseline: Baseline, model, plans, *, batch_rows: int = BATCH
     rows = baseline.neutral.rows
     R = len(rows)
     per_pass = max(1, batch_rows // NEUTRAL_ROW_COST)
-    tallies = [_Tally() for _ in plans]
-    for j, plan in enumerate(plans):  # an unedited row is the base: its own log-probs, so exactly 0 change
-        if unedited(plan):
-            for r in range(R):
-                tallies[j].add(baseline.logprobs[r], baseline.logprobs[r], rows[r, 1:])
+    same = _Tally()  # an unedited plan's rows are the base's: its own log-probs, so exactly 0 change
+    for r in range(R if any(unedited(plan) for plan in plans) else 0):
+        same.add(baseline.logprobs[r], baseline.logprobs[r], rows[r, 1:])
+    tallies = [same if unedited(plan) else _Tally() for plan in plans]
     pairs = [(j, r) for j in range(len(plans)) if not unedited(plans[j]) for r in range(R)]  # plan-major
     for start in range(0, len(pairs), per_pass):
         chunk = pairs[start:start + per_pass]

@@ -193,7 +193,7 @@ def load_adapters(base_dir: Path, adapters: dict[str, Path]):
         raise SteerError("the adapters name different base models: "
                             + ", ".join(f"{name}: {base}" for name, base in bases.items()), where="load_adapters")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    if _on_meta(base):  # seen once in CI: the tied output layer left on the meta device by the loader
+    if _on_meta(base):  # seen in CI (not reproduced here): a tensor, likely the tied output layer, left on meta
         base.tie_weights()
     (first, directory), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, str(directory), adapter_name=first)
