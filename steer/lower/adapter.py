@@ -193,17 +193,29 @@ def load_adapters(base_dir: Path, adapters: dict[str, Path]):
         raise SteerError("the adapters name different base models: "
                             + ", ".join(f"{name}: {base}" for name, base in bases.items()), where="load_adapters")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    if _on_meta(base):  # seen in CI (not reproduced here): a tensor, likely the tied output layer, left on meta
-        base.tie_weights()
     (first, directory), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, str(directory), adapter_name=first)
     for name, directory in rest:
         model.load_adapter(str(directory), adapter_name=name)
+    _retie_output_layer(model)
     unloaded = _on_meta(model)
     if unloaded:
         raise SteerError(f"{len(unloaded)} tensor(s) were left unloaded (on the meta device) after loading the base and "
                          f"its adapters: {', '.join(unloaded[:5])}", where=str(base_dir))
     return model.eval()
+
+
+def _retie_output_layer(model) -> None:
+    """Tie a tied-embedding base's output layer back to the (unadapted) input embedding where PEFT left it on the
+    meta device: seen in CI (3 clean-clone runs, never reproduced outside that full run) after loading adapters
+    that target the tied embedding, as ``base_model.model.lm_head.weight``. Tying is what the base means, and
+    steer's adapters adapt the input side only."""
+    inner = model.get_base_model()
+    output = inner.get_output_embeddings()
+    if output is None or not output.weight.is_meta or not getattr(inner.config, "tie_word_embeddings", False):
+        return
+    embedding = inner.get_input_embeddings()
+    output.weight = getattr(embedding, "base_layer", embedding).weight
 
 
 def _on_meta(model) -> list[str]:
