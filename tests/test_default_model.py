@@ -194,3 +194,30 @@ def test_feature_edits_on_another_model_still_need_an_sae(tmp_path):
     model, tokenizer = steer.load_model(directory)
     with pytest.raises(steer.SpecError, match="no site"):
         steer.compile("suppress feature 7 by 50%", model, tokenizer=tokenizer)
+
+
+def test_export_footprint_covers_every_shipped_sae_site(default_model):
+    """On the default model the footprint reads every SAE shipped with steer (the sites its manifest lists, read
+    here from the JSON): an edit at resid_post.16 moves nothing at the three shallower sites, and its own
+    feature is among the most moved at 16."""
+    import json
+    from pathlib import Path
+
+    from steer.evaluate.firing import firing_rates, footprint_saes
+
+    model, tokenizer = default_model
+    listed = json.loads((Path(steer.__file__).parent / "data" / "saes" / "manifest.json").read_text())["saes"]
+    plan = steer.compile(parse_spec("suppress feature 976 by 100% site resid_post.16", sae=["default:resid_post.16"]),
+                         model, tokenizer=tokenizer)
+    saes = footprint_saes(plan, model)
+    assert sorted(map(str, saes)) == sorted(listed) and len(listed) >= 4
+    rows = [tokenizer(t).input_ids for t in ("My sister, who works as a plumber, said that",
+                                             "The nurse told the patient that", "Her uncle is a teacher and he")]
+    rates, prints = firing_rates(plan, model, {"gendered": rows}, saes)
+    by_site = {p.site: p for p in prints}
+    (rate,) = rates
+    assert rate.base > 0 and rate.edited == 0
+    for site in sorted(listed, key=lambda s: int(s.rsplit(".", 1)[1])):
+        if int(site.rsplit(".", 1)[1]) < 16:
+            assert by_site[site].moved == 0 and by_site[site].l0_edited == by_site[site].l0_base, site
+    assert 976 in [f for f, _, _ in by_site["resid_post.16"].largest]

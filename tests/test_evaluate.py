@@ -502,6 +502,86 @@ def test_export_card_shows_the_edited_features_firing_rates_before_and_after(sav
     assert re.search(rf"\| resid_post.1 \| 3 \| {100 * base3:.2f}% → {100 * edited3:.2f}% \|", card)
 
 
+def test_footprint_reads_every_feature_at_every_site_and_nothing_moves_upstream(saved, tmp_path):
+    """`firing_rates(..., saes)` reads each given site's whole dictionary base vs edited. Reference, written out
+    here: forward hooks of the test's own on blocks 0-2, the edit's formula x + (s − 1)·f_3(x)·d_3 applied by
+    hand at block 1, every SAE encoding in full. Block 0 is upstream of the edit: nothing there may move. The
+    export records the plan's own SAE's footprint in the manifest and on the card."""
+    from steer.evaluate.firing import firing_rates
+    from steer.export.checkpoint import export
+    from steer.models.adapters import adapter_for
+    from steer.sae import load_sae
+
+    model, tokenizer, directory, _, root = saved
+    edited_sae = random_sae(site="resid_post.1", seed=7)
+    edited_sae.W_enc = (1.5 * edited_sae.W_dec / (edited_sae.W_dec ** 2).sum(1, keepdim=True)).T.contiguous()
+    sae_dir = save_sae(edited_sae, root / "footprint-sae")
+    edited_sae = load_sae(str(sae_dir))
+    saes = {0: random_sae(site="resid_post.0", seed=3), 1: edited_sae, 2: random_sae(site="resid_post.2", seed=5)}
+    plan = steer.compile(steer.parse_spec("suppress feature 3 by 100%", site="resid_post.1", sae=[str(sae_dir)]),
+                         model, tokenizer=tokenizer)
+    adapter = adapter_for(model)
+    by_site = {adapter.parse_site(f"resid_post.{layer}", model): sae for layer, sae in saes.items()}
+    rows = neutral_text(tokenizer, "default").rows.tolist()
+    _, prints = firing_rates(plan, model, {"neutral text": rows}, by_site)
+
+    def encode(sae, x):
+        return torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+
+    def counts(edit: bool):
+        total = {layer: torch.zeros(24) for layer in saes}
+        for row in rows:
+            seen = {}
+
+            def hook(layer):
+                def fn(_m, _a, out):
+                    x = out[0] if isinstance(out, tuple) else out
+                    if edit and layer == 1:
+                        x = x - encode(edited_sae, x)[..., 3:4] * edited_sae.W_dec[3]   # factor 0: (0 − 1)·f·d
+                    seen[layer] = x
+                    return (x, *out[1:]) if isinstance(out, tuple) else x
+                return fn
+            handles = [model.model.layers[layer].register_forward_hook(hook(layer)) for layer in saes]
+            with torch.no_grad():
+                model(torch.tensor([row]))
+            for h in handles:
+                h.remove()
+            for layer, sae in saes.items():
+                total[layer] += (encode(sae, seen[layer][0, 1:].float()) > 0).sum(0)   # the sink left out
+        return total
+
+    base, edited = counts(False), counts(True)
+    positions = sum(len(r) - 1 for r in rows)
+    found = {p.site: p for p in prints}
+    assert list(found) == ["resid_post.0", "resid_post.1", "resid_post.2"]
+    for layer in saes:
+        p = found[f"resid_post.{layer}"]
+        assert (p.positions, p.d_sae, p.rows) == (positions, 24, "neutral text")
+        assert p.l0_base == pytest.approx(float(base[layer].sum()) / positions, rel=1e-3)
+        assert p.l0_edited == pytest.approx(float(edited[layer].sum()) / positions, rel=1e-3)
+        change = (edited[layer] - base[layer]).abs()
+        assert abs(p.moved - int((change > 0).sum())) <= 1
+        for feature, b, e in p.largest:
+            assert b == pytest.approx(float(base[layer][feature]) / positions, abs=2 / positions)
+            assert e == pytest.approx(float(edited[layer][feature]) / positions, abs=2 / positions)
+            assert change[feature] >= change.sort(descending=True).values[len(p.largest) - 1] - 2
+    assert found["resid_post.0"].moved == 0 and found["resid_post.0"].largest == ()   # upstream: untouched
+    assert found["resid_post.0"].l0_edited == found["resid_post.0"].l0_base
+    assert found["resid_post.1"].largest[0][0] == 3 and found["resid_post.1"].largest[0][2] < found["resid_post.1"].largest[0][1]
+    assert found["resid_post.2"].moved > 0                                            # downstream: it spreads
+
+    suite = load_suite(write(tmp_path / "gap.yaml", GAP_SUITE))
+    manifest = export(plan, model, tokenizer, "pack", tmp_path / "out", base=directory, suites=[suite], eval_split="dev")
+    recorded = {(r["site"], r["rows"]): r for r in manifest["evaluation"]["footprint"]}
+    assert set(recorded) == {("resid_post.1", "neutral text"), ("resid_post.1", "tiny-gap (dev)")}
+    neutral = recorded[("resid_post.1", "neutral text")]
+    assert neutral["l0_base"] == pytest.approx(found["resid_post.1"].l0_base, rel=1e-3)
+    assert neutral["largest"][0]["feature"] == 3
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Footprint at every SAE site" in card
+    assert re.search(rf"\| resid_post.1 \| neutral text \({positions} positions\) \| {neutral['l0_base']:.2f} → ", card)
+
+
 def test_sweep_writes_one_row_per_grid_point_and_a_png(saved, capsys, tmp_path):
     import matplotlib.image
 

@@ -9,12 +9,18 @@ is verified against — and its activation is read *after* the edit at that site
 `steer.applied` sees the steered value, `steer.models.capture`), then encoded by the same SAE. A suppressed
 feature therefore reads its remaining firing rate, and a feature the edit should leave alone shows whether it
 did.
+
+The same two passes also give the edit's `Footprint` at every SAE site of the model (`footprint_saes`: the
+plan's own SAEs in full and, on the default model, every SAE shipped with steer): each site's whole dictionary
+read base vs edited. Upstream of the first edited site nothing may move; downstream it shows how far the edit
+spreads beyond the features it names.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,28 +48,76 @@ class FiringRate:
                 "base": float(f"{self.base:.4g}"), "edited": float(f"{self.edited:.4g}")}
 
 
-def firing_rates(plan, model, row_sets: dict[str, list[list[int]]]) -> list[FiringRate]:
+TOP_MOVES = 3
+"""Features named per site and row set in a footprint: those whose firing rate the edit moved most."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What an edit does to *every* feature of one SAE site: the site's whole dictionary read base vs edited.
+
+    At a site before the first edited one it must read no change at all (the edit is causal); at the edited
+    sites and after them it shows how far the edit spreads beyond the features it names."""
+    site: str
+    rows: str
+    positions: int
+    d_sae: int
+    l0_base: float
+    """Mean number of features firing per position, base model."""
+    l0_edited: float
+    moved: int
+    """Features whose firing count changed at all."""
+    largest: tuple[tuple[int, float, float], ...]
+    """(feature, base rate, edited rate) of the features that moved most, largest change first."""
+
+    def as_dict(self) -> dict:
+        """For the manifest, 4 significant digits."""
+        return {"site": self.site, "rows": self.rows, "positions": self.positions, "d_sae": self.d_sae,
+                "l0_base": float(f"{self.l0_base:.4g}"), "l0_edited": float(f"{self.l0_edited:.4g}"),
+                "moved": self.moved,
+                "largest": [{"feature": f, "base": float(f"{b:.4g}"), "edited": float(f"{e:.4g}")}
+                            for f, b, e in self.largest]}
+
+
+def firing_rates(plan, model, row_sets: dict[str, list[list[int]]],
+                 saes: dict | None = None) -> tuple[list[FiringRate], list[Footprint]]:
     """Firing rates of every feature ``plan`` reads, base ``model`` vs ``model`` under ``plan``, on each of
-    ``row_sets`` (name → token id lists)."""
+    ``row_sets`` (name → token id lists); with ``saes`` (site → full SAE), also the edit's `Footprint` at each of
+    those sites, from the same two passes per row set."""
     sites = [sp for sp in plan.sites if sp.reader is not None]
-    if not sites:
-        return []
-    out = []
+    encoders = {("read", sp.site): (sp.site, _reader_encoder(sp.reader)) for sp in sites}
+    for site, sae in (saes or {}).items():
+        encoders[("all", site)] = (site, _sae_encoder(sae))
+    rates, prints = [], []
+    if not encoders:
+        return rates, prints
     for name, rows in row_sets.items():
-        base = _counts(model, sites, rows, None)
-        edited = _counts(model, sites, rows, plan)
+        base = _counts(model, encoders, rows, None)
+        edited = _counts(model, encoders, rows, plan)
         positions = sum(max(len(r) - 1, 0) for r in rows)
+        per = max(positions, 1)
         for sp in sites:
             for slot, feature in enumerate(sp.reader.feature_ids):
-                out.append(FiringRate(site=str(sp.site), feature=int(feature), rows=name, positions=positions,
-                                      base=float(base[sp.site][slot]) / max(positions, 1),
-                                      edited=float(edited[sp.site][slot]) / max(positions, 1)))
-    return out
+                rates.append(FiringRate(site=str(sp.site), feature=int(feature), rows=name, positions=positions,
+                                        base=float(base[("read", sp.site)][slot]) / per,
+                                        edited=float(edited[("read", sp.site)][slot]) / per))
+        for site in saes or {}:
+            before, after = base[("all", site)], edited[("all", site)]
+            change = (after - before).abs()
+            order = [int(i) for i in torch.argsort(change, descending=True, stable=True)[:TOP_MOVES] if change[i] > 0]
+            prints.append(Footprint(
+                site=str(site), rows=name, positions=positions, d_sae=int(before.numel()),
+                l0_base=float(before.sum()) / per, l0_edited=float(after.sum()) / per,
+                moved=int((change > 0).sum()),
+                largest=tuple((i, float(before[i]) / per, float(after[i]) / per) for i in order)))
+    return rates, prints
 
 
-def _counts(model, sites, rows: list[list[int]], plan) -> dict:
-    """Per site, ``(F,)`` counts of positions (first of each row left out) where each read feature fires."""
-    counts = {sp.site: torch.zeros(len(sp.reader.feature_ids), dtype=torch.long) for sp in sites}
+def _counts(model, encoders: dict, rows: list[list[int]], plan) -> dict:
+    """Per key of ``encoders`` (key → (site, activations → features)), the count of positions (first of each row
+    left out) where each feature fires, on ``model`` as it is (``plan`` None) or under ``plan``'s hooks."""
+    counts: dict = {}
+    sites = list(dict.fromkeys(site for site, _ in encoders.values()))
     device = next(model.parameters()).device
     for start in range(0, len(rows), BATCH):
         chunk = rows[start:start + BATCH]
@@ -74,18 +128,54 @@ def _counts(model, sites, rows: list[list[int]], plan) -> dict:
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
         with torch.no_grad(), (applied(model, plan) if plan is not None else nullcontext()), \
-                capture(model, [sp.site for sp in sites]) as acts:
+                capture(model, sites) as acts:
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
         keep = mask.bool().clone()
         keep[:, 0] = False  # the attention sink
-        for sp in sites:
-            x = acts[sp.site][0].float().cpu()
-            sae = sp.reader.sae
-            f = sae.encode(x.to(sae.W_enc.dtype))
-            if sp.reader.gather is not None:
-                f = f[..., sp.reader.gather]
-            counts[sp.site] += ((f > 0) & keep[..., None]).sum(dim=(0, 1))
+        for key, (site, encode) in encoders.items():
+            f = encode(acts[site][0].float().cpu())
+            fired = ((f > 0) & keep[..., None]).sum(dim=(0, 1))
+            counts[key] = fired if key not in counts else counts[key] + fired
     return counts
+
+
+def footprint_saes(plan, model) -> dict:
+    """Site → full SAE for every site the footprint covers: the SAEs the plan was compiled from (reloaded in full
+    from their files) and, when ``model`` is the default model, every SAE shipped with steer."""
+    from steer.models.adapters import adapter_for
+    from steer.models.loading import DEFAULT_MODEL, registry_name
+    from steer.sae.shipped import shipped_available, shipped_sites
+    from steer.saes import load_sae
+
+    adapter = adapter_for(model)
+    saes: dict = {}
+    if registry_name(model) == DEFAULT_MODEL and shipped_available():
+        for site in shipped_sites():
+            saes[adapter.parse_site(site, model)] = load_sae(f"default:{site}")
+    for source, _ in plan.saes:
+        if source == "<memory>" or not Path(source).exists():
+            continue
+        sae = load_sae(source)
+        site = next((sp.site for sp in plan.sites if sp.reader is not None and sae.site is not None
+                     and adapter.parse_site(sae.site, model) == sp.site), None)
+        if site is not None:
+            saes.setdefault(site, sae)
+    return dict(sorted(saes.items()))  # by layer
+
+
+def _reader_encoder(reader):
+    """The read features of one site's plan: the (sliced) SAE's encoder, gathered to the plan's feature order."""
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        f = reader.sae.encode(x.to(reader.sae.W_enc.dtype))
+        return f[..., reader.gather] if reader.gather is not None else f
+    return encode
+
+
+def _sae_encoder(sae):
+    """Every feature of a full SAE."""
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x.to(sae.W_enc.dtype))
+    return encode
 
 
 def firing_lines(rates: list[FiringRate]) -> list[str]:
@@ -105,4 +195,21 @@ def firing_lines(rates: list[FiringRate]) -> list[str]:
     for (site, feature), row in by_feature.items():
         lines.append(f"| {site} | {feature} | " + " | ".join(
             f"{100 * row[s].base:.2f}% → {100 * row[s].edited:.2f}%" for s in positions) + " |")
+    return [*lines, ""]
+
+
+def footprint_lines(prints: list[Footprint]) -> list[str]:
+    """The edit card's table of the edit's footprint at every SAE site given, one line per (site, row set)."""
+    if not prints:
+        return []
+    lines = ["## Footprint at every SAE site", "",
+             "Each site's whole dictionary read base → edited (each row's first position left out): the mean number "
+             "of features firing per position (L0), how many features' firing rates moved at all, and the "
+             f"{TOP_MOVES} that moved most. A site before the first edited one must show no change.", "",
+             "| site | rows | L0 | features moved | largest moves (feature: base → edited) |",
+             "| --- | --- | --- | --- | --- |"]
+    for p in prints:
+        moves = ", ".join(f"{f}: {100 * b:.2f}% → {100 * e:.2f}%" for f, b, e in p.largest) or "none"
+        lines.append(f"| {p.site} | {p.rows} ({p.positions} positions) | {p.l0_base:.2f} → {p.l0_edited:.2f} | "
+                     f"{p.moved} of {p.d_sae} | {moves} |")
     return [*lines, ""]

@@ -65,7 +65,7 @@ def _evaluate_export(writer, plan, model, tokenizer, tmp: Path, suites, split: s
     if not suites:
         return None, []
     from steer.errors import SteerError
-    from steer.evaluate.firing import firing_lines, firing_rates
+    from steer.evaluate.firing import firing_lines, firing_rates, footprint_lines, footprint_saes
     from steer.evaluate.report import evaluate, evaluation_for_export, measure_baseline
     from steer.evaluate.suites import load_suites
 
@@ -83,9 +83,10 @@ def _evaluate_export(writer, plan, model, tokenizer, tmp: Path, suites, split: s
     row_sets = {"neutral text": baseline.neutral.rows.tolist()}
     for suite in load_suites(suites):
         row_sets[f"{suite.name} ({split})"] = [tokenizer(p.text).input_ids for p in suite.select(split)]
-    rates = firing_rates(plan, model, row_sets)
+    rates, prints = firing_rates(plan, model, row_sets, footprint_saes(plan, model))
     evaluation["firing"] = [r.as_dict() for r in rates]
-    return evaluation, lines + firing_lines(rates)
+    evaluation["footprint"] = [p.as_dict() for p in prints]
+    return evaluation, lines + firing_lines(rates) + footprint_lines(prints)
 
 
 def _manifest(plan, target, base, base_dir, lowerings, notes, fidelity, tmp) -> dict:
