@@ -23,7 +23,7 @@ from steer.cli.main import main
 from steer.discover.attribution import attribute, suite_gaps, target_weights, verify_attribution
 from steer.evaluate.suites import load_suite_text
 from steer.sae import SAE, save_sae
-from tests.conftest import random_sae, save_tiny, tiny_model, tiny_tokenizer
+from tests.conftest import VOCAB, random_sae, save_tiny, tiny_model, tiny_tokenizer
 from tests.test_evaluate import EXPLICIT_SUITE, GAP_SUITE
 
 STEREOTYPE_SUITE = GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n  midpoint: 40\n")
@@ -71,7 +71,16 @@ def test_the_target_is_the_suites_headline_in_linear_form(tiny, text):
     result = attribute(model, tokenizer, saes(), suite, split="all")
     assert result.metric == pytest.approx(target_by_hand(suite, gaps), abs=1e-5)
     assert len(result.rows) == 2 * 24 and {r.site for r in result.rows} == set(SITES)
-    assert [r.attribution for r in result.rows] == sorted((r.attribution for r in result.rows), reverse=True)
+    assert_ranked(result.rows, lambda r: r.attribution)
+
+
+def assert_ranked(rows, key):
+    """Features that never fire at a prompt's first token first, then the others; each part best first."""
+    flags = [r.at_first for r in rows]
+    assert flags == sorted(flags)
+    for part in (False, True):
+        values = [key(r) for r in rows if r.at_first == part]
+        assert values == sorted(values, reverse=True)
 
 
 def test_attribution_is_the_derivative_along_each_features_own_contribution(tiny):
@@ -179,7 +188,78 @@ def test_contrast_ranks_by_selectivity(tiny):
         assert r.contrast == pytest.approx(alone[(r.site, r.feature)], rel=1e-6, abs=1e-9)
         expected = r.attribution / abs(result.metric) - abs(r.contrast) / abs(result.contrast_metric)
         assert r.selectivity == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert [r.selectivity for r in result.rows] == sorted((r.selectivity for r in result.rows), reverse=True)
+    assert_ranked(result.rows, lambda r: r.selectivity)
+
+
+def test_features_firing_at_a_first_token_are_flagged_and_ranked_last(tiny):
+    """at_first: the feature fires (f > 0) at the first token of some target or contrast prompt, each prompt run
+    alone here and its site read by a hook of the test's own. Those rank after every other feature, since an edit
+    of them acts at the attention sink too; with include_first the ranking is by attribution alone."""
+    from steer.generate import prompt_ids
+
+    model, tokenizer = tiny
+    target = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    keep = load_suite_text(EXPLICIT_SUITE, "e.yaml")
+    dictionaries = saes()
+    fired = {site: torch.zeros(24, dtype=torch.bool) for site in SITES}
+    for suite in (target, keep):
+        for prompt in suite.select("all"):
+            seen = {}
+            handles = [model.model.layers[int(site.rsplit(".", 1)[1])].register_forward_hook(
+                lambda m, a, out, site=site: seen.__setitem__(site, out[0] if isinstance(out, tuple) else out))
+                for site in SITES]
+            with torch.no_grad():
+                model(prompt_ids(tokenizer, [prompt.text], chat=suite.chat)["input_ids"])
+            for h in handles:
+                h.remove()
+            for sae in dictionaries:
+                x = seen[sae.site][0, 0]
+                fired[sae.site] |= torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc) > 0
+    result = attribute(model, tokenizer, dictionaries, target, split="all", contrast=keep)
+    assert {(r.site, r.feature): r.at_first for r in result.rows} == \
+        {(site, i): bool(fired[site][i]) for site in SITES for i in range(24)}
+    assert 0 < sum(r.at_first for r in result.rows) < len(result.rows)  # both kinds occur: the order is tested
+    assert_ranked(result.rows, lambda r: r.selectivity)
+    plain = attribute(model, tokenizer, dictionaries, target, split="all", contrast=keep, include_first=True)
+    assert [r.selectivity for r in plain.rows] == sorted((r.selectivity for r in plain.rows), reverse=True)
+
+
+def test_cost_is_the_derivative_of_the_neutral_loss_along_each_feature(tiny):
+    """cost_i = the first-order change of the mean next-token loss on neutral rows if feature i were zeroed: minus
+    the derivative of that loss (cross-entropy written out here) with the feature's contribution scaled by
+    (1 + ε) at every position but each row's first, by a central difference through a hook of the test's own."""
+    from steer.models.adapters import adapter_for
+    from steer.models.capture import rewritten
+
+    model = tiny_model("llama").double()
+    _, tokenizer = tiny
+    suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    dictionaries = saes(dtype=torch.float64)
+    rows = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    result = attribute(model, tokenizer, dictionaries, suite, split="all", neutral=rows)
+    cost = {(r.site, r.feature): r.cost for r in result.rows}
+
+    def loss(sae, feature, s):
+        def fn(x):
+            _, _, sigma = sae.normalize(x)
+            contribution = sae.encode(x)[..., feature, None] * sigma * sae.W_dec[feature]
+            contribution[:, 0] = 0
+            return x + (s - 1) * contribution
+        with torch.no_grad(), rewritten(model, adapter_for(model).parse_site(sae.site, model), fn):
+            logp = torch.log_softmax(model(rows).logits[:, :-1], dim=-1)
+        return float(-logp.gather(-1, rows[:, 1:, None]).mean())
+
+    checked = 0
+    for sae in dictionaries:
+        for feature in (0, 5, 17, 3):
+            def central(eps, sae=sae, feature=feature):
+                return (loss(sae, feature, 1 + eps) - loss(sae, feature, 1 - eps)) / (2 * eps)
+            # Llama's RMSNorm computes in float32 even in a float64 model (loss noise ~1e-7, ~2e-5 in a difference
+            # over 0.02): steps of 0.01 and 0.02, and Richardson's extrapolation cancels the ε² term
+            derivative = (4 * central(0.01) - central(0.02)) / 3
+            assert cost[(sae.site, feature)] == pytest.approx(-derivative, rel=1e-3, abs=3e-5), (sae.site, feature)
+            checked += abs(derivative) > 1e-4
+    assert checked >= 4  # the loss does move along these features: the comparison is not of zeros
 
 
 def test_cli_attribute_ranks_across_sites_and_verifies(tmp_path, capsys):

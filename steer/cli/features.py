@@ -107,7 +107,12 @@ def register(commands) -> None:
     attribute.add_argument("--include-first", action="store_true",
                            help="also count each prompt's first token, the attention sink (default: left out, since "
                                 "features that fire only there rank high for every target and ablating them breaks "
-                                "the model rather than the concept)")
+                                "the model rather than the concept; and features that fire at any first token rank last, "
+                                "marked `sink`, since an edit of one acts there too)")
+    attribute.add_argument("--cost", default="calibration", metavar="TEXT",
+                           help="neutral text for each feature's side-effect estimate (the first-order change of the "
+                                "mean next-token loss if it were zeroed): calibration (steer's calibration text, the "
+                                "default; not the BBC text eval measures KL on), default, a corpus path, or none")
     attribute.add_argument("--json", metavar="OUT", help="also write the listed rows (and verification) as JSON")
     attribute.set_defaults(run=run_attribute)
 
@@ -303,6 +308,10 @@ def _cached_default_atlas(sae) -> str | None:
 # -- attribute ------------------------------------------------------------------------------
 
 
+COST_TOKENS = 4096
+"""Tokens of neutral text for `steer features attribute`'s side-effect estimate (32 rows of 128)."""
+
+
 def run_attribute(args) -> int:
     from steer.discover.attribution import attribute, verify_attribution
     from steer.errors import SteerError
@@ -317,21 +326,35 @@ def run_attribute(args) -> int:
     contrast = load_suite(args.contrast) if args.contrast else None
     saes = [_load_sae(spec)[0] for spec in (args.sae or [None])]
     model, tokenizer = load_model(_model_name(args, saes[0]))
+    neutral = None
+    if args.cost != "none":
+        from steer.evaluate.report import neutral_text
+        neutral = neutral_text(tokenizer, args.cost, tokens=COST_TOKENS).rows
     result = attribute(model, tokenizer, saes, suite, split=args.split, contrast=contrast,
-                       include_first=args.include_first)
+                       include_first=args.include_first, neutral=neutral)
     checked = verify_attribution(model, tokenizer, result, saes, min(args.verify, len(result.rows))) if args.verify else []
     print(f"{suite.name} ({args.split} split), target = {result.suite.scoring.headline} in differentiable form: "
           f"m = {result.metric:.4g}" + (f"; contrast {contrast.name}: m = {result.contrast_metric:.4g}" if contrast else ""))
-    print("attribution a = Σ activation × gradient: zeroing the feature changes m by about −a")
+    print("attribution a = Σ activation × gradient: zeroing the feature changes m by about −a"
+          + ("; Δloss: the same estimate of the mean next-token loss on neutral text (nats/token)" if neutral is not None
+             else ""))
     head = f"{'rank':>4} {'site':<16} {'feature':>7} {'a':>10}"
     if contrast:
         head += f" {'a(contrast)':>11} {'selectivity':>11}"
+    if neutral is not None:
+        head += f" {'Δloss':>10}"
     print(head)
     for rank, row in enumerate(result.top(args.top), start=1):
         line = f"{rank:>4} {row.site:<16} {row.feature:>7} {row.attribution:>10.4g}"
         if contrast:
             line += f" {row.contrast:>11.4g} {row.selectivity:>11.4g}"
-        print(line)
+        if neutral is not None:
+            line += f" {row.cost + 0.0:>+10.3g}"  # + 0.0: a zero estimate prints as +0, not -0
+        print(line + ("  sink" if row.at_first else ""))
+    sinks = sum(r.at_first for r in result.rows)
+    if sinks and not args.include_first:
+        print(f"{sinks} features fire at some prompt's first token (the attention sink) and rank last, marked "
+              "`sink`: an edit acts at every position, so editing one edits the sink too")
     if checked:
         print(f"\nverified by ablation (scale 0 at the site, error term kept), top {len(checked)}:")
         print(f"{'site':<16} {'feature':>7} {'estimate':>10} {'true':>10} {'score change':>13}")

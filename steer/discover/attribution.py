@@ -48,7 +48,17 @@ SAEs, the four features attribution ranked first with the first token included
 (resid_post.16/2317 and 3623, resid_post.3/4009 and 3148) fire only at position
 0, and ablating resid_post.16/2317 alone costs KL 0.61 nats/token on neutral
 text. A feature's attribution therefore sums over positions ≥ 1 of each prompt
-(the first *real* token under left padding).
+(the first *real* token under left padding). And because an edit acts at every
+position, a feature that fires at *any* prompt's first token — not only the
+sink-only ones — is flagged (``at_first``) and ranked after every other: editing
+it edits the sink too. Measured on the shipped SAEs: the 100 most selective
+stereotype features of a discovery set, ablated together, cost KL 4.4
+nats/token with the 17 that fire at a first token among them, and 0.10 without.
+
+**Side-effect estimate** (``neutral=`` token rows): the same patching on the mean
+next-token loss of neutral text gives each feature's ``cost``, the first-order
+change of that loss (nats/token) if it were zeroed: what editing it is likely to
+cost outside the target, before any edit is run.
 
 Designed to extend to transcoders and cross-layer graphs: an attribution is a
 ``(site, feature) → number`` table from one backward pass; a transcoder adds a
@@ -83,6 +93,12 @@ class FeatureAttribution:
     """c_i: the same for the contrast suite's target (None without one)."""
     selectivity: float | None = None
     """a_i/|m| − |c_i|/|m_c| (contrast mode): what the ranking sorts by."""
+    at_first: bool = False
+    """The feature fires at some prompt's first token (the attention sink). An edit acts at every position, so
+    editing it edits the sink too; such features rank after every other (module docstring)."""
+    cost: float | None = None
+    """Estimated change of the mean next-token loss (nats/token) on neutral text if the feature were zeroed:
+    the edit's side effect to first order (None when not asked for)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,11 +196,11 @@ def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size
 
 
 def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weights: list[float], *,
-                      batch_size: int = BATCH, include_first: bool = False) -> dict[str, torch.Tensor]:
+                      batch_size: int = BATCH, include_first: bool = False,
+                      first_firing: dict | None = None) -> dict[str, torch.Tensor]:
     """``{site: (d_sae,)}`` float64 attributions ``a_i`` of ``m = Σ w_p g_p`` (module docstring) for every SAE,
-    summed over every real token but each prompt's first (the attention sink) unless ``include_first``."""
-    from steer.models.capture import rewritten
-
+    summed over every real token but each prompt's first (the attention sink) unless ``include_first``. With
+    ``first_firing`` (site → bool ``(d_sae,)``), also marks there every feature that fires at a first token."""
     adapter_sites = {name: _parse_site(model, name) for name in saes}
     a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
     b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
@@ -194,31 +210,68 @@ def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weigh
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask, positions = _batch(tokenizer, [p.text for p in chunk], suite.chat, param.device)
-        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def splice(x, name):
-            z = torch.zeros_like(x, requires_grad=True)  # x + z: same values; ∂m/∂z = ∂m/∂x, through every path
-            seen[name] = (x.detach(), z)
-            return x + z
-
-        with ExitStack() as stack, torch.enable_grad():
-            for name, site in adapter_sites.items():
-                stack.enter_context(rewritten(model, site, lambda x, name=name: splice(x, name)))
-            gaps = _gaps(model, ids, mask, positions, a, b)                                            # (B,)
-            w = torch.tensor(weights[start:start + len(chunk)], dtype=gaps.dtype, device=gaps.device)
-            (w * gaps).sum().backward()
+        w = torch.tensor(weights[start:start + len(chunk)], dtype=torch.float64, device=param.device)
         valid = mask.bool() if include_first else mask.bool() & (positions > 0)
-        valid = valid[..., None]                                                                        # (B, T, 1)
-        with torch.no_grad():
-            for name, sae in here.items():
-                x, z = seen[name]
-                grad = z.grad                                                                           # (B, T, d)
-                f = sae.encode(x)                                                                       # (B, T, d_sae)
-                _, _, sigma = sae.normalize(x)
-                sigma = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(x[..., :1], float(sigma))
-                along = (grad * sigma) @ sae.W_dec.T                                                    # (B, T, d_sae)
-                totals[name] += (f * along * valid).sum(dim=(0, 1)).double().cpu()
+        features = _accumulate(model, here, adapter_sites, lambda: (w * _gaps(model, ids, mask, positions, a, b)).sum(),
+                               valid, totals)
+        if first_firing is not None:
+            first = (mask.bool() & (positions == 0))[..., None]
+            for name, f in features.items():
+                fired = ((f > 0) & first).any(dim=0).any(dim=0).cpu()
+                first_firing[name] = fired if name not in first_firing else first_firing[name] | fired
     return totals
+
+
+def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """``{site: (d_sae,)}`` estimated change of the mean next-token loss (nats/token) on the token ``rows``
+    ``(N, T)`` if each feature were zeroed: ``−Σ_t f_i(x_t) σ_t (d_i · ∂L/∂x_t)`` with ``L`` the mean loss, by
+    the same attribution patching (each row's first position left out of the sum, as for the target)."""
+    adapter_sites = {name: _parse_site(model, name) for name in saes}
+    param = next(model.parameters())
+    here = {name: sae.to(dtype=param.dtype, device=param.device) for name, sae in saes.items()}
+    totals = {name: torch.zeros(sae.d_sae, dtype=torch.float64) for name, sae in saes.items()}
+    predictions = rows.shape[0] * (rows.shape[1] - 1)
+    for start in range(0, rows.shape[0], batch_size):
+        ids = rows[start:start + batch_size].to(param.device)
+
+        def loss():
+            logits = model(input_ids=ids).logits[:, :-1].double()
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                     reduction="sum") / predictions
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid[:, 0] = False
+        _accumulate(model, here, adapter_sites, loss, valid, totals)
+    return {name: -t for name, t in totals.items()}
+
+
+def _accumulate(model, here: dict, adapter_sites: dict, objective, valid: torch.Tensor, totals: dict) -> dict:
+    """One forward and backward pass of the scalar ``objective()`` with every site spliced (``x + z``, ``z`` a
+    zero leaf); adds ``Σ_t f_i σ_t (d_i · ∂objective/∂x_t)`` over ``valid`` ``(B, T)`` positions into ``totals``
+    per site, and returns each site's features ``(B, T, d_sae)``."""
+    from steer.models.capture import rewritten
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def splice(x, name):
+        z = torch.zeros_like(x, requires_grad=True)  # x + z: same values; ∂m/∂z = ∂m/∂x, through every path
+        seen[name] = (x.detach(), z)
+        return x + z
+
+    with ExitStack() as stack, torch.enable_grad():
+        for name, site in adapter_sites.items():
+            stack.enter_context(rewritten(model, site, lambda x, name=name: splice(x, name)))
+        objective().backward()
+    features = {}
+    with torch.no_grad():
+        for name, sae in here.items():
+            x, z = seen[name]
+            f = sae.encode(x)                                                                           # (B, T, d_sae)
+            _, _, sigma = sae.normalize(x)
+            sigma = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(x[..., :1], float(sigma))
+            along = (z.grad * sigma) @ sae.W_dec.T                                                      # (B, T, d_sae)
+            totals[name] += (f * along * valid[..., None]).sum(dim=(0, 1)).double().cpu()
+            features[name] = f
+    return features
 
 
 def _parse_site(model, name: str):
@@ -231,19 +284,22 @@ def _parse_site(model, name: str):
 
 
 def attribute(model, tokenizer, saes, suite, *, split: str = "dev", contrast=None, batch_size: int = BATCH,
-              include_first: bool = False) -> Attribution:
+              include_first: bool = False, neutral: torch.Tensor | None = None) -> Attribution:
     """Attributions of ``suite``'s target on its ``split`` prompts to every feature of ``saes`` (a list of SAEs,
     each read at the site its config names, or a ``{site: SAE}`` mapping), ranked across sites; with
     ``contrast`` (a suite), ranked by selectivity against that suite's target. Each prompt's first token (the
-    attention sink, module docstring) counts only with ``include_first``."""
+    attention sink, module docstring) counts only with ``include_first``; without it, features that fire at a
+    first token rank after all others. With ``neutral`` (token rows ``(N, T)``), each row also carries its
+    `loss_costs` estimate."""
     saes = _by_site(saes)
     suite = load_suite(suite)
     prompts = suite.select(split)
     gaps = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size)
     weights = target_weights(suite, prompts, gaps)
     metric = sum(w * g for w, g in zip(weights, gaps))
+    first_firing: dict = {}
     scores = site_attributions(model, tokenizer, saes, suite, prompts, weights, batch_size=batch_size,
-                               include_first=include_first)
+                               include_first=include_first, first_firing=first_firing)
     other, other_metric, other_scores = None, None, None
     if contrast is not None:
         other = load_suite(contrast)
@@ -252,18 +308,23 @@ def attribute(model, tokenizer, saes, suite, *, split: str = "dev", contrast=Non
         other_weights = target_weights(other, other_prompts, other_gaps)
         other_metric = sum(w * g for w, g in zip(other_weights, other_gaps))
         other_scores = site_attributions(model, tokenizer, saes, other, other_prompts, other_weights,
-                                         batch_size=batch_size, include_first=include_first)
+                                         batch_size=batch_size, include_first=include_first,
+                                         first_firing=first_firing)
+    costs = loss_costs(model, saes, neutral) if neutral is not None else None
     rows = []
     for site, values in scores.items():
+        sink = first_firing[site].tolist()
+        cost = costs[site].tolist() if costs is not None else None
         for i, value in enumerate(values.tolist()):
+            extra = {"at_first": bool(sink[i]), "cost": cost[i] if cost is not None else None}
             if other_scores is None:
-                rows.append(FeatureAttribution(site, i, value))
+                rows.append(FeatureAttribution(site, i, value, **extra))
             else:
                 c = float(other_scores[site][i])
                 selectivity = value / max(abs(metric), 1e-12) - abs(c) / max(abs(other_metric), 1e-12)
-                rows.append(FeatureAttribution(site, i, value, c, selectivity))
+                rows.append(FeatureAttribution(site, i, value, c, selectivity, **extra))
     key = (lambda r: -r.selectivity) if other_scores is not None else (lambda r: -r.attribution)
-    rows.sort(key=lambda r: (key(r), r.site, r.feature))
+    rows.sort(key=lambda r: (r.at_first and not include_first, key(r), r.site, r.feature))
     return Attribution(suite=suite, split=split, metric=metric, rows=tuple(rows), contrast_suite=other,
                        contrast_metric=other_metric)
 
@@ -320,5 +381,5 @@ def verify_attribution(model, tokenizer, attribution: Attribution, saes, n: int,
     return out
 
 
-__all__ = ["Attribution", "FeatureAttribution", "Verified", "attribute", "site_attributions", "suite_gaps",
-           "target_weights", "verify_attribution"]
+__all__ = ["Attribution", "FeatureAttribution", "Verified", "attribute", "loss_costs", "site_attributions",
+           "suite_gaps", "target_weights", "verify_attribution"]
