@@ -208,10 +208,12 @@ def run_sweep(args) -> int:
     for i, (values, report) in enumerate(zip(result.points, result.reports)):
         mark = "* " if i in front else ("  " if i in ok else "x ")
         label = ", ".join(f"{k}={v}" for k, v in values.items())
+        missed = [str(c) for c in constraints if c.violation(report) > 0]
         print(f"{mark}{label:<40} {report.suite(result.target).steered.score:>16.4g} {report.neutral.kl_mean:>9.4g} "
-              f"{report.neutral.ppl_change_pct:>+7.2f}%" + "".join(f" {report.suite(n).steered.score:>16.4g}" for n in others))
+              f"{report.neutral.ppl_change_pct:>+7.2f}%" + "".join(f" {report.suite(n).steered.score:>16.4g}" for n in others)
+              + (f"  misses {', '.join(missed)}" if missed else ""))
     if constraints:
-        print(f"x = misses {', '.join(str(c) for c in constraints)}"
+        print(f"x = misses one of {', '.join(str(c) for c in constraints)} (named on its row)"
               + ("" if ok else f"; no point meets them: {binding(constraints, result.reports)}"))
     print(f"* = Pareto front{' under the constraints' if constraints else ''}; wrote {args.output}/sweep.csv, "
           "sweep.json, sweep.png")
