@@ -489,8 +489,10 @@ def test_export_card_shows_the_edited_features_firing_rates_before_and_after(sav
 
     neutral = neutral_text(tokenizer, "default").rows.tolist()
     prompts = [tokenizer(p.text).input_ids for p in suite.select("dev")]
+    reference = {}
     for name, rows in (("neutral text", neutral), ("tiny-gap (dev)", prompts)):
         expected, positions = rates(rows)
+        reference[name] = expected
         for k, (base, edited) in expected.items():
             r = recorded[(name, k)]
             assert (r["site"], r["positions"]) == ("resid_post.1", positions)
@@ -500,6 +502,9 @@ def test_export_card_shows_the_edited_features_firing_rates_before_and_after(sav
     assert "## Edited features' firing rates" in card
     base3, edited3 = recorded[("neutral text", 3)]["base"], recorded[("neutral text", 3)]["edited"]
     assert re.search(rf"\| resid_post.1 \| 3 \| {100 * base3:.2f}% → {100 * edited3:.2f}% \|", card)
+    means = {name: [100 * np.mean([v[side] for v in ref.values()]) for side in (0, 1)] for name, ref in reference.items()}
+    assert (f"All 2 together, mean rate: neutral text {means['neutral text'][0]:.2f}% → {means['neutral text'][1]:.2f}%; "
+            f"tiny-gap (dev) {means['tiny-gap (dev)'][0]:.2f}% → {means['tiny-gap (dev)'][1]:.2f}%.") in card
 
 
 def test_footprint_reads_every_feature_at_every_site_and_nothing_moves_upstream(saved, tmp_path):

@@ -190,12 +190,20 @@ def firing_lines(rates: list[FiringRate]) -> list[str]:
              "Share of token positions (each row's first, the attention sink, left out) where the feature fires "
              "(f > 0), base → edited (the hooked reference, which the artifact reproduces: see Measured fidelity), "
              "read after the edit at its site.", "",
+             f"All {len(by_feature)} together, mean rate: " + "; ".join(
+                 f"{name} {100 * _mean(rates, name, 'base'):.2f}% → {100 * _mean(rates, name, 'edited'):.2f}%"
+                 for name in positions) + ".", "",
              "| site | feature | " + " | ".join(f"{s} ({n} positions)" for s, n in positions.items()) + " |",
              "| --- | --- | " + " | ".join("---" for _ in positions) + " |"]
     for (site, feature), row in by_feature.items():
         lines.append(f"| {site} | {feature} | " + " | ".join(
             f"{100 * row[s].base:.2f}% → {100 * row[s].edited:.2f}%" for s in positions) + " |")
     return [*lines, ""]
+
+
+def _mean(rates: list[FiringRate], rows: str, side: str) -> float:
+    values = [getattr(r, side) for r in rates if r.rows == rows]
+    return sum(values) / len(values)
 
 
 def footprint_lines(prints: list[Footprint]) -> list[str]:
