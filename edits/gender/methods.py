@@ -1,11 +1,13 @@
 """The worked example's comparison of methods (README "Worked example"), chosen on dev, reported held out.
 
-Every method is fitted and tuned on the **dev** halves of `gender-occupation` and `gender-explicit` only, then
-measured once on their **held-out** halves, with the same neutral text (KL, perplexity) and the `age` and
+Every method is fitted and tuned without the **held-out** halves of `gender-occupation` and `gender-explicit`
+(on their dev halves; (b) also on a discovery set that shares nothing with the suite, with the `age` suite as a
+guard), then measured once on those held-out halves, with the same neutral text (KL, perplexity) and the `age` and
 `capability` suites (no split: the whole suite) as side-effect checks:
 
 (a) one SAE feature (`--single`: a spec with one `project_out` of a feature, e.g. the top attributed one);
-(b) the attributed multi-site SAE edit (`--spec`: the spec `steer tune` chose across the shipped sites);
+(b) the attributed multi-site SAE edit (`--spec`: the shipped `edits/gender-occupation.yaml`, chosen by
+    `edits/gender/choose.py` and a dev sweep of its factor);
 (c) abliteration-style: the mean difference of last-token activations at one site, female-typed minus
     male-typed occupation prompts (dev), projected out of every writer (`site writers`: exact in weights);
 (c⊥) the same direction made orthogonal to the explicit-gender direction (explicitly female minus male

@@ -63,7 +63,8 @@ class Footprint:
     positions: int
     d_sae: int
     l0_base: float
-    """Mean number of features firing per position, base model."""
+    """Mean number of features firing per position, base model (a top-k SAE's is k by construction: there the
+    moves show which features took the slots an edit freed)."""
     l0_edited: float
     moved: int
     """Features whose firing count changed at all."""

@@ -1,0 +1,70 @@
+"""The worked example's own parts (README "Worked example"): the discovery set and the feature choice.
+
+The discovery set must share nothing with the suite it is scored on, or features found on it would only name the
+suite's occupations again; the choice keeps a feature only when both rankings agree (hand-made rankings here,
+each row's fate stated by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from steer.evaluate.suites import load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+DISCOVERY = ROOT / "edits" / "gender" / "discovery-occupations.yaml"
+
+
+def fills(suite) -> set[str]:
+    return {value for p in suite.prompts for key, value, _ in p.data if key == "share_women"}
+
+
+def test_discovery_set_shares_no_occupation_or_template_with_the_suite():
+    discovery, suite = load_suite(str(DISCOVERY)), load_suite("gender-occupation")
+    assert discovery.scoring.headline == "stereotype" and discovery.scoring.a == suite.scoring.a
+    assert len(fills(discovery)) >= 40 and not fills(discovery) & fills(suite)
+    raw = yaml.safe_load(DISCOVERY.read_text())
+    ours = {t["text"] for t in raw["templates"]}
+    theirs = {t["text"] for t in yaml.safe_load((ROOT / "steer" / "data" / "suites" / "gender-occupation.yaml")
+                                               .read_text())["templates"]}
+    assert len(ours) >= 6 and not ours & theirs
+    shares = [o["share_women"] for o in raw["fill"]["occupation"]]
+    assert all(s <= 30 or s >= 70 for s in shares)  # each one clearly typed: only the side of 50 is used
+    assert sum(s < 50 for s in shares) == sum(s > 50 for s in shares)
+    assert {p.split for p in discovery.prompts} == {"any"}  # in every split: it is only ever used to find features
+
+
+def row(site, feature, a, c, *, first=False, cost=0.0):
+    return {"site": site, "feature": feature, "attribution": a, "contrast": c, "selectivity": 0.0,
+            "at_first": first, "cost": cost}
+
+
+def test_choose_keeps_only_features_both_rankings_agree_on(tmp_path):
+    discovery = [row("resid_post.3", 1, 0.05, 0.001),                  # kept: selective in both, cheap
+                 row("resid_post.16", 2, 0.04, 0.0),                   # kept
+                 row("resid_post.10", 3, 0.04, 0.001),                  # dev: touches explicit gender (c ≥ q·a)
+                 row("resid_post.7", 4, 0.04, 0.0, first=True),        # fires at a first token
+                 row("resid_post.7", 5, 0.04, 0.0, cost=0.002),         # too costly on neutral text
+                 row("resid_post.3", 6, 0.04, 0.0),                     # not in the dev ranking
+                 row("resid_post.3", 7, -0.01, 0.0)]                    # lowers the stereotype
+    dev = [row("resid_post.3", 1, 0.08, 0.0), row("resid_post.16", 2, 0.02, 0.009),
+           row("resid_post.10", 3, 0.02, 0.011), row("resid_post.7", 4, 0.05, 0.0),
+           row("resid_post.7", 5, 0.05, 0.0, cost=0.002), row("resid_post.3", 7, 0.05, 0.0)]
+    paths = []
+    for name, rows in (("disc", discovery), ("dev", dev)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"contrast": "gender-explicit", "metric": 1.0, "rows": rows}))
+        paths.append(str(path))
+    out = tmp_path / "spec.yaml"
+    done = subprocess.run([sys.executable, str(ROOT / "edits" / "gender" / "choose.py"), *paths, "--q", "0.5",
+                           "--max-cost", "0.001", "--factor", "0.2", "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    spec = yaml.safe_load(out.read_text())
+    assert spec["edits"] == [{"scale": 1, "factor": 0.2, "site": "resid_post.3"},
+                             {"scale": 2, "factor": 0.2, "site": "resid_post.16"}]
+    assert spec["sae"] == ["default:resid_post.3", "default:resid_post.16"]
