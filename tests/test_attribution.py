@@ -111,6 +111,17 @@ def test_attribution_is_the_derivative_along_each_features_own_contribution(tiny
             assert by_key[(sae.site, feature)] == pytest.approx(derivative, rel=2e-4, abs=1e-6), (sae.site, feature)
 
 
+def scaled_after_first(sae, feature: int, s: float):
+    """A site rewrite written here: feature ``feature``'s contribution f·σ·d scaled by ``s`` at every position but
+    each row's first (one unpadded row per pass, so position 0 is the first token)."""
+    def fn(x):
+        _, _, sigma = sae.normalize(x)
+        contribution = sae.encode(x)[..., feature, None] * sigma * sae.W_dec[feature]
+        contribution[:, 0] = 0
+        return x + (s - 1) * contribution
+    return fn
+
+
 def test_each_prompts_first_token_is_left_out_unless_asked(tiny):
     """By default a_i is the derivative along feature i's contribution at every position but each prompt's first
     (the attention sink): checked by a central difference through a hook written here, which scales the
@@ -130,12 +141,7 @@ def test_each_prompts_first_token_is_left_out_unless_asked(tiny):
     weights = target_weights(suite, prompts, suite_gaps(model, tokenizer, suite, prompts))
 
     def target(sae, feature, s):
-        def fn(x):
-            _, _, sigma = sae.normalize(x)
-            contribution = sae.encode(x)[..., feature, None] * sigma * sae.W_dec[feature]
-            contribution[:, 0] = 0
-            return x + (s - 1) * contribution
-        with rewritten(model, adapter_for(model).parse_site(sae.site, model), fn):
+        with rewritten(model, adapter_for(model).parse_site(sae.site, model), scaled_after_first(sae, feature, s)):
             gaps = suite_gaps(model, tokenizer, suite, prompts, batch_size=1)
         return sum(w * g for w, g in zip(weights, gaps))
 
@@ -240,12 +246,8 @@ def test_cost_is_the_derivative_of_the_neutral_loss_along_each_feature(tiny):
     cost = {(r.site, r.feature): r.cost for r in result.rows}
 
     def loss(sae, feature, s):
-        def fn(x):
-            _, _, sigma = sae.normalize(x)
-            contribution = sae.encode(x)[..., feature, None] * sigma * sae.W_dec[feature]
-            contribution[:, 0] = 0
-            return x + (s - 1) * contribution
-        with torch.no_grad(), rewritten(model, adapter_for(model).parse_site(sae.site, model), fn):
+        with torch.no_grad(), rewritten(model, adapter_for(model).parse_site(sae.site, model),
+                                        scaled_after_first(sae, feature, s)):
             logp = torch.log_softmax(model(rows).logits[:, :-1], dim=-1)
         return float(-logp.gather(-1, rows[:, 1:, None]).mean())
 

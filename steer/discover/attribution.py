@@ -201,12 +201,9 @@ def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weigh
     """``{site: (d_sae,)}`` float64 attributions ``a_i`` of ``m = Σ w_p g_p`` (module docstring) for every SAE,
     summed over every real token but each prompt's first (the attention sink) unless ``include_first``. With
     ``first_firing`` (site → bool ``(d_sae,)``), also marks there every feature that fires at a first token."""
-    adapter_sites = {name: _parse_site(model, name) for name in saes}
     a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
     b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
-    param = next(model.parameters())
-    here = {name: sae.to(dtype=param.dtype, device=param.device) for name, sae in saes.items()}
-    totals = {name: torch.zeros(sae.d_sae, dtype=torch.float64) for name, sae in saes.items()}
+    param, adapter_sites, here, totals = _prepared(model, saes)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask, positions = _batch(tokenizer, [p.text for p in chunk], suite.chat, param.device)
@@ -226,10 +223,7 @@ def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8) ->
     """``{site: (d_sae,)}`` estimated change of the mean next-token loss (nats/token) on the token ``rows``
     ``(N, T)`` if each feature were zeroed: ``−Σ_t f_i(x_t) σ_t (d_i · ∂L/∂x_t)`` with ``L`` the mean loss, by
     the same attribution patching (each row's first position left out of the sum, as for the target)."""
-    adapter_sites = {name: _parse_site(model, name) for name in saes}
-    param = next(model.parameters())
-    here = {name: sae.to(dtype=param.dtype, device=param.device) for name, sae in saes.items()}
-    totals = {name: torch.zeros(sae.d_sae, dtype=torch.float64) for name, sae in saes.items()}
+    param, adapter_sites, here, totals = _prepared(model, saes)
     predictions = rows.shape[0] * (rows.shape[1] - 1)
     for start in range(0, rows.shape[0], batch_size):
         ids = rows[start:start + batch_size].to(param.device)
@@ -242,6 +236,15 @@ def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8) ->
         valid[:, 0] = False
         _accumulate(model, here, adapter_sites, loss, valid, totals)
     return {name: -t for name, t in totals.items()}
+
+
+def _prepared(model, saes: dict):
+    """(a parameter, site name → Site, the SAEs in the model's dtype and device, zeroed float64 totals per site)."""
+    param = next(model.parameters())
+    adapter_sites = {name: _parse_site(model, name) for name in saes}
+    here = {name: sae.to(dtype=param.dtype, device=param.device) for name, sae in saes.items()}
+    totals = {name: torch.zeros(sae.d_sae, dtype=torch.float64) for name, sae in saes.items()}
+    return param, adapter_sites, here, totals
 
 
 def _accumulate(model, here: dict, adapter_sites: dict, objective, valid: torch.Tensor, totals: dict) -> dict:

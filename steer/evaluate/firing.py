@@ -86,9 +86,9 @@ def firing_rates(plan, model, row_sets: dict[str, list[list[int]]],
     ``row_sets`` (name → token id lists); with ``saes`` (site → full SAE), also the edit's `Footprint` at each of
     those sites, from the same two passes per row set."""
     sites = [sp for sp in plan.sites if sp.reader is not None]
-    encoders = {("read", sp.site): (sp.site, _reader_encoder(sp.reader)) for sp in sites}
+    encoders = {("read", sp.site): (sp.site, _encoder(sp.reader.sae, sp.reader.gather)) for sp in sites}
     for site, sae in (saes or {}).items():
-        encoders[("all", site)] = (site, _sae_encoder(sae))
+        encoders[("all", site)] = (site, _encoder(sae))
     rates, prints = [], []
     if not encoders:
         return rates, prints
@@ -153,8 +153,9 @@ def footprint_saes(plan, model) -> dict:
     if registry_name(model) == DEFAULT_MODEL and shipped_available():
         for site in shipped_sites():
             saes[adapter.parse_site(site, model)] = load_sae(f"default:{site}")
+    loaded = {str(sae.source) for sae in saes.values()}
     for source, _ in plan.saes:
-        if source == "<memory>" or not Path(source).exists():
+        if source in loaded or not Path(source).exists():  # a shipped one, already read; or an in-memory SAE
             continue
         sae = load_sae(source)
         site = next((sp.site for sp in plan.sites if sp.reader is not None and sae.site is not None
@@ -164,18 +165,12 @@ def footprint_saes(plan, model) -> dict:
     return dict(sorted(saes.items()))  # by layer
 
 
-def _reader_encoder(reader):
-    """The read features of one site's plan: the (sliced) SAE's encoder, gathered to the plan's feature order."""
+def _encoder(sae, gather=None):
+    """Activations → features of ``sae`` (a full SAE, or a plan's slice with ``gather`` putting its columns in the
+    plan's feature order)."""
     def encode(x: torch.Tensor) -> torch.Tensor:
-        f = reader.sae.encode(x.to(reader.sae.W_enc.dtype))
-        return f[..., reader.gather] if reader.gather is not None else f
-    return encode
-
-
-def _sae_encoder(sae):
-    """Every feature of a full SAE."""
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return sae.encode(x.to(sae.W_enc.dtype))
+        f = sae.encode(x.to(sae.W_enc.dtype))
+        return f[..., gather] if gather is not None else f
     return encode
 
 
