@@ -68,3 +68,10 @@ def test_choose_keeps_only_features_both_rankings_agree_on(tmp_path):
     assert spec["edits"] == [{"scale": 1, "factor": 0.2, "site": "resid_post.3"},
                              {"scale": 2, "factor": 0.2, "site": "resid_post.16"}]
     assert spec["sae"] == ["default:resid_post.3", "default:resid_post.16"]
+    # a guard ranking (a suite that must not move) drops a feature carrying at least half as much of its target
+    guard = tmp_path / "age.json"
+    guard.write_text(json.dumps({"rows": [row("resid_post.16", 2, 0.015, 0.0), row("resid_post.3", 1, -0.01, 0.0)]}))
+    done = subprocess.run([sys.executable, str(ROOT / "edits" / "gender" / "choose.py"), *paths, "--guard", str(guard),
+                           "--guard-q", "0.5", "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(out.read_text())["edits"] == [{"scale": 1, "factor": 0.0, "site": "resid_post.3"}]
