@@ -16,7 +16,7 @@ ATLAS_HELP = "atlas file made by `steer features index` (default: the default SA
 
 
 def register(commands) -> None:
-    p = commands.add_parser("features", help="find features: atlas (index, show, search), contrast and attribute",
+    p = commands.add_parser("features", help="find features: atlas (index, show, search), contrast, attribute, and learned erasure directions",
                             description="Find the SAE features worth editing.")
     sub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND", required=True)
 
@@ -115,6 +115,34 @@ def register(commands) -> None:
                                 "default; not the BBC text eval measures KL on), default, a corpus path, or none")
     attribute.add_argument("--json", metavar="OUT", help="also write the listed rows (and verification) as JSON")
     attribute.set_defaults(run=run_attribute)
+
+    erase = sub.add_parser(
+        "erase", help="fit directions whose removal from every write erases what a suite's fill does to its gap",
+        description="Learned erasure (steer.discover.erasure): gradient descent through the model fits r orthonormal "
+                    "directions such that removing them from every write to the residual stream (project_out at site "
+                    "`writers`: exact in merged weights and adapters) makes each template's gap the same for every "
+                    "value of the target suite's `correlate` fill (e.g. every occupation), while the --keep suite's "
+                    "margins do not shrink and the KL on neutral text stays small. Writes DIR/erasure.safetensors "
+                    "(u0, u1, ...), the spec DIR/erasure.yaml and DIR/history.json.")
+    erase.add_argument("--suite", required=True, action="append", metavar="NAME_OR_FILE",
+                       help="a target: a logprob_gap suite with `correlate:` (repeat to fit on several)")
+    erase.add_argument("--keep", metavar="NAME_OR_FILE", help="an accuracy suite whose margins must not shrink, "
+                                                            "e.g. gender-explicit")
+    erase.add_argument("--split", default="dev", choices=("all", "dev", "held_out"),
+                       help="which prompts of the suites to fit on (default %(default)s)")
+    erase.add_argument("--model", help="model (default: the default model)")
+    erase.add_argument("--rank", type=int, default=1, help="directions to fit (default %(default)s)")
+    erase.add_argument("--steps", type=int, default=60, help="Adam steps (default %(default)s)")
+    erase.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (default %(default)s)")
+    erase.add_argument("--keep-weight", type=float, default=1.0, help="weight of the keep shortfall (default %(default)s)")
+    erase.add_argument("--kl-weight", type=float, default=20.0, help="weight of the neutral KL (default %(default)s)")
+    erase.add_argument("--neutral", default="calibration", metavar="TEXT",
+                       help="neutral text for the KL term: calibration (default; not the BBC text eval measures KL "
+                            "on), default, a corpus path, or none")
+    erase.add_argument("--seed", type=int, default=0, help="minibatch and start seed (default %(default)s)")
+    erase.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+    erase.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    erase.set_defaults(run=run_erase)
 
 
 # -- shared ---------------------------------------------------------------------------------
@@ -369,3 +397,58 @@ def run_attribute(args) -> int:
         write_text_atomic(args.json, json.dumps(document, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+ERASE_NEUTRAL_TOKENS = 8192
+
+
+def run_erase(args) -> int:
+    from safetensors.torch import save_file
+
+    from steer.discover.erasure import learn_erasure
+    from steer.errors import SteerError
+    from steer.evaluate.suites import load_suite
+    from steer.export.atomic import atomic_directory
+    from steer.models import DEFAULT_MODEL, load_model
+
+    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or args.keep_weight < 0 or args.kl_weight < 0:
+        raise SteerError("--rank and --steps must be ≥ 1, --lr > 0, the weights ≥ 0", where="steer features erase")
+    suites = [load_suite(s) for s in args.suite]  # bad files fail before any model work
+    keep = load_suite(args.keep) if args.keep else None
+    model_name = args.model or DEFAULT_MODEL
+    model, tokenizer = load_model(model_name)
+    neutral = None
+    if args.neutral != "none":
+        from steer.evaluate.report import neutral_text
+        neutral = neutral_text(tokenizer, args.neutral, tokens=ERASE_NEUTRAL_TOKENS).rows
+
+    def log(step, parts):
+        print(f"step {step + 1:>3}/{args.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "step"),
+              flush=True)
+
+    result = learn_erasure(model, tokenizer, suites, keep=keep, split=args.split, neutral=neutral, rank=args.rank,
+                           steps=args.steps, lr=args.lr, keep_weight=args.keep_weight, kl_weight=args.kl_weight,
+                           seed=args.seed, log=log)
+    print(f"headline scores on the {args.split} split, without → with the erasure:")
+    for name, before in result.before.items():
+        print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
+    fitted = ", ".join(s.name for s in suites) + (f"; keep {keep.name}" if keep else "")
+    spec = "\n".join([
+        f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
+        f"seed {args.seed}).",
+        f"name: erase-{suites[0].name}",
+        f"description: Remove {args.rank} learned direction(s) from every write to the residual stream.",
+        f"model: {model_name}",
+        "edits:",
+        *[f"  - {{project_out: erasure.safetensors:{key}, site: writers}}" for key in result.tensors()],
+    ]) + "\n"
+    metadata = {"model": model_name, "made_by": "steer features erase", "suites": fitted, "split": args.split,
+                "rank": str(args.rank), "steps": str(args.steps), "seed": str(args.seed)}
+    with atomic_directory(args.out, overwrite=args.overwrite, what="erasure output") as tmp:
+        save_file(result.tensors(), str(tmp / "erasure.safetensors"), metadata=metadata)
+        (tmp / "erasure.yaml").write_text(spec, encoding="utf-8")
+        (tmp / "history.json").write_text(json.dumps({"before": result.before, "after": result.after,
+                                                      "history": list(result.history)}, indent=1) + "\n")
+    print(f"wrote {args.out}/erasure.safetensors, erasure.yaml (the spec) and history.json")
+    return 0
+

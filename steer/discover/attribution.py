@@ -160,7 +160,7 @@ def target_weights(suite: Suite, prompts: tuple[Prompt, ...], gaps: list[float])
 # -- one pass: gaps, and gradients at the sites -------------------------------------------
 
 
-def _batch(tokenizer, texts: list[str], chat: bool, device):
+def padded_batch(tokenizer, texts: list[str], chat: bool, device):
     """Left-padded ``(ids, mask, positions)`` for ``texts``; positions count real tokens only."""
     encoded = [prompt_ids(tokenizer, [t], chat=chat)["input_ids"][0].tolist() for t in texts]
     width = max(len(e) for e in encoded)
@@ -171,7 +171,7 @@ def _batch(tokenizer, texts: list[str], chat: bool, device):
     return ids, mask, positions
 
 
-def _gaps(model, ids, mask, positions, a: list[int], b: list[int]) -> torch.Tensor:
+def batch_gaps(model, ids, mask, positions, a: list[int], b: list[int]) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].double()  # (B, V)
     logp = torch.log_softmax(logits, dim=-1)
     return logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)                                       # (B,)
@@ -189,9 +189,9 @@ def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            ids, mask, positions = _batch(tokenizer, [p.text for p in prompts[start:start + batch_size]], suite.chat, device)
+            ids, mask, positions = padded_batch(tokenizer, [p.text for p in prompts[start:start + batch_size]], suite.chat, device)
             with applied(model, plan, prompt_length=ids.shape[1]) if plan is not None else nullcontext():
-                out += _gaps(model, ids, mask, positions, a, b).tolist()
+                out += batch_gaps(model, ids, mask, positions, a, b).tolist()
     return out
 
 
@@ -206,10 +206,10 @@ def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weigh
     param, adapter_sites, here, totals = _prepared(model, saes)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids, mask, positions = _batch(tokenizer, [p.text for p in chunk], suite.chat, param.device)
+        ids, mask, positions = padded_batch(tokenizer, [p.text for p in chunk], suite.chat, param.device)
         w = torch.tensor(weights[start:start + len(chunk)], dtype=torch.float64, device=param.device)
         valid = mask.bool() if include_first else mask.bool() & (positions > 0)
-        features = _accumulate(model, here, adapter_sites, lambda: (w * _gaps(model, ids, mask, positions, a, b)).sum(),
+        features = _accumulate(model, here, adapter_sites, lambda: (w * batch_gaps(model, ids, mask, positions, a, b)).sum(),
                                valid, totals)
         if first_firing is not None:
             first = (mask.bool() & (positions == 0))[..., None]

@@ -1,0 +1,241 @@
+"""Learned erasure: a subspace whose removal from every write takes away what a suite's fill does to its gap.
+
+Feature edits act only where the edited features fire, and the features that carry
+a stereotype name particular occupations: chosen on some occupations, they miss
+others (README "Worked example": 181 attributed features carry 30% of the held-out
+stereotype even when ablated outright). A *direction* removed from every write to
+the residual stream acts on every token, and a mean difference is the wrong one
+(it removes stated gender with the stereotype: README, rows (c) and (c⊥)). This
+module *fits* the direction: an orthonormal ``Q`` (``d × r``) such that the edit
+
+    every write w (the embedding output, attn_out.L and mlp_out.L of every layer):  w ← w − Q Qᵀ w
+
+— exactly ``project_out`` of each column of ``Q`` at site ``writers``, which
+lowers into merged weights and rank-1 adapters — minimises, by gradient descent
+through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
+
+- **spread** of the target: prompts that differ only in the value of the suite's
+  ``correlate`` fill field (the same template, another occupation) form a group;
+  the loss is the mean over groups of the variance of their gaps. That is *all*
+  the fill does to the next token, not only the headline's contrast of the two
+  sides of the midpoint (which a shuffle of occupations could meet);
+- **shortfall** of a ``keep`` suite (accuracy headline, e.g. ``gender-explicit``):
+  ``mean relu(min(t₀, cap) − t)``, ``t`` a prompt's margin toward its expected
+  set and ``t₀`` the same without the edit, so a stated gender may win by more
+  but not by less (up to ``cap`` nats);
+- **KL** on neutral text: the mean next-token ``KL(base ‖ edited)``.
+
+``loss = spread + keep_weight · shortfall + kl_weight · KL``, on minibatches
+drawn with a seeded generator (the same arguments give the same ``Q`` on the same
+machine). The first column starts at the target's own contrast direction (the
+headline's per-prompt weights applied to last-token activations at
+``resid_post.⌊n/3⌋``, the direction row (c) of the README removes); the others
+at seeded random directions.
+
+This is distributed-alignment-style search (Geiger et al.) for a linear
+concept-erasure edit, fitted on behaviour instead of on a linear probe as LEACE
+is. It generalises only as far as its prompts do: fit it on suites and splits
+that the held-out check never sees.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from steer.discover.attribution import batch_gaps, padded_batch, suite_gaps, target_weights
+from steer.errors import SteerError
+from steer.evaluate.scoring import logprob_scores, token_set_ids
+from steer.evaluate.suites import Prompt, Suite, load_suite
+from steer.models.adapters import Site, adapter_for
+from steer.models.capture import capture, rewritten
+
+KEEP_CAP = 3.0
+"""nats: a keep prompt's margin need not exceed this, even where it did before the edit."""
+
+
+@dataclass(frozen=True)
+class Erasure:
+    directions: torch.Tensor          # (d, r) float32, orthonormal columns
+    history: tuple[dict, ...]         # per step: spread, shortfall, kl, loss
+    before: dict                      # suite name -> headline score without the edit (the fitting split)
+    after: dict                       # ... with it
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{"u0": û₀, ...}``: one unit direction per key, as `project_out direction FILE:KEY` reads them."""
+        return {f"u{i}": self.directions[:, i].contiguous() for i in range(self.directions.shape[1])}
+
+
+# -- the objective's parts ---------------------------------------------------------------
+
+
+def fill_groups(suite: Suite, prompts: tuple[Prompt, ...]) -> list[list[int]]:
+    """Indices of ``prompts`` grouped by everything but the value of the suite's ``correlate`` field: a group is
+    one template (and any other fill) across the fill values. Groups of one are dropped (no spread)."""
+    field = suite.scoring.correlate
+    if suite.scoring.rule != "logprob_gap" or not field:
+        raise SteerError(f"an erasure target needs a logprob_gap suite with `correlate:` (the fill whose effect is "
+                         f"erased); {suite.name} has none", where=suite.path)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        value = next((v for key, v, _ in p.data if key == field), None)
+        if value is None:
+            raise SteerError(f"prompt {p.text!r} has no `{field}` value", where=suite.path)
+        groups.setdefault(p.text.replace(value, "\0"), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def spread(groups: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over groups (each a tensor of gaps) of the group's population variance."""
+    return torch.stack([g.var(unbiased=False) for g in groups]).mean()
+
+
+def margins(suite: Suite, prompts: tuple[Prompt, ...], gaps: torch.Tensor) -> torch.Tensor:
+    """Each prompt's margin toward its expected set: ``+gap`` where set ``a`` is expected, else ``−gap``."""
+    a_label = suite.scoring.labels[0]
+    sign = torch.tensor([1.0 if p.expect == a_label else -1.0 for p in prompts], dtype=gaps.dtype)
+    return sign * gaps
+
+
+def shortfall(edited: torch.Tensor, base: torch.Tensor, cap: float = KEEP_CAP) -> torch.Tensor:
+    return torch.relu(base.clamp(max=cap) - edited).mean()
+
+
+def writer_sites(model) -> list[Site]:
+    """Site set ``writers``: the embedding output (resid_pre.0), then attn_out.L and mlp_out.L of every layer."""
+    n = adapter_for(model).n_layers(model)
+    return [Site(0, "resid_pre")] + [Site(layer, kind) for layer in range(n) for kind in ("attn_out", "mlp_out")]
+
+
+@contextmanager
+def removed(model, q: torch.Tensor):
+    """Inside the block, every write to the stream loses its component in span(q) (``q`` orthonormal ``(d, r)``;
+    gradients flow to ``q``)."""
+    def project(x):
+        basis = q.to(x.dtype)
+        return x - (x @ basis) @ basis.T
+
+    with ExitStack() as stack:
+        for site in writer_sites(model):
+            stack.enter_context(rewritten(model, site, project))
+        yield
+
+
+# -- fitting -----------------------------------------------------------------------------------
+
+
+class _Target:
+    def __init__(self, tokenizer, suite: Suite, split: str):
+        self.suite, self.prompts = suite, suite.select(split)
+        self.a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
+        self.b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
+
+    def gaps(self, model, tokenizer, indices: list[int]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        ids, mask, positions = padded_batch(tokenizer, [self.prompts[i].text for i in indices], self.suite.chat, device)
+        return batch_gaps(model, ids, mask, positions, self.a, self.b).cpu()
+
+    def score(self, model, tokenizer) -> float:
+        return logprob_scores(self.suite.scoring, self.prompts, suite_gaps(model, tokenizer, self.suite, self.prompts))[0]
+
+
+def contrast_direction(model, tokenizer, target: _Target) -> torch.Tensor:
+    """The target headline's weights applied to last-token activations at resid_post.⌊n/3⌋ (the difference of the
+    two sides' mean activations, as the headline contrasts them)."""
+    adapter = adapter_for(model)
+    site = Site(adapter.n_layers(model) // 3, "resid_post")
+    prompts = target.prompts
+    weights = target_weights(target.suite, prompts, suite_gaps(model, tokenizer, target.suite, prompts))
+    total = None
+    device = next(model.parameters()).device
+    with torch.no_grad(), capture(model, [site]) as acts:
+        for p, w in zip(prompts, weights):
+            model(tokenizer(p.text, return_tensors="pt").input_ids.to(device))
+            row = w * acts[site].pop()[0, -1].double().cpu()
+            total = row if total is None else total + row
+    return total.float()
+
+
+def learn_erasure(model, tokenizer, targets, *, keep=None, split: str = "dev", neutral: torch.Tensor | None = None,
+                  rank: int = 1, steps: int = 60, lr: float = 0.03, keep_weight: float = 1.0,
+                  kl_weight: float = 20.0, groups_per_step: int = 4, keep_per_step: int = 48,
+                  neutral_per_step: int = 2, seed: int = 0, log=None) -> Erasure:
+    """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
+    ``correlate`` field) and of ``keep`` (an accuracy-headline suite, optional), with ``neutral`` token rows
+    ``(N, T)`` for the KL term (optional). ``log(step, parts)`` is called after every step."""
+    if rank < 1 or steps < 0 or lr <= 0:
+        raise SteerError(f"rank must be ≥ 1, steps ≥ 0 and lr > 0; got rank={rank}, steps={steps}, lr={lr}",
+                         where="erasure")
+    targets = [_Target(tokenizer, load_suite(t), split) for t in targets]
+    if not targets:
+        raise SteerError("give at least one target suite", where="erasure")
+    pool = [(t, g) for t in targets for g in fill_groups(t.suite, t.prompts)]
+    if not pool:
+        raise SteerError(f"no target prompts in split {split} differ only in their fill value", where="erasure")
+    kept = _Target(tokenizer, load_suite(keep), split) if keep is not None else None
+    if kept is not None and kept.suite.scoring.headline != "accuracy":
+        raise SteerError(f"a keep suite needs an accuracy headline (prompts with an expected set); {kept.suite.name} "
+                         f"has {kept.suite.scoring.headline or kept.suite.scoring.rule}", where=kept.suite.path)
+    params = list(model.parameters())
+    frozen = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        return _fit(model, tokenizer, targets, pool, kept, neutral, rank, steps, lr, keep_weight, kl_weight,
+                    groups_per_step, keep_per_step, neutral_per_step, seed, log)
+    finally:
+        for p, flag in zip(params, frozen):
+            p.requires_grad_(flag)
+
+
+def _fit(model, tokenizer, targets, pool, kept, neutral, rank, steps, lr, keep_weight, kl_weight,
+         groups_per_step, keep_per_step, neutral_per_step, seed, log) -> Erasure:
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    first = contrast_direction(model, tokenizer, targets[0])
+    d = first.shape[0]
+    start = torch.randn(d, rank, generator=generator)
+    start[:, 0] = first
+    start = 3.0 * start / start.norm(dim=0, keepdim=True)
+    weights = torch.nn.Parameter(start)
+    optimiser = torch.optim.Adam([weights], lr=lr)
+    with torch.no_grad():
+        base_keep = margins(kept.suite, kept.prompts, torch.tensor(
+            suite_gaps(model, tokenizer, kept.suite, kept.prompts), dtype=torch.float64)) if kept else None
+    before = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
+    history = []
+    for step in range(steps):
+        q = torch.linalg.qr(weights)[0]
+        parts = {}
+        with removed(model, q):
+            chosen = rng.sample(pool, min(groups_per_step, len(pool)))
+            parts["spread"] = spread([target.gaps(model, tokenizer, group) for target, group in chosen])
+            loss = parts["spread"]
+            if kept is not None:
+                indices = rng.sample(range(len(kept.prompts)), min(keep_per_step, len(kept.prompts)))
+                edited = margins(kept.suite, tuple(kept.prompts[i] for i in indices), kept.gaps(model, tokenizer, indices))
+                parts["shortfall"] = shortfall(edited, base_keep[indices])
+                loss = loss + keep_weight * parts["shortfall"]
+        if neutral is not None and kl_weight > 0:
+            rows = neutral[rng.sample(range(neutral.shape[0]), min(neutral_per_step, neutral.shape[0]))]
+            rows = rows.to(next(model.parameters()).device)
+            with torch.no_grad():
+                base = torch.log_softmax(model(input_ids=rows).logits.double(), -1)
+            with removed(model, q):
+                edited = torch.log_softmax(model(input_ids=rows).logits.double(), -1)
+            parts["kl"] = (base.exp() * (base - edited)).sum(-1).mean().cpu()
+            loss = loss + kl_weight * parts["kl"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        record = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+        history.append(record)
+        if log is not None:
+            log(step, record)
+    q = torch.linalg.qr(weights.detach())[0].float()
+    with torch.no_grad(), removed(model, q):
+        after = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
+    return Erasure(directions=q, history=tuple(history), before=before, after=after)

@@ -1,0 +1,147 @@
+"""Learned erasure (steer.discover.erasure, `steer features erase`) on a tiny random Llama.
+
+Checked independently of the code under test: the edit it fits through its own writer hooks is exactly what
+steer's compiled `project_out ... site writers` spec (the hooks lowering) and the merged-weights export do; its
+objective parts equal the variance, margin and KL formulas written out here in numpy; and fitting lowers the
+fill's spread on the fitted prompts as scored by steer's compiled spec, measured here by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import steer
+from steer.cli.main import main
+from steer.discover.attribution import suite_gaps
+from steer.discover.erasure import fill_groups, learn_erasure, margins, removed, shortfall, spread
+from steer.evaluate.suites import load_suite_text
+from tests.conftest import D, save_tiny, tiny_model, tiny_tokenizer
+from tests.test_attribution import STEREOTYPE_SUITE
+from tests.test_evaluate import EXPLICIT_SUITE
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+def orthonormal(rank: int, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(D, rank, generator=g))[0]
+
+
+def spread_by_hand(suite, gaps: list[float]) -> float:
+    """Mean over templates of the population variance of the gaps across the jobs (written out here)."""
+    by_template: dict[str, list[float]] = {}
+    for p, g in zip(suite.select("all"), gaps):
+        (_, job, _), = p.data
+        by_template.setdefault(p.text.replace(job, "<job>"), []).append(g)
+    return float(np.mean([np.var(v) for v in by_template.values() if len(v) > 1]))
+
+
+def test_the_removal_is_the_writers_project_out_that_the_spec_and_the_merged_weights_do(tiny, tmp_path):
+    model, tokenizer = tiny
+    q = orthonormal(2)
+    save_file({"u0": q[:, 0].contiguous(), "u1": q[:, 1].contiguous()}, str(tmp_path / "e.safetensors"))
+    spec = f"project out direction {tmp_path}/e.safetensors:u0 site writers; " \
+           f"project out direction {tmp_path}/e.safetensors:u1 site writers"
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 7]])
+    with torch.no_grad():
+        base = model(ids).logits
+        with removed(model, q):
+            ours = model(ids).logits
+        with steer.applied(model, steer.compile(spec, model)):
+            hooks = model(ids).logits
+    assert (ours - base).abs().max() > 1e-2  # the removal does something
+    torch.testing.assert_close(ours, hooks, atol=1e-5, rtol=1e-5)
+
+    _, _, model_dir = save_tiny("llama", tmp_path / "model")
+    assert main(["compile", spec, "--model", model_dir, "--target", "weights", "-o", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_the_objective_parts_are_the_variance_margin_and_kl_written_out(tiny):
+    model, tokenizer = tiny
+    suite = load_suite_text(STEREOTYPE_SUITE)
+    prompts = suite.select("all")
+    gaps = suite_gaps(model, tokenizer, suite, prompts)
+    groups = fill_groups(suite, prompts)
+    assert sorted(len(g) for g in groups) == [5, 5]  # two templates × five jobs
+    ours = float(spread([torch.tensor(gaps, dtype=torch.float64)[g] for g in groups]))
+    assert ours == pytest.approx(spread_by_hand(suite, gaps), rel=1e-9)
+
+    explicit = load_suite_text(EXPLICIT_SUITE)
+    e_prompts = explicit.select("all")
+    e_gaps = suite_gaps(model, tokenizer, explicit, e_prompts)
+    toward = [g if p.expect == "male" else -g for p, g in zip(e_prompts, e_gaps)]
+    assert margins(explicit, e_prompts, torch.tensor(e_gaps)).tolist() == pytest.approx(toward)
+    base = torch.tensor([0.5, 4.0, -1.0, 2.0])
+    edited = torch.tensor([0.2, 2.5, -0.5, 3.0])
+    # relu(min(base, 3) − edited): 0.3, 0.5, 0, 0 → mean 0.2
+    assert float(shortfall(edited, base)) == pytest.approx(0.2)
+
+
+def test_fitting_lowers_the_fill_spread_that_the_written_spec_then_shows(tiny, tmp_path, capsys):
+    _, tokenizer, model_dir = save_tiny("llama", tmp_path / "model")
+    (tmp_path / "stereo.yaml").write_text(STEREOTYPE_SUITE)
+    (tmp_path / "explicit.yaml").write_text(EXPLICIT_SUITE)
+    out = tmp_path / "erasure"
+    argv = ["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "explicit.yaml"),
+            "--split", "all", "--model", model_dir, "--rank", "2", "--steps", "40", "--lr", "0.1", "--neutral", "none",
+            "-o", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-gap" in printed and "wrote" in printed
+    tensors = load_file(str(out / "erasure.safetensors"))
+    q = torch.stack([tensors["u0"], tensors["u1"]], dim=1)
+    torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)  # orthonormal
+
+    model = steer.load_model(model_dir)[0]
+    suite = load_suite_text(STEREOTYPE_SUITE)
+    before = spread_by_hand(suite, suite_gaps(model, tokenizer, suite, suite.select("all")))
+    plan = steer.compile(steer.parse_spec(str(out / "erasure.yaml")), model)
+    after = spread_by_hand(suite, suite_gaps(model, tokenizer, suite, suite.select("all"), plan))
+    assert after < 0.5 * before, (before, after)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["history"]) == 40 and history["history"][-1]["spread"] < history["history"][0]["spread"]
+
+    # the same arguments give the same directions (seeded minibatches and start)
+    assert main(argv[:-1] + [str(tmp_path / "again")]) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "again" / "erasure.safetensors"))["u0"], tensors["u0"])
+
+
+def test_a_target_without_a_correlate_or_a_keep_without_accuracy_is_one_line(tmp_path, capsys):
+    _, _, model_dir = save_tiny("llama", tmp_path / "model")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(STEREOTYPE_SUITE.replace("  correlate: share\n  headline: stereotype\n  midpoint: 40\n", ""))
+    (tmp_path / "stereo.yaml").write_text(STEREOTYPE_SUITE)
+    for argv, what in (
+        (["--suite", str(plain)], "needs a logprob_gap suite with `correlate:`"),
+        (["--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "stereo.yaml")], "needs an accuracy headline"),
+        (["--suite", str(tmp_path / "stereo.yaml"), "--rank", "0"], "--rank and --steps must be"),
+    ):
+        assert main(["features", "erase", *argv, "--split", "all", "--model", model_dir, "--neutral", "none",
+                     "--steps", "1", "-o", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+        assert not (tmp_path / "x").exists()
+
+
+def test_learn_erasure_leaves_the_model_as_it_was(tiny):
+    model, tokenizer = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], split="all", steps=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    ids = torch.tensor([[1, 10, 20]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)  # no hook left behind
