@@ -133,13 +133,21 @@ def test_a_target_without_a_correlate_or_a_keep_without_accuracy_is_one_line(tmp
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and what in err, err
         assert not (tmp_path / "x").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    assert main(["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--model", model_dir, "-o", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and (taken / "mine.txt").read_text() == "keep me"
 
 
 def test_learn_erasure_leaves_the_model_as_it_was(tiny):
     model, tokenizer = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], split="all", steps=2)
+    result = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], hold=[load_suite_text(EXPLICIT_SUITE)],
+                           split="all", steps=2)
+    assert all(r["hold"] >= 0 for r in result.history)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [p.requires_grad for p in model.parameters()] == flags
     ids = torch.tensor([[1, 10, 20]])

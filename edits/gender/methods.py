@@ -15,7 +15,10 @@ guard), then measured once on those held-out halves, with the same neutral text 
     that the stated-gender signal does not share;
 (d) LEACE (EleutherAI's `concept-erasure`, `pip install concept-erasure --no-deps`) at one site, fitted on
     the dev prompts' last-token activations with the occupation's typing as the concept, applied at every
-    position by a forward hook (an affine map: no steer artifact).
+    position by a forward hook (an affine map: no steer artifact);
+(e) a learned erasure (`--erasure`: the spec `steer features erase` writes): directions fitted by gradient
+    descent so that removing them from every write makes each template's pronoun gap the same for every
+    occupation of the discovery set and the dev half, keeping the dev gender-explicit margins (exact in weights).
 
 Prints one markdown table. Run: ``python edits/gender/methods.py [--spec FILE] [--single FILE] [--site L]``
 (about 10 minutes on 2 cores). Writes the fitted directions to ``--out`` (default out/gender-methods/).
@@ -103,10 +106,11 @@ def main(argv=None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--spec", help="(b): the multi-site SAE spec steer tune chose on dev")
     args.add_argument("--single", help="(a): a one-feature spec")
+    args.add_argument("--erasure", help="(e): the learned-erasure spec steer features erase wrote")
     args.add_argument("--site", default="resid_post.10", help="where (c), (c⊥) and (d) read their directions")
     args.add_argument("--split", default="held_out")
     args.add_argument("--out", default="out/gender-methods")
-    args.add_argument("--methods", default="a,b,c,c⊥,d", help="which rows to measure (default all: a,b,c,c⊥,d)")
+    args.add_argument("--methods", default="a,b,c,c⊥,d,e", help="which rows to measure (default all: a,b,c,c⊥,d,e)")
     args = args.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
 
     directions = out / "directions.safetensors"
     wanted = set(args.methods.split(","))
-    for key, label, spec in (("a", "(a) one SAE feature", args.single), ("b", "(b) attributed multi-site SAE edit", args.spec)):
+    for key, label, spec in (("a", "(a) one SAE feature", args.single), ("b", "(b) attributed multi-site SAE edit", args.spec),
+                             ("e", "(e) learned erasure, out of all writers", args.erasure)):
         if spec and key in wanted:
             run(label, steer.compile(steer.parse_spec(spec), model, tokenizer=tokenizer))
     if "c" in wanted:

@@ -125,9 +125,14 @@ def register(commands) -> None:
                     "margins do not shrink and the KL on neutral text stays small. Writes DIR/erasure.safetensors "
                     "(u0, u1, ...), the spec DIR/erasure.yaml and DIR/history.json.")
     erase.add_argument("--suite", required=True, action="append", metavar="NAME_OR_FILE",
-                       help="a target: a logprob_gap suite with `correlate:` (repeat to fit on several)")
+                       help="a target: a logprob_gap suite with `correlate:` (repeat to fit on several; the "
+                            "first one's contrast direction starts the fit)")
     erase.add_argument("--keep", metavar="NAME_OR_FILE", help="an accuracy suite whose margins must not shrink, "
                                                             "e.g. gender-explicit")
+    erase.add_argument("--hold", action="append", default=[], metavar="NAME_OR_FILE",
+                       help="a suite (any rule) whose next-token distribution at each prompt's end must not move "
+                            "(KL term; repeat for several), e.g. age, capability")
+    erase.add_argument("--hold-weight", type=float, default=20.0, help="weight of the hold KL (default %(default)s)")
     erase.add_argument("--split", default="dev", choices=("all", "dev", "held_out"),
                        help="which prompts of the suites to fit on (default %(default)s)")
     erase.add_argument("--model", help="model (default: the default model)")
@@ -400,9 +405,12 @@ def run_attribute(args) -> int:
 
 
 ERASE_NEUTRAL_TOKENS = 8192
+ERASURE_FILE = "erasure.safetensors"
 
 
 def run_erase(args) -> int:
+    import dataclasses
+
     from safetensors.torch import save_file
 
     from steer.discover.erasure import learn_erasure
@@ -410,11 +418,17 @@ def run_erase(args) -> int:
     from steer.evaluate.suites import load_suite
     from steer.export.atomic import atomic_directory
     from steer.models import DEFAULT_MODEL, load_model
+    from steer.spec import parse_spec
+    from steer.spec.yaml_io import dump_spec
 
-    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or args.keep_weight < 0 or args.kl_weight < 0:
+    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(args.keep_weight, args.kl_weight, args.hold_weight) < 0:
         raise SteerError("--rank and --steps must be ≥ 1, --lr > 0, the weights ≥ 0", where="steer features erase")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise SteerError("exists and is not an empty directory; pass --overwrite to replace it", where=str(out))
     suites = [load_suite(s) for s in args.suite]  # bad files fail before any model work
     keep = load_suite(args.keep) if args.keep else None
+    hold = [load_suite(s) for s in args.hold]
     model_name = args.model or DEFAULT_MODEL
     model, tokenizer = load_model(model_name)
     neutral = None
@@ -426,26 +440,23 @@ def run_erase(args) -> int:
         print(f"step {step + 1:>3}/{args.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "step"),
               flush=True)
 
-    result = learn_erasure(model, tokenizer, suites, keep=keep, split=args.split, neutral=neutral, rank=args.rank,
-                           steps=args.steps, lr=args.lr, keep_weight=args.keep_weight, kl_weight=args.kl_weight,
-                           seed=args.seed, log=log)
+    result = learn_erasure(model, tokenizer, suites, keep=keep, hold=hold, split=args.split, neutral=neutral,
+                           rank=args.rank, steps=args.steps, lr=args.lr, keep_weight=args.keep_weight,
+                           kl_weight=args.kl_weight, hold_weight=args.hold_weight, seed=args.seed, log=log)
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():
         print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
-    fitted = ", ".join(s.name for s in suites) + (f"; keep {keep.name}" if keep else "")
-    spec = "\n".join([
-        f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
-        f"seed {args.seed}).",
-        f"name: erase-{suites[0].name}",
-        f"description: Remove {args.rank} learned direction(s) from every write to the residual stream.",
-        f"model: {model_name}",
-        "edits:",
-        *[f"  - {{project_out: erasure.safetensors:{key}, site: writers}}" for key in result.tensors()],
-    ]) + "\n"
+    fitted = ", ".join(s.name for s in suites) + (f"; keep {keep.name}" if keep else "") + \
+        (f"; hold {', '.join(s.name for s in hold)}" if hold else "")
+    edits = "; ".join(f"project out direction {ERASURE_FILE}:{key} site writers" for key in result.tensors())
+    spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,
+                               description=f"Remove {args.rank} learned direction(s) from every write to the stream.")
+    spec = (f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
+            f"seed {args.seed}).\n" + dump_spec(spec))
     metadata = {"model": model_name, "made_by": "steer features erase", "suites": fitted, "split": args.split,
                 "rank": str(args.rank), "steps": str(args.steps), "seed": str(args.seed)}
     with atomic_directory(args.out, overwrite=args.overwrite, what="erasure output") as tmp:
-        save_file(result.tensors(), str(tmp / "erasure.safetensors"), metadata=metadata)
+        save_file(result.tensors(), str(tmp / ERASURE_FILE), metadata=metadata)
         (tmp / "erasure.yaml").write_text(spec, encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps({"before": result.before, "after": result.after,
                                                       "history": list(result.history)}, indent=1) + "\n")
