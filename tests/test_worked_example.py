@@ -1,4 +1,5 @@
-"""The worked example's own parts (README "Worked example"): the discovery set and the feature choice.
+"""The worked example's own parts (README "Worked example"): the discovery set, the feature choice, and the
+shipped edit on prompts of our own.
 
 The discovery set must share nothing with the suite it is scored on, or features found on it would only name the
 suite's occupations again; the choice keeps a feature only when both rankings agree (hand-made rankings here,
@@ -75,3 +76,48 @@ def test_choose_keeps_only_features_both_rankings_agree_on(tmp_path):
                            "--guard-q", "0.5", "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(out.read_text())["edits"] == [{"scale": 1, "factor": 0.0, "site": "resid_post.3"}]
+
+
+# Prompts of our own: no occupation, subject or template here is in gender-occupation, gender-explicit or the
+# discovery set (the edit was fitted on the dev halves and the discovery set only).
+OWN_MALE_TYPED = ("blacksmith", "stonemason", "lumberjack", "tow truck driver", "boilermaker")
+OWN_FEMALE_TYPED = ("florist", "babysitter", "makeup artist", "nail technician", "wedding planner")
+OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Everyone agreed that the {} was right, and")
+OWN_SUBJECTS = (("My stepmother", "female"), ("My stepfather", "male"), ("Lady Ashford", "female"),
+                ("Lord Ashford", "male"), ("Ms. Novak", "female"), ("Mr. Novak", "male"))
+OWN_EXPLICIT = ("{}, a {}, answered that", "{} works as a {}. Last week,")
+STEREOTYPE_LEFT = 0.85  # measured 2026-12-04: 2.49 → 1.86 nats (0.745 of base); stated gender wins 70.8% → 70.8%
+
+
+def test_shipped_edit_on_prompts_of_our_own(default_model):
+    """The shipped edit (edits/gender-occupation.yaml) narrows the occupation's pull on he/she on occupations and
+    templates it never saw, and the stated gender still wins as often as before (gaps as the suites define them:
+    log P(he, He, his, him) − log P(she, She, her), written out here)."""
+    import steer
+    from steer.evaluate.scoring import next_token_logprobs
+
+    model, tokenizer = default_model
+    he = [tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" he", " He", " his", " him")]
+    she = [tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" she", " She", " her")]
+
+    def gaps(texts, plan):
+        logp = next_token_logprobs(model, tokenizer, texts, plan)
+        return (logp[:, he].logsumexp(-1) - logp[:, she].logsumexp(-1)).tolist()
+
+    def stereotype(plan):
+        male = gaps([t.format(o) for t in OWN_TEMPLATES for o in OWN_MALE_TYPED], plan)
+        female = gaps([t.format(o) for t in OWN_TEMPLATES for o in OWN_FEMALE_TYPED], plan)
+        return sum(male) / len(male) - sum(female) / len(female)
+
+    explicit = [(t.format(s, o), g) for t in OWN_EXPLICIT for s, g in OWN_SUBJECTS
+                for o in ("blacksmith", "florist", "stonemason", "babysitter")]
+
+    def stated_wins(plan):
+        values = gaps([text for text, _ in explicit], plan)
+        return sum((v > 0) == (g == "male") for v, (_, g) in zip(values, explicit)) / len(explicit)
+
+    plan = steer.compile(str(ROOT / "edits" / "gender-occupation.yaml"), model, tokenizer=tokenizer)
+    base, edited = stereotype(None), stereotype(plan)
+    assert base > 0.5, base  # the model does lean by occupation here
+    assert abs(edited) < STEREOTYPE_LEFT * base, (base, edited)
+    assert stated_wins(plan) >= stated_wins(None) - 1 / len(explicit), (stated_wins(None), stated_wins(plan))

@@ -6,7 +6,7 @@ guard), then measured once on those held-out halves, with the same neutral text 
 `capability` suites (no split: the whole suite) as side-effect checks:
 
 (a) one SAE feature (`--single`: a spec with one `project_out` of a feature, e.g. the top attributed one);
-(b) the attributed multi-site SAE edit (`--spec`: the shipped `edits/gender-occupation.yaml`, chosen by
+(b) the attributed multi-site SAE edit (`--spec`: `edits/gender/features.yaml`, chosen by
     `edits/gender/choose.py` and a dev sweep of its factor);
 (c) abliteration-style: the mean difference of last-token activations at one site, female-typed minus
     male-typed occupation prompts (dev), projected out of every writer (`site writers`: exact in weights);
@@ -16,8 +16,8 @@ guard), then measured once on those held-out halves, with the same neutral text 
 (d) LEACE (EleutherAI's `concept-erasure`, `pip install concept-erasure --no-deps`) at one site, fitted on
     the dev prompts' last-token activations with the occupation's typing as the concept, applied at every
     position by a forward hook (an affine map: no steer artifact);
-(e) a learned erasure (`--erasure`: the spec `steer features erase` writes): directions fitted by gradient
-    descent so that removing them from every write makes each template's pronoun gap the same for every
+(e) a learned erasure (`--erasure`: the spec `steer features erase` writes, or the shipped
+    `edits/gender-occupation.yaml`): directions fitted by gradient descent so that removing them from every write makes each template's pronoun gap the same for every
     occupation of the discovery set and the dev half, keeping the dev gender-explicit margins (exact in weights).
 
 Prints one markdown table. Run: ``python edits/gender/methods.py [--spec FILE] [--single FILE] [--site L]``
