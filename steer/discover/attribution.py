@@ -77,7 +77,7 @@ import torch
 from steer.errors import SteerError
 from steer.evaluate.scoring import logprob_scores, token_set_ids
 from steer.evaluate.suites import Prompt, Suite, load_suite
-from steer.generate import prompt_ids
+from steer.generate import last_logit_only, prompt_ids
 
 BATCH = 32
 """Prompts per forward/backward pass."""
@@ -172,7 +172,8 @@ def padded_batch(tokenizer, texts: list[str], chat: bool, device):
 
 
 def batch_gaps(model, ids, mask, positions, a: list[int], b: list[int]) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].double()  # (B, V)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   **last_logit_only(model)).logits[:, -1].double()                                  # (B, V)
     logp = torch.log_softmax(logits, dim=-1)
     return logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)                                       # (B,)
 

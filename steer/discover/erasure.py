@@ -56,6 +56,7 @@ from steer.discover.attribution import batch_gaps, padded_batch, suite_gaps, tar
 from steer.errors import SteerError
 from steer.evaluate.scoring import logprob_scores, token_set_ids
 from steer.evaluate.suites import Prompt, Suite, load_suite
+from steer.generate import last_logit_only
 from steer.models.adapters import Site, adapter_for
 from steer.models.capture import capture, rewritten
 
@@ -110,12 +111,6 @@ def shortfall(edited: torch.Tensor, base: torch.Tensor, cap: float = KEEP_CAP) -
     return torch.relu(base.clamp(max=cap) - edited).mean()
 
 
-def writer_sites(model) -> list[Site]:
-    """Site set ``writers``: the embedding output (resid_pre.0), then attn_out.L and mlp_out.L of every layer."""
-    n = adapter_for(model).n_layers(model)
-    return [Site(0, "resid_pre")] + [Site(layer, kind) for layer in range(n) for kind in ("attn_out", "mlp_out")]
-
-
 @contextmanager
 def removed(model, q: torch.Tensor):
     """Inside the block, every write to the stream loses its component in span(q) (``q`` orthonormal ``(d, r)``;
@@ -125,7 +120,7 @@ def removed(model, q: torch.Tensor):
         return x - (x @ basis) @ basis.T
 
     with ExitStack() as stack:
-        for site in writer_sites(model):
+        for site in adapter_for(model).writer_sites(model):
             stack.enter_context(rewritten(model, site, project))
         yield
 
@@ -224,7 +219,8 @@ def _end_logprobs(model, tokenizer, pairs: list) -> torch.Tensor:
     for chat in {suite.chat for suite, _ in pairs}:
         at = [i for i, (suite, _) in enumerate(pairs) if suite.chat == chat]
         ids, mask, positions = padded_batch(tokenizer, [pairs[i][1].text for i in at], chat, device)
-        out = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].double(), -1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **last_logit_only(model)).logits
+        out = torch.log_softmax(logits[:, -1].double(), -1)
         for j, i in enumerate(at):
             rows[i] = out[j]
     return torch.stack(rows).cpu()

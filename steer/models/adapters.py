@@ -129,6 +129,12 @@ class ArchitectureAdapter:
             return block, "output"
         return block.get_submodule(self.attn_out if site.kind == "attn_out" else self.mlp_out), "output"
 
+    def writer_sites(self, model: nn.Module) -> list[Site]:
+        """Every write to the residual stream, as sites: the embedding output (resid_pre.0), then attn_out.L and
+        mlp_out.L of every layer (site set ``writers``)."""
+        return [Site(0, "resid_pre")] + [Site(layer, kind) for layer in range(self.n_layers(model))
+                                         for kind in ("attn_out", "mlp_out")]
+
     def writers(self, model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
         block = self.blocks(model)[layer]
         return block.get_submodule(self.attn_writer), block.get_submodule(self.mlp_writer)

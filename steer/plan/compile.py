@@ -113,8 +113,7 @@ def _edit_sites(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapt
     where = edit.where(index)
     if _needs_sae(edit):
         raise SpecError(f"site `{WRITERS}` takes a direction target, not an SAE feature (an SAE reads at one site)", where=where)
-    n = adapter.n_layers(model)
-    return [Site(0, "resid_pre")] + [Site(layer, kind) for layer in range(n) for kind in ("attn_out", "mlp_out")]
+    return adapter.writer_sites(model)
 
 
 def _edit_site(index: int, edit: Edit, spec: Spec, saes: dict[Site, SAE], adapter, model) -> Site:
