@@ -773,7 +773,13 @@ def test_shipped_suites_parse_with_the_figures_they_cite():
     assert "Bureau of Labor Statistics" in gender.source and "2023" in gender.source
     assert len(gender.select("dev")) > 50 and len(gender.select("held_out")) > 50
     assert not {p.text for p in gender.select("dev")} & {p.text for p in gender.select("held_out")}
-    assert len(load_suite("capability").prompts) >= 40
+    # the side-effect suites have disjoint halves too, large enough that one capability question is under 1%
+    for name, least in (("age", 90), ("capability", 101)):
+        suite = load_suite(name)
+        dev, held = suite.select("dev"), suite.select("held_out")
+        assert len(dev) >= least and len(held) >= least and not {p.text for p in dev} & {p.text for p in held}
+        assert len(dev) + len(held) == len(suite.prompts)  # every prompt is in exactly one half
+    assert not any(re.search(r"\b(he|she|his|her|him|hers)\b", p.text, re.I) for p in load_suite("age").prompts)
     assert gender.scoring.headline == "stereotype" and gender.scoring.midpoint == 50
     explicit = load_suite("gender-explicit")
     assert explicit.scoring.headline == "accuracy" and explicit.scoring.better == "higher"
