@@ -13,31 +13,43 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from steer.evaluate.suites import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 DISCOVERY = ROOT / "edits" / "gender" / "discovery-occupations.yaml"
+FIT = ROOT / "edits" / "gender" / "fit-occupations.yaml"
 
 
 def fills(suite) -> set[str]:
     return {value for p in suite.prompts for key, value, _ in p.data if key == "share_women"}
 
 
-def test_discovery_set_shares_no_occupation_or_template_with_the_suite():
-    discovery, suite = load_suite(str(DISCOVERY)), load_suite("gender-occupation")
-    assert discovery.scoring.headline == "stereotype" and discovery.scoring.a == suite.scoring.a
-    assert len(fills(discovery)) >= 40 and not fills(discovery) & fills(suite)
-    raw = yaml.safe_load(DISCOVERY.read_text())
+@pytest.mark.parametrize("path", [DISCOVERY, FIT], ids=["discovery", "fit"])
+def test_fitting_sets_share_no_occupation_or_template_with_what_scores_the_edit(path):
+    """The discovery and fitting sets name none of the occupations or templates that score the edit: the suite
+    (either half), gender-explicit, the prompts of our own below, nor each other."""
+    extra, suite = load_suite(str(path)), load_suite("gender-occupation")
+    assert extra.scoring.headline == "stereotype" and extra.scoring.a == suite.scoring.a
+    explicit = {v.removeprefix("a ").removeprefix("an ") for p in load_suite("gender-explicit").prompts
+                for k, v, _ in p.data if k == "occupation"}
+    own = set(OWN_MALE_TYPED) | set(OWN_FEMALE_TYPED)  # the own explicit prompts use four of these
+    other = FIT if path == DISCOVERY else DISCOVERY
+    assert len(fills(extra)) >= 40
+    assert not fills(extra) & (fills(suite) | explicit | own | fills(load_suite(str(other))))
+    raw = yaml.safe_load(path.read_text())
     ours = {t["text"] for t in raw["templates"]}
     theirs = {t["text"] for t in yaml.safe_load((ROOT / "steer" / "data" / "suites" / "gender-occupation.yaml")
                                                .read_text())["templates"]}
+    theirs |= {t["text"] for t in yaml.safe_load(other.read_text())["templates"]}
+    theirs |= {t.replace("{}", "{occupation}") for t in OWN_TEMPLATES}
     assert len(ours) >= 6 and not ours & theirs
     shares = [o["share_women"] for o in raw["fill"]["occupation"]]
     assert all(s <= 30 or s >= 70 for s in shares)  # each one clearly typed: only the side of 50 is used
     assert sum(s < 50 for s in shares) == sum(s > 50 for s in shares)
-    assert {p.split for p in discovery.prompts} == {"any"}  # in every split: it is only ever used to find features
+    assert {p.split for p in extra.prompts} == {"any"}  # in every split: never used to score an edit
 
 
 def row(site, feature, a, c, *, first=False, cost=0.0):
@@ -86,7 +98,7 @@ OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Ever
 OWN_SUBJECTS = (("My stepmother", "female"), ("My stepfather", "male"), ("Lady Ashford", "female"),
                 ("Lord Ashford", "male"), ("Ms. Novak", "female"), ("Mr. Novak", "male"))
 OWN_EXPLICIT = ("{}, a {}, answered that", "{} works as a {}. Last week,")
-STEREOTYPE_LEFT = 0.85  # measured 2026-12-04: 2.49 → 1.86 nats (0.745 of base); stated gender wins 70.8% → 70.8%
+STEREOTYPE_LEFT = 0.7  # measured 2026-12-04: 2.49 → 1.49 nats (0.598 of base); stated gender wins 70.8% → 72.9%
 
 
 def test_shipped_edit_on_prompts_of_our_own(default_model):

@@ -2,8 +2,8 @@
 
 Every method is fitted and tuned without the **held-out** halves of `gender-occupation` and `gender-explicit`
 (on their dev halves; (b) also on a discovery set that shares nothing with the suite, with the `age` suite as a
-guard), then measured once on those held-out halves, with the same neutral text (KL, perplexity) and the `age` and
-`capability` suites (no split: the whole suite) as side-effect checks:
+guard), then measured once on those held-out halves, with the same neutral text (KL, perplexity) and the held-out halves
+of the `age` and `capability` suites as side-effect checks (a fit or choice may guard their dev halves only):
 
 (a) one SAE feature (`--single`: a spec with one `project_out` of a feature, e.g. the top attributed one);
 (b) the attributed multi-site SAE edit (`--spec`: `edits/gender/features.yaml`, chosen by
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--spec", help="(b): the multi-site SAE spec steer tune chose on dev")
     args.add_argument("--single", help="(a): a one-feature spec")
-    args.add_argument("--erasure", help="(e): the learned-erasure spec steer features erase wrote")
+    args.add_argument("--erasure", action="append", default=[],
+                      help="(e): a learned-erasure spec (steer features erase wrote it); repeat for several rows")
     args.add_argument("--site", default="resid_post.10", help="where (c), (c⊥) and (d) read their directions")
     args.add_argument("--split", default="held_out")
     args.add_argument("--out", default="out/gender-methods")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     directions = out / "directions.safetensors"
     wanted = set(args.methods.split(","))
     for key, label, spec in (("a", "(a) one SAE feature", args.single), ("b", "(b) attributed multi-site SAE edit", args.spec),
-                             ("e", "(e) learned erasure, out of all writers", args.erasure)):
+                             *(("e", f"(e) learned erasure, out of all writers: {path}", path) for path in args.erasure)):
         if spec and key in wanted:
             run(label, steer.compile(steer.parse_spec(spec), model, tokenizer=tokenizer))
     if "c" in wanted:

@@ -2,7 +2,7 @@
 
 Feature edits act only where the edited features fire, and the features that carry
 a stereotype name particular occupations: chosen on some occupations, they miss
-others (README "Worked example": 181 attributed features carry 30% of the held-out
+others (README "Worked example": 181 attributed features carried 30% of the held-out
 stereotype even when ablated outright). A *direction* removed from every write to
 the residual stream acts on every token, and a mean difference is the wrong one
 (it removes stated gender with the stereotype: README, rows (c) and (c⊥)). This
@@ -41,7 +41,11 @@ the suite whose contrast direction is cleanest first.
 This is distributed-alignment-style search (Geiger et al.) for a linear
 concept-erasure edit, fitted on behaviour instead of on a linear probe as LEACE
 is. It generalises only as far as its prompts do: fit it on suites and splits
-that the held-out check never sees.
+that the held-out check never sees, and on as many occupations and templates as
+you have (the worked example's second fitting set, 40 occupations and 6
+templates more, went with held-out removal rising from 36% to 47%, though its holds changed too). A ``hold`` protects the
+held prompts more than the behaviour: holding the age suite's dev templates kept
+them within 0.2% while its held-out templates moved 7.7%.
 """
 
 from __future__ import annotations
