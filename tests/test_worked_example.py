@@ -90,8 +90,8 @@ def test_choose_keeps_only_features_both_rankings_agree_on(tmp_path):
     assert yaml.safe_load(out.read_text())["edits"] == [{"scale": 1, "factor": 0.0, "site": "resid_post.3"}]
 
 
-# Prompts of our own: no occupation, subject or template here is in gender-occupation, gender-explicit or the
-# discovery set (the edit was fitted on the dev halves and the discovery set only).
+# Prompts of our own: no occupation, subject or template here is in gender-occupation, gender-explicit or either
+# fitting set (the edit was fitted on the dev halves, the discovery set and the fit set only).
 OWN_MALE_TYPED = ("blacksmith", "stonemason", "lumberjack", "tow truck driver", "boilermaker")
 OWN_FEMALE_TYPED = ("florist", "babysitter", "makeup artist", "nail technician", "wedding planner")
 OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Everyone agreed that the {} was right, and")

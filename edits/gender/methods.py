@@ -16,9 +16,11 @@ of the `age` and `capability` suites as side-effect checks (a fit or choice may 
 (d) LEACE (EleutherAI's `concept-erasure`, `pip install concept-erasure --no-deps`) at one site, fitted on
     the dev prompts' last-token activations with the occupation's typing as the concept, applied at every
     position by a forward hook (an affine map: no steer artifact);
-(e) a learned erasure (`--erasure`: the spec `steer features erase` writes, or the shipped
-    `edits/gender-occupation.yaml`): directions fitted by gradient descent so that removing them from every write makes each template's pronoun gap the same for every
-    occupation of the discovery set and the dev half, keeping the dev gender-explicit margins (exact in weights).
+(e) a learned erasure (`--erasure`, repeatable: a spec `steer features erase` wrote, or the shipped
+    `edits/gender-occupation.yaml`): directions fitted by gradient descent so that removing them from every
+    write makes each template's pronoun gap the same for every occupation of the fitting sets (the dev half,
+    the discovery set, `edits/gender/fit-occupations.yaml`), keeping the dev gender-explicit margins and, with
+    `--hold`, the dev halves of age and capability (exact in weights).
 
 Prints one markdown table. Run: ``python edits/gender/methods.py [--spec FILE] [--single FILE] [--site L]``
 (about 10 minutes on 2 cores). Writes the fitted directions to ``--out`` (default out/gender-methods/).

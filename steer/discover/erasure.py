@@ -42,10 +42,11 @@ This is distributed-alignment-style search (Geiger et al.) for a linear
 concept-erasure edit, fitted on behaviour instead of on a linear probe as LEACE
 is. It generalises only as far as its prompts do: fit it on suites and splits
 that the held-out check never sees, and on as many occupations and templates as
-you have (the worked example's second fitting set, 40 occupations and 6
-templates more, went with held-out removal rising from 36% to 47%, though its holds changed too). A ``hold`` protects the
-held prompts more than the behaviour: holding the age suite's dev templates kept
-them within 0.2% while its held-out templates moved 7.7%.
+you have (in the worked example, adding a second fitting set of 40 occupations
+and 6 templates went with held-out removal rising from 36% to 47%, though the
+holds changed too). A ``hold`` protects the held prompts more than the
+behaviour: holding the age suite's dev templates kept them within 0.2% while its
+held-out templates moved 7.7%.
 """
 
 from __future__ import annotations
