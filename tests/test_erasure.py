@@ -153,3 +153,53 @@ def test_learn_erasure_leaves_the_model_as_it_was(tiny):
     ids = torch.tensor([[1, 10, 20]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)  # no hook left behind
+
+
+def test_a_gap_suite_held_adds_its_squared_gap_shift_measured_through_the_compiled_spec(tiny, tmp_path):
+    """With a ``logprob_gap`` suite held, the first step's ``hold_gap`` is the mean over its prompts of
+    (gap with the start's directions removed − gap without)², the edited gaps measured here through steer's compiled
+    `project_out ... site writers` spec instead of the fit's own hooks."""
+    model, tokenizer = tiny
+    q = orthonormal(1, seed=5)
+    held = load_suite_text(STEREOTYPE_SUITE)
+    result = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], hold=[held], split="all", steps=1,
+                           init=q, hold_per_step=10_000)
+    save_file({"u0": q[:, 0].contiguous()}, str(tmp_path / "q.safetensors"))
+    plan = steer.compile(f"project out direction {tmp_path}/q.safetensors:u0 site writers", model)
+    prompts = held.select("all")
+    base = np.array(suite_gaps(model, tokenizer, held, prompts))
+    edited = np.array(suite_gaps(model, tokenizer, held, prompts, plan))
+    expected = float(np.mean((edited - base) ** 2))
+    assert expected > 1e-6  # the removal moves the gaps
+    assert result.history[0]["hold_gap"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_fit_continues_from_or_widens_a_previous_one(tiny, tmp_path, capsys):
+    """``--init`` starts from a previous fit's directions: a near-zero learning rate leaves them where they were, and a
+    higher rank keeps them in its span; a file with more directions than --rank, or not safetensors, is one line."""
+    _, _, model_dir = save_tiny("llama", tmp_path / "model")
+    (tmp_path / "stereo.yaml").write_text(STEREOTYPE_SUITE)
+    q = orthonormal(2, seed=7)
+    save_file({"u0": q[:, 0].contiguous(), "u1": q[:, 1].contiguous()}, str(tmp_path / "start.safetensors"))
+    common = ["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--split", "all", "--model", model_dir,
+              "--neutral", "none", "--steps", "1", "--lr", "1e-7", "--init", str(tmp_path / "start.safetensors")]
+    assert main(common + ["--rank", "2", "-o", str(tmp_path / "same")]) == 0
+    got = load_file(str(tmp_path / "same" / "erasure.safetensors"))
+    new = torch.stack([got["u0"], got["u1"]], dim=1)
+    torch.testing.assert_close((new.T @ q).abs(), torch.eye(2), atol=1e-4, rtol=0)  # the same columns, up to sign
+
+    assert main(common + ["--rank", "3", "-o", str(tmp_path / "wider")]) == 0
+    got = load_file(str(tmp_path / "wider" / "erasure.safetensors"))
+    wide = torch.stack([got[f"u{i}"] for i in range(3)], dim=1)
+    inside = wide @ (wide.T @ q)  # q's columns projected onto the new span
+    torch.testing.assert_close(inside, q, atol=1e-4, rtol=0)
+    capsys.readouterr()
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    for init, rank, what in ((tmp_path / "start.safetensors", "1", "more than --rank 1"),
+                             (tmp_path / "junk.safetensors", "1", "cannot read direction file")):
+        argv = [a if a != str(tmp_path / "start.safetensors") else str(init) for a in common]
+        assert main(argv + ["--rank", rank, "-o", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+        assert not (tmp_path / "x").exists()

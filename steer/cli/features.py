@@ -145,6 +145,8 @@ def register(commands) -> None:
                        help="neutral text for the KL term: calibration (default; not the BBC text eval measures KL "
                             "on), default, a corpus path, or none")
     erase.add_argument("--seed", type=int, default=0, help="minibatch and start seed (default %(default)s)")
+    erase.add_argument("--init", metavar="FILE", help="start from a previous fit's erasure.safetensors (its u0, u1, "
+                       "...; at most --rank of them): continue a fit, or widen it to a higher rank")
     erase.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
     erase.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     erase.set_defaults(run=run_erase)
@@ -413,7 +415,7 @@ def run_erase(args) -> int:
 
     from safetensors.torch import save_file
 
-    from steer.discover.erasure import learn_erasure
+    from steer.discover.erasure import learn_erasure, read_erasure
     from steer.errors import SteerError
     from steer.evaluate.suites import load_suite
     from steer.export.atomic import atomic_directory
@@ -429,6 +431,9 @@ def run_erase(args) -> int:
     suites = [load_suite(s) for s in args.suite]  # bad files fail before any model work
     keep = load_suite(args.keep) if args.keep else None
     hold = [load_suite(s) for s in args.hold]
+    init = read_erasure(args.init) if args.init else None
+    if init is not None and init.shape[1] > args.rank:
+        raise SteerError(f"has {init.shape[1]} directions, more than --rank {args.rank}", where=args.init)
     model_name = args.model or DEFAULT_MODEL
     model, tokenizer = load_model(model_name)
     neutral = None
@@ -442,7 +447,8 @@ def run_erase(args) -> int:
 
     result = learn_erasure(model, tokenizer, suites, keep=keep, hold=hold, split=args.split, neutral=neutral,
                            rank=args.rank, steps=args.steps, lr=args.lr, keep_weight=args.keep_weight,
-                           kl_weight=args.kl_weight, hold_weight=args.hold_weight, seed=args.seed, log=log)
+                           kl_weight=args.kl_weight, hold_weight=args.hold_weight, seed=args.seed, init=init,
+                           log=log)
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():
         print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
@@ -452,9 +458,11 @@ def run_erase(args) -> int:
     spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,
                                description=f"Remove {args.rank} learned direction(s) from every write to the stream.")
     spec = (f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
-            f"seed {args.seed}).\n" + dump_spec(spec))
+            f"seed {args.seed}{f', from {args.init}' if args.init else ''}).\n" + dump_spec(spec))
     metadata = {"model": model_name, "made_by": "steer features erase", "suites": fitted, "split": args.split,
                 "rank": str(args.rank), "steps": str(args.steps), "seed": str(args.seed)}
+    if args.init:
+        metadata["init"] = args.init
     with atomic_directory(args.out, overwrite=args.overwrite, what="erasure output") as tmp:
         save_file(result.tensors(), str(tmp / ERASURE_FILE), metadata=metadata)
         (tmp / "erasure.yaml").write_text(spec, encoding="utf-8")

@@ -24,10 +24,12 @@ through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
   set and ``t₀`` the same without the edit, so a stated gender may win by more
   but not by less (up to ``cap`` nats);
 - **hold** (optional suites of any rule, e.g. ``age``, ``capability``): the mean
-  ``KL(base ‖ edited)`` of the next token at the end of each of their prompts;
+  ``KL(base ‖ edited)`` of the next token at the end of each of their prompts, plus, for
+  prompts of ``logprob_gap`` suites, the mean squared shift of their gap (a KL over the
+  whole vocabulary can stay small while the two token sets a gap compares move);
 - **KL** on neutral text: the mean next-token ``KL(base ‖ edited)``.
 
-``loss = spread + keep_weight · shortfall + hold_weight · hold + kl_weight · KL``, on minibatches
+``loss = spread + keep_weight · shortfall + hold_weight · (hold + hold_gap) + kl_weight · KL``, on minibatches
 drawn with a seeded generator (the same arguments give the same ``Q`` on the same
 machine). The first column starts at the *first* target's contrast direction
 (its headline's per-prompt weights applied to last-token activations at
@@ -36,7 +38,9 @@ removes); the others at seeded random directions. The start matters: on
 SmolLM2-135M the discovery set's contrast direction (cosine −0.14 with the
 suite's) costs KL 3.9 nats/token when removed, against 0.2 for the suite's, and a
 fit started there still sat at spread 1.03 and KL 0.052 after 32 steps — so put
-the suite whose contrast direction is cleanest first.
+the suite whose contrast direction is cleanest first. ``init`` (a previous fit's
+directions) replaces that start for its columns: a fit can be continued, or widened
+to a higher rank around directions already found.
 
 This is distributed-alignment-style search (Geiger et al.) for a linear
 concept-erasure edit, fitted on behaviour instead of on a linear probe as LEACE
@@ -62,7 +66,7 @@ from steer.errors import SteerError
 from steer.evaluate.scoring import logprob_scores, token_set_ids
 from steer.evaluate.suites import Prompt, Suite, load_suite
 from steer.generate import last_logit_only
-from steer.models.adapters import Site, adapter_for
+from steer.models.adapters import Site, adapter_for, hidden_size
 from steer.models.capture import capture, rewritten
 
 KEEP_CAP = 3.0
@@ -130,6 +134,31 @@ def removed(model, q: torch.Tensor):
         yield
 
 
+def read_erasure(path, d_model: int | None = None) -> torch.Tensor:
+    """The directions ``u0, u1, …`` (consecutive keys from ``u0``) of an erasure file `Erasure.tensors` wrote, as
+    ``(d_model, k)`` float32; each checked as a direction of a spec is (`read_direction`), never unpickled.
+    ``d_model`` None: the length of ``u0``, which every other direction must share."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from steer.plan.compile import read_direction
+
+    path = Path(path)
+    where = f"erasure file {path}"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if d_model is None and "u0" in keys:
+                d_model = int(f.get_slice("u0").get_shape()[-1])
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, IndexError):
+        keys = set()  # read_direction names the problem
+    count = 0
+    while f"u{count}" in keys:
+        count += 1
+    return torch.stack([read_direction(path, f"u{i}", d_model or 0, where) for i in range(max(count, 1))], dim=1)
+
+
 # -- fitting -----------------------------------------------------------------------------------
 
 
@@ -169,15 +198,21 @@ def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str =
                   neutral: torch.Tensor | None = None, rank: int = 1, steps: int = 60, lr: float = 0.03,
                   keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0,
                   groups_per_step: int = 4, keep_per_step: int = 48, hold_per_step: int = 32,
-                  neutral_per_step: int = 2, seed: int = 0, log=None) -> Erasure:
+                  neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, log=None) -> Erasure:
     """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
     ``correlate`` field), of ``keep`` (an accuracy-headline suite, optional) and of ``hold`` (suites of any rule
     whose next-token distribution at each prompt's end must not move: the mean ``KL(base ‖ edited)`` there,
-    weighted ``hold_weight``), with ``neutral`` token rows ``(N, T)`` for the KL term (optional).
-    ``log(step, parts)`` is called after every step."""
+    weighted ``hold_weight``, and for ``logprob_gap`` suites the squared shift of the gap), with ``neutral`` token
+    rows ``(N, T)`` for the KL term (optional). ``init`` ``(d, k)``, ``k ≤ rank``, starts the first ``k`` columns
+    (a previous fit's ``directions``). ``log(step, parts)`` is called after every step."""
     if rank < 1 or steps < 0 or lr <= 0:
         raise SteerError(f"rank must be ≥ 1, steps ≥ 0 and lr > 0; got rank={rank}, steps={steps}, lr={lr}",
                          where="erasure")
+    width = hidden_size(model)
+    if init is not None and (init.ndim != 2 or init.shape[0] != width or not 1 <= init.shape[1] <= rank
+                             or not torch.isfinite(init).all() or bool((init.norm(dim=0) == 0).any())):
+        raise SteerError(f"the starting directions must be {width} × k with 1 ≤ k ≤ rank ({rank}), finite and "
+                         f"non-zero; got {tuple(init.shape)}", where="erasure")
     targets = [_Target(tokenizer, load_suite(t), split) for t in targets]
     if not targets:
         raise SteerError("give at least one target suite", where="erasure")
@@ -190,7 +225,7 @@ def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str =
                          f"has {kept.suite.scoring.headline or kept.suite.scoring.rule}", where=kept.suite.path)
     held = [(suite, p) for suite in map(load_suite, hold) for p in suite.select(split)]
     settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, groups_per_step, keep_per_step,
-                         hold_per_step, neutral_per_step, seed)
+                         hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu())
     params = list(model.parameters())
     frozen = [p.requires_grad for p in params]
     for p in params:
@@ -215,6 +250,7 @@ class _Settings:
     hold_per_step: int
     neutral_per_step: int
     seed: int
+    init: torch.Tensor | None
 
 
 def _end_logprobs(model, tokenizer, pairs: list) -> torch.Tensor:
@@ -231,6 +267,22 @@ def _end_logprobs(model, tokenizer, pairs: list) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
+def _gap_shift(tokenizer, pairs: list, base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor | None:
+    """Mean squared change of the gap (log P(set a) − log P(set b)) over the pairs of ``logprob_gap`` suites, from
+    their end-of-prompt log-probs; None when no pair has a gap."""
+    rows, sets = [], {}
+    for i, (suite, _) in enumerate(pairs):
+        if suite.scoring.rule != "logprob_gap":
+            continue
+        if suite.path not in sets:
+            sets[suite.path] = [torch.tensor(token_set_ids(tokenizer, s, f"{suite.path}: scoring.{k}"))
+                                for k, s in (("a", suite.scoring.a), ("b", suite.scoring.b))]
+        a, b = sets[suite.path]
+        gap = [row[a].logsumexp(0) - row[b].logsumexp(0) for row in (base[i], edited[i])]
+        rows.append((gap[1] - gap[0]) ** 2)
+    return torch.stack(rows).mean() if rows else None
+
+
 def _kl(base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     """Mean ``KL(base ‖ edited)`` over rows of log-probs (last dimension)."""
     return (base.exp() * (base - edited)).sum(-1).mean()
@@ -239,9 +291,12 @@ def _kl(base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
 def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settings, log) -> Erasure:
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    first = contrast_direction(model, tokenizer, targets[0])
+    given = settings.init
+    first = contrast_direction(model, tokenizer, targets[0]) if given is None else given[:, 0]
     start = torch.randn(first.shape[0], settings.rank, generator=generator)
     start[:, 0] = first
+    if given is not None:
+        start[:, :given.shape[1]] = given
     start = 3.0 * start / start.norm(dim=0, keepdim=True)
     weights = torch.nn.Parameter(start)
     optimiser = torch.optim.Adam([weights], lr=settings.lr)
@@ -267,8 +322,13 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             with torch.no_grad():
                 base = _end_logprobs(model, tokenizer, pairs)
             with removed(model, q):
-                parts["hold"] = _kl(base, _end_logprobs(model, tokenizer, pairs))
+                edited = _end_logprobs(model, tokenizer, pairs)
+            parts["hold"] = _kl(base, edited)
             loss = loss + settings.hold_weight * parts["hold"]
+            shift = _gap_shift(tokenizer, pairs, base, edited)
+            if shift is not None:
+                parts["hold_gap"] = shift
+                loss = loss + settings.hold_weight * shift
         if neutral is not None and settings.kl_weight > 0:
             rows = neutral[rng.sample(range(neutral.shape[0]), min(settings.neutral_per_step, neutral.shape[0]))]
             rows = rows.to(next(model.parameters()).device)
