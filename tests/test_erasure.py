@@ -155,15 +155,16 @@ def test_learn_erasure_leaves_the_model_as_it_was(tiny):
         assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)  # no hook left behind
 
 
-def test_a_gap_suite_held_adds_its_squared_gap_shift_measured_through_the_compiled_spec(tiny, tmp_path):
+def test_the_gap_shift_of_a_held_suite_and_the_lean_are_measured_through_the_compiled_spec(tiny, tmp_path):
     """With a ``logprob_gap`` suite held, the first step's ``hold_gap`` is the mean over its prompts of
-    (gap with the start's directions removed − gap without)², the edited gaps measured here through steer's compiled
+    (gap with the start's directions removed − gap without)², and with ``lean_weight`` its ``lean`` is the mean over
+    templates of the squared shift of their mean gap; the edited gaps are measured here through steer's compiled
     `project_out ... site writers` spec instead of the fit's own hooks."""
     model, tokenizer = tiny
     q = orthonormal(1, seed=5)
     held = load_suite_text(STEREOTYPE_SUITE)
     result = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], hold=[held], split="all", steps=1,
-                           init=q, hold_per_step=10_000)
+                           init=q, hold_per_step=10_000, lean_weight=1.0, groups_per_step=100)
     save_file({"u0": q[:, 0].contiguous()}, str(tmp_path / "q.safetensors"))
     plan = steer.compile(f"project out direction {tmp_path}/q.safetensors:u0 site writers", model)
     prompts = held.select("all")
@@ -172,6 +173,14 @@ def test_a_gap_suite_held_adds_its_squared_gap_shift_measured_through_the_compil
     expected = float(np.mean((edited - base) ** 2))
     assert expected > 1e-6  # the removal moves the gaps
     assert result.history[0]["hold_gap"] == pytest.approx(expected, rel=1e-4)
+    # the lean: per template (a group of the fill's values), the squared shift of the mean gap, averaged
+    by_template: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        (_, job, _), = p.data
+        by_template.setdefault(p.text.replace(job, "<job>"), []).append(i)
+    lean = np.mean([(edited[i].mean() - base[i].mean()) ** 2 for i in map(np.array, by_template.values())])
+    assert lean > 1e-6 and result.history[0]["lean"] == pytest.approx(lean, rel=1e-4)
+    assert "lean" not in learn_erasure(model, tokenizer, [held], split="all", steps=1, init=q).history[0]
 
 
 def test_a_fit_continues_from_or_widens_a_previous_one(tiny, tmp_path, capsys):

@@ -140,6 +140,8 @@ def register(commands) -> None:
     erase.add_argument("--steps", type=int, default=60, help="Adam steps (default %(default)s)")
     erase.add_argument("--lr", type=float, default=0.03, help="Adam learning rate (default %(default)s)")
     erase.add_argument("--keep-weight", type=float, default=1.0, help="weight of the keep shortfall (default %(default)s)")
+    erase.add_argument("--lean-weight", type=float, default=0.0, help="weight of the shift of each template's mean "
+                       "gap (default %(default)s: free to move)")
     erase.add_argument("--kl-weight", type=float, default=20.0, help="weight of the neutral KL (default %(default)s)")
     erase.add_argument("--neutral", default="calibration", metavar="TEXT",
                        help="neutral text for the KL term: calibration (default; not the BBC text eval measures KL "
@@ -423,7 +425,7 @@ def run_erase(args) -> int:
     from steer.spec import parse_spec
     from steer.spec.yaml_io import dump_spec
 
-    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(args.keep_weight, args.kl_weight, args.hold_weight) < 0:
+    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(args.keep_weight, args.kl_weight, args.hold_weight, args.lean_weight) < 0:
         raise SteerError("--rank and --steps must be ≥ 1, --lr > 0, the weights ≥ 0", where="steer features erase")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -447,7 +449,8 @@ def run_erase(args) -> int:
 
     result = learn_erasure(model, tokenizer, suites, keep=keep, hold=hold, split=args.split, neutral=neutral,
                            rank=args.rank, steps=args.steps, lr=args.lr, keep_weight=args.keep_weight,
-                           kl_weight=args.kl_weight, hold_weight=args.hold_weight, seed=args.seed, init=init,
+                           kl_weight=args.kl_weight, hold_weight=args.hold_weight, lean_weight=args.lean_weight,
+                           seed=args.seed, init=init,
                            log=log)
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():

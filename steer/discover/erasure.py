@@ -19,6 +19,11 @@ through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
   the loss is the mean over groups of the variance of their gaps. That is *all*
   the fill does to the next token, not only the headline's contrast of the two
   sides of the midpoint (which a shuffle of occupations could meet);
+- **lean** (weight ``lean_weight``, 0 by default): the mean over the same groups of the
+  squared shift of the group's mean gap. The spread does not see a template's gaps all
+  moving together, and a fit left free to move them shifted the pronoun after some
+  templates for every subject, stated ones too ("Mr. Novak, a blacksmith, answered
+  that": he → she);
 - **shortfall** of a ``keep`` suite (accuracy headline, e.g. ``gender-explicit``):
   ``mean relu(min(t₀, cap) − t)``, ``t`` a prompt's margin toward its expected
   set and ``t₀`` the same without the edit, so a stated gender may win by more
@@ -29,7 +34,8 @@ through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
   whole vocabulary can stay small while the two token sets a gap compares move);
 - **KL** on neutral text: the mean next-token ``KL(base ‖ edited)``.
 
-``loss = spread + keep_weight · shortfall + hold_weight · (hold + hold_gap) + kl_weight · KL``, on minibatches
+``loss = spread + lean_weight · lean + keep_weight · shortfall + hold_weight · (hold + hold_gap) + kl_weight · KL``,
+on minibatches
 drawn with a seeded generator (the same arguments give the same ``Q`` on the same
 machine). The first column starts at the *first* target's contrast direction
 (its headline's per-prompt weights applied to last-token activations at
@@ -196,7 +202,7 @@ def contrast_direction(model, tokenizer, target: _Target) -> torch.Tensor:
 
 def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str = "dev",
                   neutral: torch.Tensor | None = None, rank: int = 1, steps: int = 60, lr: float = 0.03,
-                  keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0,
+                  keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0, lean_weight: float = 0.0,
                   groups_per_step: int = 4, keep_per_step: int = 48, hold_per_step: int = 32,
                   neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, log=None) -> Erasure:
     """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
@@ -224,8 +230,8 @@ def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str =
         raise SteerError(f"a keep suite needs an accuracy headline (prompts with an expected set); {kept.suite.name} "
                          f"has {kept.suite.scoring.headline or kept.suite.scoring.rule}", where=kept.suite.path)
     held = [(suite, p) for suite in map(load_suite, hold) for p in suite.select(split)]
-    settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, groups_per_step, keep_per_step,
-                         hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu())
+    settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, lean_weight, groups_per_step,
+                         keep_per_step, hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu())
     params = list(model.parameters())
     frozen = [p.requires_grad for p in params]
     for p in params:
@@ -245,6 +251,7 @@ class _Settings:
     keep_weight: float
     kl_weight: float
     hold_weight: float
+    lean_weight: float
     groups_per_step: int
     keep_per_step: int
     hold_per_step: int
@@ -303,6 +310,8 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     with torch.no_grad():
         base_keep = margins(kept.suite, kept.prompts, torch.tensor(
             suite_gaps(model, tokenizer, kept.suite, kept.prompts), dtype=torch.float64)) if kept else None
+        base_lean = {(id(target), tuple(group)): target.gaps(model, tokenizer, group).double().mean()
+                     for target, group in pool} if settings.lean_weight > 0 else {}
     before = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
     history = []
     for step in range(settings.steps):
@@ -310,8 +319,13 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
         parts = {}
         with removed(model, q):
             chosen = rng.sample(pool, min(settings.groups_per_step, len(pool)))
-            parts["spread"] = spread([target.gaps(model, tokenizer, group) for target, group in chosen])
+            gaps = [target.gaps(model, tokenizer, group) for target, group in chosen]
+            parts["spread"] = spread(gaps)
             loss = parts["spread"]
+            if base_lean:
+                parts["lean"] = torch.stack([(g.double().mean() - base_lean[id(target), tuple(group)]) ** 2
+                                             for g, (target, group) in zip(gaps, chosen)]).mean()
+                loss = loss + settings.lean_weight * parts["lean"]
             if kept is not None:
                 indices = rng.sample(range(len(kept.prompts)), min(settings.keep_per_step, len(kept.prompts)))
                 edited = margins(kept.suite, tuple(kept.prompts[i] for i in indices), kept.gaps(model, tokenizer, indices))
