@@ -21,13 +21,15 @@ from steer.evaluate.suites import load_suite
 ROOT = Path(__file__).resolve().parent.parent
 DISCOVERY = ROOT / "edits" / "gender" / "discovery-occupations.yaml"
 FIT = ROOT / "edits" / "gender" / "fit-occupations.yaml"
+FIT_2 = ROOT / "edits" / "gender" / "fit-occupations-2.yaml"
+SETS = {"discovery": DISCOVERY, "fit": FIT, "fit-2": FIT_2}
 
 
 def fills(suite) -> set[str]:
     return {value for p in suite.prompts for key, value, _ in p.data if key == "share_women"}
 
 
-@pytest.mark.parametrize("path", [DISCOVERY, FIT], ids=["discovery", "fit"])
+@pytest.mark.parametrize("path", SETS.values(), ids=SETS.keys())
 def test_fitting_sets_share_no_occupation_or_template_with_what_scores_the_edit(path):
     """The discovery and fitting sets name none of the occupations or templates that score the edit: the suite
     (either half), gender-explicit, the prompts of our own below, nor each other."""
@@ -36,14 +38,15 @@ def test_fitting_sets_share_no_occupation_or_template_with_what_scores_the_edit(
     explicit = {v.removeprefix("a ").removeprefix("an ") for p in load_suite("gender-explicit").prompts
                 for k, v, _ in p.data if k == "occupation"}
     own = set(OWN_MALE_TYPED) | set(OWN_FEMALE_TYPED)  # the own explicit prompts use four of these
-    other = FIT if path == DISCOVERY else DISCOVERY
+    others = [other for other in SETS.values() if other != path]
     assert len(fills(extra)) >= 40
-    assert not fills(extra) & (fills(suite) | explicit | own | fills(load_suite(str(other))))
+    assert not fills(extra) & (fills(suite) | explicit | own)
+    assert not any(fills(extra) & fills(load_suite(str(other))) for other in others)
     raw = yaml.safe_load(path.read_text())
     ours = {t["text"] for t in raw["templates"]}
     theirs = {t["text"] for t in yaml.safe_load((ROOT / "steer" / "data" / "suites" / "gender-occupation.yaml")
                                                .read_text())["templates"]}
-    theirs |= {t["text"] for t in yaml.safe_load(other.read_text())["templates"]}
+    theirs |= {t["text"] for other in others for t in yaml.safe_load(other.read_text())["templates"]}
     theirs |= {t.replace("{}", "{occupation}") for t in OWN_TEMPLATES}
     assert len(ours) >= 6 and not ours & theirs
     shares = [o["share_women"] for o in raw["fill"]["occupation"]]
@@ -133,3 +136,21 @@ def test_shipped_edit_on_prompts_of_our_own(default_model):
     assert base > 0.5, base  # the model does lean by occupation here
     assert abs(edited) < STEREOTYPE_LEFT * base, (base, edited)
     assert stated_wins(plan) >= stated_wins(None) - 1 / len(explicit), (stated_wins(None), stated_wins(plan))
+
+
+def test_the_age_hold_set_shares_no_template_or_occupation_with_the_age_suite_that_checks_the_fit():
+    """edits/gender/hold-age.yaml is only ever held by the erasure's fit; the age suite's held-out half then checks
+    age on templates and occupations the fit never held, so the two share neither (and no gendered word)."""
+    import re
+
+    hold, age = load_suite(str(ROOT / "edits" / "gender" / "hold-age.yaml")), load_suite("age")
+    assert hold.scoring.a == age.scoring.a and hold.scoring.b == age.scoring.b
+    jobs = {name: {v for p in s.prompts for k, v in p.fill if k == "occupation"} for name, s in
+            (("hold", hold), ("age", age))}
+    texts = {name: {t["text"] for t in yaml.safe_load(path.read_text())["templates"]} for name, path in
+             (("hold", ROOT / "edits" / "gender" / "hold-age.yaml"),
+              ("age", ROOT / "steer" / "data" / "suites" / "age.yaml"))}
+    assert len(jobs["hold"]) >= 20 and len(texts["hold"]) >= 6
+    assert not jobs["hold"] & jobs["age"] and not texts["hold"] & texts["age"]
+    assert not any(re.search(r"\b(he|she|his|her|him|hers)\b", p.text, re.I) for p in hold.prompts)
+    assert {p.split for p in hold.prompts} == {"any"}
