@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     args.add_argument("--out", default="out/gender-methods")
     args.add_argument("--methods", default="a,b,c,c⊥,d,e", help="which rows to measure (default all: a,b,c,c⊥,d,e)")
     args = args.parse_args(argv)
+    for path in filter(None, [args.single, args.spec, *args.erasure]):
+        steer.parse_spec(path)  # every spec is read before minutes of measuring, so a bad one fails at once
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -173,4 +175,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from steer.errors import SteerError
+
+    try:
+        raise SystemExit(main())
+    except SteerError as exc:
+        raise SystemExit(f"error: {exc}") from None
