@@ -56,7 +56,12 @@ you have (in the worked example, adding a second fitting set of 40 occupations
 and 6 templates went with held-out removal rising from 36% to 47%, though the
 holds changed too). A ``hold`` protects the held prompts more than the
 behaviour: holding the age suite's dev templates kept them within 0.2% while its
-held-out templates moved 7.7%.
+held-out templates moved 7.7%; adding the gap shift to the hold and a second set
+of age templates brought that to +1.9%. And the suites that check it are not
+the whole behaviour: fits that went on to −60% held out with every suite bound
+met had the stated gender win less often on apposition prompts of our own
+("Mr. Novak, a blacksmith, answered that": he → she), and the ``lean`` term
+traded most of the removal for part of that back (README "Worked example").
 """
 
 from __future__ import annotations
