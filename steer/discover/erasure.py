@@ -279,19 +279,22 @@ def _end_logprobs(model, tokenizer, pairs: list) -> torch.Tensor:
     return torch.stack(rows).cpu()
 
 
-def _gap_shift(tokenizer, pairs: list, base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor | None:
-    """Mean squared change of the gap (log P(set a) − log P(set b)) over the pairs of ``logprob_gap`` suites, from
-    their end-of-prompt log-probs; None when no pair has a gap."""
-    rows, sets = [], {}
+def _gap_sets(tokenizer, held: list) -> dict:
+    """``{suite path: (set a ids, set b ids)}`` for the held ``logprob_gap`` suites (read once, before the steps)."""
+    return {suite.path: tuple(torch.tensor(token_set_ids(tokenizer, tokens, f"{suite.path}: scoring.{key}"))
+                              for key, tokens in (("a", suite.scoring.a), ("b", suite.scoring.b)))
+            for suite, _ in held if suite.scoring.rule == "logprob_gap"}
+
+
+def _gap_shift(sets: dict, pairs: list, base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor | None:
+    """Mean squared change of the gap (log P(set a) − log P(set b)) over the pairs of ``logprob_gap`` suites (their
+    token sets in ``sets``), from their end-of-prompt log-probs; None when no pair has a gap."""
+    rows = []
     for i, (suite, _) in enumerate(pairs):
-        if suite.scoring.rule != "logprob_gap":
-            continue
-        if suite.path not in sets:
-            sets[suite.path] = [torch.tensor(token_set_ids(tokenizer, s, f"{suite.path}: scoring.{k}"))
-                                for k, s in (("a", suite.scoring.a), ("b", suite.scoring.b))]
-        a, b = sets[suite.path]
-        gap = [row[a].logsumexp(0) - row[b].logsumexp(0) for row in (base[i], edited[i])]
-        rows.append((gap[1] - gap[0]) ** 2)
+        if suite.path in sets:
+            a, b = sets[suite.path]
+            gap = [row[a].logsumexp(0) - row[b].logsumexp(0) for row in (base[i], edited[i])]
+            rows.append((gap[1] - gap[0]) ** 2)
     return torch.stack(rows).mean() if rows else None
 
 
@@ -303,12 +306,11 @@ def _kl(base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
 def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settings, log) -> Erasure:
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    given = settings.init
-    first = contrast_direction(model, tokenizer, targets[0]) if given is None else given[:, 0]
-    start = torch.randn(first.shape[0], settings.rank, generator=generator)
-    start[:, 0] = first
-    if given is not None:
-        start[:, :given.shape[1]] = given
+    start = torch.randn(hidden_size(model), settings.rank, generator=generator)
+    if settings.init is None:
+        start[:, 0] = contrast_direction(model, tokenizer, targets[0])
+    else:
+        start[:, :settings.init.shape[1]] = settings.init
     start = 3.0 * start / start.norm(dim=0, keepdim=True)
     weights = torch.nn.Parameter(start)
     optimiser = torch.optim.Adam([weights], lr=settings.lr)
@@ -317,6 +319,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             suite_gaps(model, tokenizer, kept.suite, kept.prompts), dtype=torch.float64)) if kept else None
         base_lean = {(id(target), tuple(group)): target.gaps(model, tokenizer, group).double().mean()
                      for target, group in pool} if settings.lean_weight > 0 else {}
+    gap_sets = _gap_sets(tokenizer, held)
     before = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
     history = []
     for step in range(settings.steps):
@@ -344,7 +347,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
                 edited = _end_logprobs(model, tokenizer, pairs)
             parts["hold"] = _kl(base, edited)
             loss = loss + settings.hold_weight * parts["hold"]
-            shift = _gap_shift(tokenizer, pairs, base, edited)
+            shift = _gap_shift(gap_sets, pairs, base, edited)
             if shift is not None:
                 parts["hold_gap"] = shift
                 loss = loss + settings.hold_weight * shift
