@@ -212,3 +212,36 @@ def test_a_fit_continues_from_or_widens_a_previous_one(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and what in err, err
         assert not (tmp_path / "x").exists()
+
+
+SECOND_KEEP = EXPLICIT_SUITE.replace("name: tiny-explicit", "name: tiny-explicit-2").replace(
+    "{who} is a {job}. Then", "When {who} met the {job},").replace("{who}, the {job}, knew", "{who}, a {job}, said")
+
+
+def test_several_keep_suites_count_every_prompt_margin_on_its_own(tiny, tmp_path):
+    """With two keep suites, the first step's ``shortfall`` is the mean over the prompts of *both* of
+    relu(min(margin without, 3) − margin with the start's directions removed), each margin the gap signed toward the
+    prompt's stated label, the edited gaps measured through steer's compiled `project_out ... site writers` spec. Per
+    prompt: a prompt that gains pays for none that loses."""
+    model, tokenizer = tiny
+    q = orthonormal(1, seed=11)
+    suites = [load_suite_text(EXPLICIT_SUITE), load_suite_text(SECOND_KEEP)]
+    result = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=suites, split="all", steps=1,
+                           init=q, keep_per_step=10_000)
+    save_file({"u0": q[:, 0].contiguous()}, str(tmp_path / "q.safetensors"))
+    plan = steer.compile(f"project out direction {tmp_path}/q.safetensors:u0 site writers", model)
+    losses, gained = [], 0
+    for suite in suites:
+        prompts = suite.select("all")
+        sign = np.array([1.0 if p.expect == "male" else -1.0 for p in prompts])
+        base = sign * np.array(suite_gaps(model, tokenizer, suite, prompts))
+        edited = sign * np.array(suite_gaps(model, tokenizer, suite, prompts, plan))
+        losses += list(np.maximum(np.minimum(base, 3.0) - edited, 0.0))
+        gained += int((edited > base).sum())
+    assert len(losses) == 32 and gained > 0 and max(losses) > 1e-6  # some prompts gain, some lose
+    assert result.history[0]["shortfall"] == pytest.approx(float(np.mean(losses)), rel=1e-4)
+    assert set(result.before) == {"tiny-gap", "tiny-explicit", "tiny-explicit-2"}
+    # the one-suite form still works and counts only that suite
+    one = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=suites[0], split="all", steps=1,
+                        init=q, keep_per_step=10_000)
+    assert one.history[0]["shortfall"] == pytest.approx(float(np.mean(losses[:16])), rel=1e-4)

@@ -121,14 +121,15 @@ def register(commands) -> None:
         description="Learned erasure (steer.discover.erasure): gradient descent through the model fits r orthonormal "
                     "directions such that removing them from every write to the residual stream (project_out at site "
                     "`writers`: exact in merged weights and adapters) makes each template's gap the same for every "
-                    "value of the target suite's `correlate` fill (e.g. every occupation), while the --keep suite's "
+                    "value of the target suite's `correlate` fill (e.g. every occupation), while the --keep suites' "
                     "margins do not shrink and the KL on neutral text stays small. Writes DIR/erasure.safetensors "
                     "(u0, u1, ...), the spec DIR/erasure.yaml and DIR/history.json.")
     erase.add_argument("--suite", required=True, action="append", metavar="NAME_OR_FILE",
                        help="a target: a logprob_gap suite with `correlate:` (repeat to fit on several; the "
                             "first one's contrast direction starts the fit)")
-    erase.add_argument("--keep", metavar="NAME_OR_FILE", help="an accuracy suite whose margins must not shrink, "
-                                                            "e.g. gender-explicit")
+    erase.add_argument("--keep", action="append", default=[], metavar="NAME_OR_FILE",
+                       help="an accuracy suite whose margins must not shrink, e.g. gender-explicit (repeat for several: "
+                            "each prompt's margin counts on its own)")
     erase.add_argument("--hold", action="append", default=[], metavar="NAME_OR_FILE",
                        help="a suite (any rule) whose next-token distribution at each prompt's end must not move "
                             "(KL term; repeat for several), e.g. age, capability")
@@ -431,7 +432,7 @@ def run_erase(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SteerError("exists and is not an empty directory; pass --overwrite to replace it", where=str(out))
     suites = [load_suite(s) for s in args.suite]  # bad files fail before any model work
-    keep = load_suite(args.keep) if args.keep else None
+    keep = [load_suite(s) for s in args.keep]
     hold = [load_suite(s) for s in args.hold]
     init = read_erasure(args.init) if args.init else None
     if init is not None and init.shape[1] > args.rank:
@@ -455,7 +456,7 @@ def run_erase(args) -> int:
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():
         print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
-    fitted = ", ".join(s.name for s in suites) + (f"; keep {keep.name}" if keep else "") + \
+    fitted = ", ".join(s.name for s in suites) + (f"; keep {', '.join(s.name for s in keep)}" if keep else "") + \
         (f"; hold {', '.join(s.name for s in hold)}" if hold else "")
     edits = "; ".join(f"project out direction {ERASURE_FILE}:{key} site writers" for key in result.tensors())
     spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,

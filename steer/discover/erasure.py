@@ -24,10 +24,12 @@ through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
   moving together, and a fit left free to move them shifted the pronoun after some
   templates for every subject, stated ones too ("Mr. Novak, a blacksmith, answered
   that": he → she);
-- **shortfall** of a ``keep`` suite (accuracy headline, e.g. ``gender-explicit``):
-  ``mean relu(min(t₀, cap) − t)``, ``t`` a prompt's margin toward its expected
-  set and ``t₀`` the same without the edit, so a stated gender may win by more
-  but not by less (up to ``cap`` nats);
+- **shortfall** of the ``keep`` suites (accuracy headline, e.g. ``gender-explicit``):
+  ``mean relu(min(t₀, cap) − t)`` over a minibatch drawn from all their prompts,
+  ``t`` a prompt's margin toward its expected set and ``t₀`` the same without the
+  edit, so a stated gender may win by more but not by less (up to ``cap`` nats).
+  Per prompt, so a side that gains cannot pay for one that loses, as it can in an
+  accuracy or a mean margin; but only on the templates kept, hence more than one;
 - **hold** (optional suites of any rule, e.g. ``age``, ``capability``): the mean
   ``KL(base ‖ edited)`` of the next token at the end of each of their prompts, plus, for
   prompts of ``logprob_gap`` suites, the mean squared shift of their gap (a KL over the
@@ -205,13 +207,13 @@ def contrast_direction(model, tokenizer, target: _Target) -> torch.Tensor:
     return total.float()
 
 
-def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str = "dev",
+def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "dev",
                   neutral: torch.Tensor | None = None, rank: int = 1, steps: int = 60, lr: float = 0.03,
                   keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0, lean_weight: float = 0.0,
                   groups_per_step: int = 4, keep_per_step: int = 48, hold_per_step: int = 32,
                   neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, log=None) -> Erasure:
     """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
-    ``correlate`` field), of ``keep`` (an accuracy-headline suite, optional) and of ``hold`` (suites of any rule
+    ``correlate`` field), of ``keep`` (accuracy-headline suites or names, or one; optional) and of ``hold`` (suites of any rule
     whose next-token distribution at each prompt's end must not move: the mean ``KL(base ‖ edited)`` there,
     weighted ``hold_weight``, and for ``logprob_gap`` suites the squared shift of the gap), with ``neutral`` token
     rows ``(N, T)`` for the KL term (optional). ``init`` ``(d, k)``, ``k ≤ rank``, starts the first ``k`` columns
@@ -230,10 +232,12 @@ def learn_erasure(model, tokenizer, targets, *, keep=None, hold=(), split: str =
     pool = [(t, g) for t in targets for g in fill_groups(t.suite, t.prompts)]
     if not pool:
         raise SteerError(f"no target prompts in split {split} differ only in their fill value", where="erasure")
-    kept = _Target(tokenizer, load_suite(keep), split) if keep is not None else None
-    if kept is not None and kept.suite.scoring.headline != "accuracy":
-        raise SteerError(f"a keep suite needs an accuracy headline (prompts with an expected set); {kept.suite.name} "
-                         f"has {kept.suite.scoring.headline or kept.suite.scoring.rule}", where=kept.suite.path)
+    keep = [] if keep is None else [keep] if isinstance(keep, (str, Suite)) else list(keep)
+    kept = [_Target(tokenizer, load_suite(k), split) for k in keep]
+    for k in kept:
+        if k.suite.scoring.headline != "accuracy":
+            raise SteerError(f"a keep suite needs an accuracy headline (prompts with an expected set); {k.suite.name} "
+                             f"has {k.suite.scoring.headline or k.suite.scoring.rule}", where=k.suite.path)
     held = [(suite, p) for suite in map(load_suite, hold) for p in suite.select(split)]
     settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, lean_weight, groups_per_step,
                          keep_per_step, hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu())
@@ -314,13 +318,14 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     start = 3.0 * start / start.norm(dim=0, keepdim=True)
     weights = torch.nn.Parameter(start)
     optimiser = torch.optim.Adam([weights], lr=settings.lr)
+    keep_pool = [(k, i) for k in kept for i in range(len(k.prompts))]
     with torch.no_grad():
-        base_keep = margins(kept.suite, kept.prompts, torch.tensor(
-            suite_gaps(model, tokenizer, kept.suite, kept.prompts), dtype=torch.float64)) if kept else None
+        base_keep = {id(k): margins(k.suite, k.prompts, torch.tensor(
+            suite_gaps(model, tokenizer, k.suite, k.prompts), dtype=torch.float64)) for k in kept}
         base_lean = {(id(target), tuple(group)): target.gaps(model, tokenizer, group).double().mean()
                      for target, group in pool} if settings.lean_weight > 0 else {}
     gap_sets = _gap_sets(tokenizer, held)
-    before = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
+    before = {t.suite.name: t.score(model, tokenizer) for t in targets + kept}
     history = []
     for step in range(settings.steps):
         q = torch.linalg.qr(weights)[0]
@@ -334,10 +339,16 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
                 parts["lean"] = torch.stack([(g.double().mean() - base_lean[id(target), tuple(group)]) ** 2
                                              for g, (target, group) in zip(gaps, chosen)]).mean()
                 loss = loss + settings.lean_weight * parts["lean"]
-            if kept is not None:
-                indices = rng.sample(range(len(kept.prompts)), min(settings.keep_per_step, len(kept.prompts)))
-                edited = margins(kept.suite, tuple(kept.prompts[i] for i in indices), kept.gaps(model, tokenizer, indices))
-                parts["shortfall"] = shortfall(edited, base_keep[indices])
+            if keep_pool:
+                drawn = rng.sample(keep_pool, min(settings.keep_per_step, len(keep_pool)))
+                edited, base = [], []
+                for k in kept:
+                    indices = [i for j, i in drawn if j is k]
+                    if indices:
+                        edited.append(margins(k.suite, tuple(k.prompts[i] for i in indices),
+                                              k.gaps(model, tokenizer, indices)))
+                        base.append(base_keep[id(k)][indices])
+                parts["shortfall"] = shortfall(torch.cat(edited), torch.cat(base))
                 loss = loss + settings.keep_weight * parts["shortfall"]
         if held and settings.hold_weight > 0:
             pairs = rng.sample(held, min(settings.hold_per_step, len(held)))
@@ -369,5 +380,5 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             log(step, record)
     q = torch.linalg.qr(weights.detach())[0].float()
     with torch.no_grad(), removed(model, q):
-        after = {t.suite.name: t.score(model, tokenizer) for t in targets + ([kept] if kept else [])}
+        after = {t.suite.name: t.score(model, tokenizer) for t in targets + kept}
     return Erasure(directions=q, history=tuple(history), before=before, after=after)
