@@ -32,15 +32,20 @@ def fills(suite) -> set[str]:
 @pytest.mark.parametrize("path", SETS.values(), ids=SETS.keys())
 def test_fitting_sets_share_no_occupation_or_template_with_what_scores_the_edit(path):
     """The discovery and fitting sets name none of the occupations or templates that score the edit: the suite
-    (either half), gender-explicit, the prompts of our own below, nor each other."""
+    (either half), gender-explicit (but for three in the discovery set), the prompts of our own below, nor each
+    other."""
     extra, suite = load_suite(str(path)), load_suite("gender-occupation")
     assert extra.scoring.headline == "stereotype" and extra.scoring.a == suite.scoring.a
     explicit = {v.removeprefix("a ").removeprefix("an ") for p in load_suite("gender-explicit").prompts
-                for k, v, _ in p.data if k == "occupation"}
+                for k, v in p.fill if k == "occupation"}
+    assert len(explicit) == 12
     own = set(OWN_MALE_TYPED) | set(OWN_FEMALE_TYPED)  # the own explicit prompts use four of these
     others = [other for other in SETS.values() if other != path]
     assert len(fills(extra)) >= 40
-    assert not fills(extra) & (fills(suite) | explicit | own)
+    assert not fills(extra) & (fills(suite) | own)
+    # gender-explicit: the discovery set (made first) names three of its occupations, which an earlier form of this
+    # check missed (it read a field that suite does not have); the sets made after it name none
+    assert fills(extra) & explicit == ({"nanny", "welder", "roofer"} if path == DISCOVERY else set())
     assert not any(fills(extra) & fills(load_suite(str(other))) for other in others)
     raw = yaml.safe_load(path.read_text())
     ours = {t["text"] for t in raw["templates"]}
@@ -136,6 +141,36 @@ def test_shipped_edit_on_prompts_of_our_own(default_model):
     assert base > 0.5, base  # the model does lean by occupation here
     assert abs(edited) < STEREOTYPE_LEFT * base, (base, edited)
     assert stated_wins(plan) >= stated_wins(None) - 1 / len(explicit), (stated_wins(None), stated_wins(plan))
+
+
+def test_the_keep_set_shares_no_template_subject_or_held_out_occupation_with_what_scores_the_edit():
+    """edits/gender/keep-explicit.yaml is only ever kept by the erasure's fit: gender-explicit (either half) and the
+    prompts of our own then check stated gender on templates and subjects it never kept, and gender-occupation's
+    held-out half on occupations it never kept (its dev occupations may appear: they are fitted on anyway)."""
+    keep, explicit = load_suite(str(ROOT / "edits" / "gender" / "keep-explicit.yaml")), load_suite("gender-explicit")
+    assert keep.scoring.headline == "accuracy" and (keep.scoring.a, keep.scoring.b) == (explicit.scoring.a,
+                                                                                       explicit.scoring.b)
+
+    def values(suite, field):
+        return {v.removeprefix("a ").removeprefix("an ") for p in suite.prompts for k, v in p.fill if k == field}
+
+    held_jobs = {v for p in load_suite("gender-occupation").select("held_out") for k, v in p.fill
+                 if k == "occupation"}
+    assert len(held_jobs) == 19
+    jobs = values(keep, "occupation")
+    assert len(jobs) >= 10 and not jobs & (values(explicit, "occupation") | held_jobs | set(OWN_MALE_TYPED)
+                                           | set(OWN_FEMALE_TYPED))
+    subjects = values(keep, "subject")
+    assert len(subjects) >= 30 and not subjects & (values(explicit, "subject") | {s for s, _ in OWN_SUBJECTS})
+    texts = {t["text"] for t in yaml.safe_load((ROOT / "edits" / "gender" / "keep-explicit.yaml").read_text())[
+        "templates"]}
+    theirs = {t["text"] for t in yaml.safe_load((ROOT / "steer" / "data" / "suites" / "gender-explicit.yaml")
+                                               .read_text())["templates"]}
+    theirs |= {t.replace("{}", "{subject}", 1).replace("a {}", "{occupation}") for t in OWN_EXPLICIT}
+    assert len(texts) >= 8 and not texts & theirs
+    sides = [p.expect for p in keep.prompts]
+    assert sides.count("male") == sides.count("female")  # as many kept margins on each side
+    assert {p.split for p in keep.prompts} == {"any"}
 
 
 def test_the_age_hold_set_shares_no_template_or_occupation_with_the_age_suite_that_checks_the_fit():
