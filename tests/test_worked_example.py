@@ -189,3 +189,29 @@ def test_the_age_hold_set_shares_no_template_or_occupation_with_the_age_suite_th
     assert not jobs["hold"] & jobs["age"] and not texts["hold"] & texts["age"]
     assert not any(re.search(r"\b(he|she|his|her|him|hers)\b", p.text, re.I) for p in hold.prompts)
     assert {p.split for p in hold.prompts} == {"any"}
+
+
+def test_the_unseen_check_uses_no_occupation_subject_or_template_of_any_suite_set_or_own_prompt():
+    """edits/gender/unseen.py claims prompts nothing else uses: none of its occupations, subjects or templates is in
+    the suites the example scores on, the sets it fits, keeps or holds, or the prompts of our own above."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unseen", ROOT / "edits" / "gender" / "unseen.py")
+    unseen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unseen)
+    paths = ["gender-occupation", "gender-explicit", "age", "capability"] + [
+        str(ROOT / "edits" / "gender" / name) for name in ("discovery-occupations.yaml", "fit-occupations.yaml",
+                                                           "fit-occupations-2.yaml", "keep-explicit.yaml",
+                                                           "hold-age.yaml")]
+    suites = [load_suite(p) for p in paths]
+    texts = " ".join(p.text.lower() for s in suites for p in s.prompts)
+    texts += " ".join(t.format(*[x] * t.count("{}")).lower() for t in OWN_TEMPLATES + OWN_EXPLICIT
+                      for x in OWN_MALE_TYPED + OWN_FEMALE_TYPED + tuple(s for s, _ in OWN_SUBJECTS))
+    jobs = unseen.MALE_TYPED + unseen.FEMALE_TYPED
+    assert len(set(jobs)) == 12 and set(unseen.EXPLICIT_JOBS) <= set(jobs)
+    for word in jobs + tuple(s for s, _ in unseen.SUBJECTS):
+        assert word.lower() not in texts, word
+    for template in unseen.TEMPLATES + unseen.EXPLICIT:
+        for piece in template.split("{}"):
+            if len(piece.strip(" ,.").split()) > 1:  # every run of two words or more between the blanks
+                assert piece.lower() not in texts, piece
