@@ -63,7 +63,10 @@ of age templates brought that to +1.9%. And the suites that check it are not
 the whole behaviour: fits that went on to −60% held out with every suite bound
 met had the stated gender win less often on apposition prompts of our own
 ("Mr. Novak, a blacksmith, answered that": he → she), and the ``lean`` term
-traded most of the removal for part of that back (README "Worked example").
+traded most of the removal for part of that back. A second ``keep`` suite of
+stated-gender templates (appositions among them) stopped it — held out, the
+female-subject margin moved −6% where it had moved −30% — and the removal
+stopped near −50% with it (README "Worked example", "Going further").
 """
 
 from __future__ import annotations
