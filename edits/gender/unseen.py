@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import steer
-from steer.evaluate.scoring import next_token_logprobs
+from steer.evaluate.scoring import next_token_logprobs, token_set_ids
 
 MALE_TYPED = ("scaffolder", "tree surgeon", "demolition worker", "bulldozer driver", "quarry worker", "fisherman")
 FEMALE_TYPED = ("flower arranger", "nursery teacher", "beauty therapist", "school nurse", "ward clerk",
@@ -30,7 +30,7 @@ EXPLICIT_JOBS = ("scaffolder", "tree surgeon", "nursery teacher", "beauty therap
 
 def main(specs: list[str]) -> None:
     model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
-    ids = [[tokenizer(t, add_special_tokens=False).input_ids[0] for t in words]
+    ids = [token_set_ids(tokenizer, words, "unseen.py")
            for words in ((" he", " He", " his", " him"), (" she", " She", " her"))]
 
     def gaps(texts, plan):
