@@ -106,7 +106,7 @@ OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Ever
 OWN_SUBJECTS = (("My stepmother", "female"), ("My stepfather", "male"), ("Lady Ashford", "female"),
                 ("Lord Ashford", "male"), ("Ms. Novak", "female"), ("Mr. Novak", "male"))
 OWN_EXPLICIT = ("{}, a {}, answered that", "{} works as a {}. Last week,")
-STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (e″): 2.49 → 1.31 nats (0.526 of base); stated gender wins 70.8% → 70.8%
+STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (e″): 2.49 → 1.19 nats (0.477 of base); stated gender wins 70.8% → 68.8%
 
 
 def test_shipped_edit_on_prompts_of_our_own(default_model):
