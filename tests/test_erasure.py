@@ -245,3 +245,27 @@ def test_several_keep_suites_count_every_prompt_margin_on_its_own(tiny, tmp_path
     one = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=suites[0], split="all", steps=1,
                         init=q, keep_per_step=10_000)
     assert one.history[0]["shortfall"] == pytest.approx(float(np.mean(losses[:16])), rel=1e-4)
+
+
+def test_keep_suites_that_share_a_name_each_keep_their_own_before_and_after_score(tiny):
+    """Two keep suites named alike (different files) are scored apart: each label's `before` is that suite's own
+    accuracy without the edit — the share of its prompts whose gap, signed toward the stated label, is > 0 — and
+    the fit also counts both suites' prompts in its shortfall."""
+    model, tokenizer = tiny
+    q = orthonormal(1, seed=11)
+    same_name = SECOND_KEEP.replace("name: tiny-explicit-2", "name: tiny-explicit")
+    suites = [load_suite_text(EXPLICIT_SUITE, "a/keep.yaml"), load_suite_text(same_name, "b/keep.yaml")]
+    result = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=suites, split="all", steps=0,
+                           init=q)
+    assert set(result.before) == set(result.after) == {
+        "tiny-gap", "tiny-explicit (a/keep.yaml)", "tiny-explicit (b/keep.yaml)"}
+    for suite, label in zip(suites, ("tiny-explicit (a/keep.yaml)", "tiny-explicit (b/keep.yaml)")):
+        prompts = suite.select("all")
+        sign = np.array([1.0 if p.expect == "male" else -1.0 for p in prompts])
+        toward = sign * np.array(suite_gaps(model, tokenizer, suite, prompts))
+        assert result.before[label] == pytest.approx(float((toward > 0).mean()))
+    assert result.before["tiny-explicit (a/keep.yaml)"] != result.before["tiny-explicit (b/keep.yaml)"]
+    # the same file given twice still gets two labels
+    twice = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=[suites[0], suites[0]],
+                          split="all", steps=0, init=q)
+    assert len(twice.before) == 3

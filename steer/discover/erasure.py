@@ -93,7 +93,7 @@ KEEP_CAP = 3.0
 class Erasure:
     directions: torch.Tensor          # (d, r) float32, orthonormal columns
     history: tuple[dict, ...]         # per step: spread, shortfall, kl, loss
-    before: dict                      # suite name -> headline score without the edit (the fitting split)
+    before: dict                      # suite label (`labels`) -> headline score without the edit (fitting split)
     after: dict                       # ... with it
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -118,6 +118,14 @@ def fill_groups(suite: Suite, prompts: tuple[Prompt, ...]) -> list[list[int]]:
             raise SteerError(f"prompt {p.text!r} has no `{field}` value", where=suite.path)
         groups.setdefault(p.text.replace(value, "\0"), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def labels(suites: list[Suite]) -> list[str]:
+    """One distinct label per suite for the before/after scores: its name, or where two suites share a name, the
+    name with the suite's path (and its place in the list where the paths are the same too)."""
+    names = [s.name for s in suites]
+    out = [n if names.count(n) == 1 else f"{n} ({s.path})" for n, s in zip(names, suites)]
+    return [x if out.count(x) == 1 else f"{x} #{i + 1}" for i, x in enumerate(out)]
 
 
 def spread(groups: list[torch.Tensor]) -> torch.Tensor:
@@ -323,12 +331,17 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     optimiser = torch.optim.Adam([weights], lr=settings.lr)
     keep_pool = [(k, i) for k in kept for i in range(len(k.prompts))]
     with torch.no_grad():
-        base_keep = {id(k): margins(k.suite, k.prompts, torch.tensor(
-            suite_gaps(model, tokenizer, k.suite, k.prompts), dtype=torch.float64)) for k in kept}
+        # the keep prompts are scored once, for the margins and the `before` scores (the worked example's keep
+        # sets hold 4,800 prompts: minutes on 2 cores)
+        keep_gaps = {id(k): suite_gaps(model, tokenizer, k.suite, k.prompts) for k in kept}
+        base_keep = {id(k): margins(k.suite, k.prompts, torch.tensor(keep_gaps[id(k)], dtype=torch.float64))
+                     for k in kept}
         base_lean = {(id(target), tuple(group)): target.gaps(model, tokenizer, group).double().mean()
                      for target, group in pool} if settings.lean_weight > 0 else {}
     gap_sets = _gap_sets(tokenizer, held)
-    before = {t.suite.name: t.score(model, tokenizer) for t in targets + kept}
+    names = labels([t.suite for t in targets + kept])
+    before = {name: logprob_scores(t.suite.scoring, t.prompts, keep_gaps[id(t)])[0] if id(t) in keep_gaps
+              else t.score(model, tokenizer) for name, t in zip(names, targets + kept)}
     history = []
     for step in range(settings.steps):
         q = torch.linalg.qr(weights)[0]
@@ -383,5 +396,5 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             log(step, record)
     q = torch.linalg.qr(weights.detach())[0].float()
     with torch.no_grad(), removed(model, q):
-        after = {t.suite.name: t.score(model, tokenizer) for t in targets + kept}
+        after = {name: t.score(model, tokenizer) for name, t in zip(names, targets + kept)}
     return Erasure(directions=q, history=tuple(history), before=before, after=after)
