@@ -123,10 +123,12 @@ def test_a_target_without_a_correlate_or_a_keep_without_accuracy_is_one_line(tmp
     plain = tmp_path / "plain.yaml"
     plain.write_text(STEREOTYPE_SUITE.replace("  correlate: share\n  headline: stereotype\n  midpoint: 40\n", ""))
     (tmp_path / "stereo.yaml").write_text(STEREOTYPE_SUITE)
+    capsys.readouterr()  # the tiny model's own save messages are not the command's
     for argv, what in (
         (["--suite", str(plain)], "needs a logprob_gap suite with `correlate:`"),
         (["--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "stereo.yaml")], "needs an accuracy headline"),
-        (["--suite", str(tmp_path / "stereo.yaml"), "--rank", "0"], "--rank and --steps must be"),
+        (["--suite", str(tmp_path / "stereo.yaml"), "--rank", "0"], "--rank, --steps and the --*-per-step sizes"),
+        (["--suite", str(tmp_path / "stereo.yaml"), "--keep-per-step", "0"], "--rank, --steps and the --*-per-step"),
     ):
         assert main(["features", "erase", *argv, "--split", "all", "--model", model_dir, "--neutral", "none",
                      "--steps", "1", "-o", str(tmp_path / "x")]) == 2
@@ -269,3 +271,28 @@ def test_keep_suites_that_share_a_name_each_keep_their_own_before_and_after_scor
     twice = learn_erasure(model, tokenizer, [load_suite_text(STEREOTYPE_SUITE)], keep=[suites[0], suites[0]],
                           split="all", steps=0, init=q)
     assert len(twice.before) == 3
+
+
+def test_the_output_records_every_setting_the_fit_was_run_with(tmp_path, capsys):
+    """A fit can be rerun from its file alone: the safetensors metadata and the spec's header carry the learning
+    rate, every weight and the minibatch sizes given on the command line."""
+    from safetensors import safe_open
+
+    _, _, model_dir = save_tiny("llama", tmp_path / "model")
+    (tmp_path / "stereo.yaml").write_text(STEREOTYPE_SUITE)
+    (tmp_path / "explicit.yaml").write_text(EXPLICIT_SUITE)
+    given = {"--lr": "0.05", "--keep-weight": "2.5", "--kl-weight": "7.0", "--hold-weight": "3.0",
+             "--lean-weight": "0.5", "--groups-per-step": "2", "--keep-per-step": "5", "--hold-per-step": "6",
+             "--seed": "9"}
+    argv = ["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "explicit.yaml"),
+            "--split", "all", "--model", model_dir, "--steps", "2", "--neutral", "none", "-o", str(tmp_path / "out"),
+            *[x for pair in given.items() for x in pair]]
+    assert main(argv) == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "out" / "erasure.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    header = (tmp_path / "out" / "erasure.yaml").read_text().splitlines()[:2]
+    for flag, value in given.items():
+        key = flag[2:].replace("-", "_")
+        assert metadata[key] == value, (key, metadata)
+        assert f"{key} {value}" in " ".join(header) or key == "seed", header
+    assert metadata["neutral"] == "none" and "seed 9" in header[0]

@@ -148,6 +148,12 @@ def register(commands) -> None:
                        help="neutral text for the KL term: calibration (default; not the BBC text eval measures KL "
                             "on), default, a corpus path, or none")
     erase.add_argument("--seed", type=int, default=0, help="minibatch and start seed (default %(default)s)")
+    erase.add_argument("--groups-per-step", type=int, default=4, metavar="N",
+                       help="target template groups per step's minibatch (default %(default)s)")
+    erase.add_argument("--keep-per-step", type=int, default=48, metavar="N",
+                       help="keep prompts per step, drawn from all --keep suites (default %(default)s)")
+    erase.add_argument("--hold-per-step", type=int, default=32, metavar="N",
+                       help="hold prompts per step (default %(default)s)")
     erase.add_argument("--init", metavar="FILE", help="start from a previous fit's erasure.safetensors (its u0, u1, "
                        "...; at most --rank of them): continue a fit, or widen it to a higher rank")
     erase.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
@@ -426,8 +432,11 @@ def run_erase(args) -> int:
     from steer.spec import parse_spec
     from steer.spec.yaml_io import dump_spec
 
-    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(args.keep_weight, args.kl_weight, args.hold_weight, args.lean_weight) < 0:
-        raise SteerError("--rank and --steps must be ≥ 1, --lr > 0, the weights ≥ 0", where="steer features erase")
+    per_step = (args.groups_per_step, args.keep_per_step, args.hold_per_step)
+    if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(per_step) < 1 \
+            or min(args.keep_weight, args.kl_weight, args.hold_weight, args.lean_weight) < 0:
+        raise SteerError("--rank, --steps and the --*-per-step sizes must be ≥ 1, --lr > 0, the weights ≥ 0",
+                         where="steer features erase")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SteerError("exists and is not an empty directory; pass --overwrite to replace it", where=str(out))
@@ -451,8 +460,8 @@ def run_erase(args) -> int:
     result = learn_erasure(model, tokenizer, suites, keep=keep, hold=hold, split=args.split, neutral=neutral,
                            rank=args.rank, steps=args.steps, lr=args.lr, keep_weight=args.keep_weight,
                            kl_weight=args.kl_weight, hold_weight=args.hold_weight, lean_weight=args.lean_weight,
-                           seed=args.seed, init=init,
-                           log=log)
+                           groups_per_step=args.groups_per_step, keep_per_step=args.keep_per_step,
+                           hold_per_step=args.hold_per_step, seed=args.seed, init=init, log=log)
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():
         print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
@@ -461,10 +470,16 @@ def run_erase(args) -> int:
     edits = "; ".join(f"project out direction {ERASURE_FILE}:{key} site writers" for key in result.tensors())
     spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,
                                description=f"Remove {args.rank} learned direction(s) from every write to the stream.")
+    settings = {"lr": args.lr, "keep_weight": args.keep_weight, "kl_weight": args.kl_weight,
+                "hold_weight": args.hold_weight, "lean_weight": args.lean_weight, "neutral": args.neutral,
+                "groups_per_step": args.groups_per_step, "keep_per_step": args.keep_per_step,
+                "hold_per_step": args.hold_per_step}
     spec = (f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
-            f"seed {args.seed}{f', from {args.init}' if args.init else ''}).\n" + dump_spec(spec))
+            f"seed {args.seed}{f', from {args.init}' if args.init else ''}).\n# Settings: "
+            + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n" + dump_spec(spec))
     metadata = {"model": model_name, "made_by": "steer features erase", "suites": fitted, "split": args.split,
-                "rank": str(args.rank), "steps": str(args.steps), "seed": str(args.seed)}
+                "rank": str(args.rank), "steps": str(args.steps), "seed": str(args.seed),
+                **{k: str(v) for k, v in settings.items()}}
     if args.init:
         metadata["init"] = args.init
     with atomic_directory(args.out, overwrite=args.overwrite, what="erasure output") as tmp:
