@@ -251,8 +251,8 @@ def test_several_keep_suites_count_every_prompt_margin_on_its_own(tiny, tmp_path
 
 def test_keep_suites_that_share_a_name_each_keep_their_own_before_and_after_score(tiny):
     """Two keep suites named alike (different files) are scored apart: each label's `before` is that suite's own
-    accuracy without the edit — the share of its prompts whose gap, signed toward the stated label, is > 0 — and
-    the fit also counts both suites' prompts in its shortfall."""
+    accuracy without the edit — the share of its prompts whose gap, signed toward the stated label, is > 0 (the
+    shortfall over both suites' prompts is the test above)."""
     model, tokenizer = tiny
     q = orthonormal(1, seed=11)
     same_name = SECOND_KEEP.replace("name: tiny-explicit-2", "name: tiny-explicit")
