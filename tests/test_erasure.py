@@ -296,3 +296,26 @@ def test_the_output_records_every_setting_the_fit_was_run_with(tmp_path, capsys)
         assert metadata[key] == value, (key, metadata)
         assert f"{key} {value}" in " ".join(header) or key == "seed", header
     assert metadata["neutral"] == "none" and "seed 9" in header[0]
+
+
+def test_the_command_line_defaults_are_learn_erasures():
+    """`steer features erase` writes its defaults into --help (so they are spelled out there, not imported with
+    torch); each must be the keyword default of `learn_erasure`, or the CLI and the Python API fit different
+    things from the same call."""
+    import argparse
+    import inspect
+
+    from steer.cli.main import build_parser
+
+    parser = build_parser()
+    features = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    erase = next(a for a in features.choices["features"]._subparsers._group_actions
+                 if isinstance(a, argparse._SubParsersAction)).choices["erase"]
+    cli = {a.dest: a.default for a in erase._actions}
+    api = {k: p.default for k, p in inspect.signature(learn_erasure).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    # keep, hold, neutral and init are read from files or names first, so their CLI forms differ by design
+    shared = sorted(set(cli) & set(api) - {"keep", "hold", "neutral", "init"})
+    assert shared == sorted({"rank", "steps", "lr", "keep_weight", "kl_weight", "hold_weight", "lean_weight",
+                             "seed", "groups_per_step", "keep_per_step", "hold_per_step", "split"}), shared
+    assert {k: cli[k] for k in shared} == {k: api[k] for k in shared}
