@@ -19,6 +19,7 @@ import steer
 from steer.cli.main import main
 from steer.discover.attribution import suite_gaps
 from steer.discover.erasure import fill_groups, learn_erasure, margins, removed, shortfall, spread
+from steer.errors import SteerError
 from steer.evaluate.suites import load_suite_text
 from tests.conftest import D, save_tiny, tiny_model, tiny_tokenizer
 from tests.test_attribution import STEREOTYPE_SUITE
@@ -283,7 +284,7 @@ def test_the_output_records_every_setting_the_fit_was_run_with(tmp_path, capsys)
     (tmp_path / "explicit.yaml").write_text(EXPLICIT_SUITE)
     given = {"--lr": "0.05", "--keep-weight": "2.5", "--kl-weight": "7.0", "--hold-weight": "3.0",
              "--lean-weight": "0.5", "--groups-per-step": "2", "--keep-per-step": "5", "--hold-per-step": "6",
-             "--seed": "9"}
+             "--seed": "9", "--average-last": "2"}
     argv = ["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "explicit.yaml"),
             "--split", "all", "--model", model_dir, "--steps", "2", "--neutral", "none", "-o", str(tmp_path / "out"),
             *[x for pair in given.items() for x in pair]]
@@ -317,5 +318,27 @@ def test_the_command_line_defaults_are_learn_erasures():
     # keep, hold, neutral and init are read from files or names first, so their CLI forms differ by design
     shared = sorted(set(cli) & set(api) - {"keep", "hold", "neutral", "init"})
     assert shared == sorted({"rank", "steps", "lr", "keep_weight", "kl_weight", "hold_weight", "lean_weight",
-                             "seed", "groups_per_step", "keep_per_step", "hold_per_step", "split"}), shared
+                             "seed", "groups_per_step", "keep_per_step", "hold_per_step", "split",
+                             "average_last"}), shared
     assert {k: cli[k] for k in shared} == {k: api[k] for k in shared}
+
+
+def test_averaging_the_last_steps_returns_the_mean_of_their_projectors(tiny):
+    """``average_last=2`` returns the leading eigenvector of the mean of the last two steps' projectors; for two unit
+    vectors a, b that is (a + s·b)/|a + s·b|, s the sign of a·b (written out here), taken from two plain fits of one
+    and of two steps (same seed: the same trajectory). ``average_last=1`` is the plain fit, and more steps averaged
+    than run is an error."""
+    model, tokenizer = tiny
+    suite = load_suite_text(STEREOTYPE_SUITE)
+    kwargs = dict(split="all", rank=1, lr=0.3, seed=5)
+    a = learn_erasure(model, tokenizer, [suite], steps=1, **kwargs).directions[:, 0]
+    b = learn_erasure(model, tokenizer, [suite], steps=2, **kwargs).directions[:, 0]
+    assert abs(float(a @ b)) < 0.999  # the second step moved the direction, so the average differs from both
+    s = 1.0 if float(a @ b) >= 0 else -1.0
+    mean = (a + s * b) / (a + s * b).norm()
+    got = learn_erasure(model, tokenizer, [suite], steps=2, average_last=2, **kwargs).directions[:, 0]
+    torch.testing.assert_close(got * torch.sign(got @ mean), mean, atol=1e-5, rtol=0)
+    last = learn_erasure(model, tokenizer, [suite], steps=2, average_last=1, **kwargs).directions[:, 0]
+    torch.testing.assert_close(last, b, atol=1e-5, rtol=0)  # signed like the last step's direction
+    with pytest.raises(SteerError, match="average_last"):
+        learn_erasure(model, tokenizer, [suite], steps=2, average_last=3, **kwargs)

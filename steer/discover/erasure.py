@@ -222,16 +222,20 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
                   neutral: torch.Tensor | None = None, rank: int = 1, steps: int = 60, lr: float = 0.03,
                   keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0, lean_weight: float = 0.0,
                   groups_per_step: int = 4, keep_per_step: int = 48, hold_per_step: int = 32,
-                  neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, log=None) -> Erasure:
+                  neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, average_last: int = 0,
+                  log=None) -> Erasure:
     """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
     ``correlate`` field), of ``keep`` (accuracy-headline suites or names, or one; optional) and of ``hold`` (suites of any rule
     whose next-token distribution at each prompt's end must not move: the mean ``KL(base ‖ edited)`` there,
     weighted ``hold_weight``, and for ``logprob_gap`` suites the squared shift of the gap), with ``neutral`` token
     rows ``(N, T)`` for the KL term (optional). ``init`` ``(d, k)``, ``k ≤ rank``, starts the first ``k`` columns
-    (a previous fit's ``directions``). ``log(step, parts)`` is called after every step."""
-    if rank < 1 or steps < 0 or lr <= 0:
-        raise SteerError(f"rank must be ≥ 1, steps ≥ 0 and lr > 0; got rank={rank}, steps={steps}, lr={lr}",
-                         where="erasure")
+    (a previous fit's ``directions``). ``average_last`` > 0 returns, instead of the last step's ``Q``, the top
+    ``rank`` eigenvectors of the mean projector ``Q Qᵀ`` over the last ``average_last`` steps (iterate averaging, as
+    in stochastic weight averaging, done on projectors: the edit depends on ``Q Qᵀ`` only, so signs and rotations
+    within the subspace cannot cancel). ``log(step, parts)`` is called after every step."""
+    if rank < 1 or steps < 0 or lr <= 0 or not 0 <= average_last <= max(steps, 0):
+        raise SteerError(f"rank must be ≥ 1, steps ≥ 0, lr > 0 and 0 ≤ average_last ≤ steps; got rank={rank}, "
+                         f"steps={steps}, lr={lr}, average_last={average_last}", where="erasure")
     width = hidden_size(model)
     if init is not None and (init.ndim != 2 or init.shape[0] != width or not 1 <= init.shape[1] <= rank
                              or not torch.isfinite(init).all() or bool((init.norm(dim=0) == 0).any())):
@@ -251,7 +255,8 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
                              f"has {k.suite.scoring.headline or k.suite.scoring.rule}", where=k.suite.path)
     held = [(suite, p) for suite in map(load_suite, hold) for p in suite.select(split)]
     settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, lean_weight, groups_per_step,
-                         keep_per_step, hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu())
+                         keep_per_step, hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu(),
+                         average_last)
     params = list(model.parameters())
     frozen = [p.requires_grad for p in params]
     for p in params:
@@ -278,6 +283,16 @@ class _Settings:
     neutral_per_step: int
     seed: int
     init: torch.Tensor | None
+    average_last: int
+
+
+def mean_subspace(projector: torch.Tensor, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``rank`` leading eigenvectors (``d × rank``, float32, orthonormal) of a mean of projectors, each signed
+    to point the way the matching column of ``like`` does (the eigenvectors' signs are arbitrary)."""
+    values, vectors = torch.linalg.eigh(projector.double())
+    top = vectors[:, values.argsort(descending=True)[:rank]].float()
+    signs = torch.sign((top * like.to(top)).sum(0))
+    return top * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def _end_logprobs(model, tokenizer, pairs: list) -> torch.Tensor:
@@ -343,6 +358,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     before = {name: logprob_scores(t.suite.scoring, t.prompts, keep_gaps[id(t)])[0] if id(t) in keep_gaps
               else t.score(model, tokenizer) for name, t in zip(names, targets + kept)}
     history = []
+    projector = None  # the sum of Q Qᵀ over the averaged steps
     for step in range(settings.steps):
         q = torch.linalg.qr(weights)[0]
         parts = {}
@@ -390,11 +406,16 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if step >= settings.steps - settings.average_last:
+            q_now = torch.linalg.qr(weights.detach())[0].double()
+            projector = q_now @ q_now.T if projector is None else projector + q_now @ q_now.T
         record = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
         history.append(record)
         if log is not None:
             log(step, record)
     q = torch.linalg.qr(weights.detach())[0].float()
+    if projector is not None:
+        q = mean_subspace(projector / settings.average_last, settings.rank, like=q)
     with torch.no_grad(), removed(model, q):
         after = {name: t.score(model, tokenizer) for name, t in zip(names, targets + kept)}
     return Erasure(directions=q, history=tuple(history), before=before, after=after)
