@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DISCOVERY = ROOT / "edits" / "gender" / "discovery-occupations.yaml"
 FIT = ROOT / "edits" / "gender" / "fit-occupations.yaml"
 FIT_2 = ROOT / "edits" / "gender" / "fit-occupations-2.yaml"
-SETS = {"discovery": DISCOVERY, "fit": FIT, "fit-2": FIT_2}
+CHECK = ROOT / "edits" / "gender" / "check-occupations.yaml"
+SETS = {"discovery": DISCOVERY, "fit": FIT, "fit-2": FIT_2, "check": CHECK}
 
 
 def fills(suite) -> set[str]:
@@ -31,9 +32,9 @@ def fills(suite) -> set[str]:
 
 @pytest.mark.parametrize("path", SETS.values(), ids=SETS.keys())
 def test_fitting_sets_share_no_occupation_or_template_with_what_scores_the_edit(path):
-    """The discovery and fitting sets name none of the occupations or templates that score the edit: the suite
-    (either half), gender-explicit (but for three in the discovery set), the prompts of our own below, nor each
-    other."""
+    """The discovery and fitting sets, and the check set, name none of the occupations or templates that score the
+    edit: the suite (either half), gender-explicit (but for three in the discovery set), the prompts of our own
+    below, nor each other."""
     extra, suite = load_suite(str(path)), load_suite("gender-occupation")
     assert extra.scoring.headline == "stereotype" and extra.scoring.a == suite.scoring.a
     explicit = {v.removeprefix("a ").removeprefix("an ") for p in load_suite("gender-explicit").prompts
@@ -201,7 +202,8 @@ def test_the_unseen_check_uses_no_occupation_subject_or_template_of_any_suite_se
     spec.loader.exec_module(unseen)
     paths = ["gender-occupation", "gender-explicit", "age", "capability"] + [
         str(ROOT / "edits" / "gender" / name) for name in ("discovery-occupations.yaml", "fit-occupations.yaml",
-                                                           "fit-occupations-2.yaml", "keep-explicit.yaml",
+                                                           "fit-occupations-2.yaml", "check-occupations.yaml",
+                                                           "keep-explicit.yaml",
                                                            "hold-age.yaml")]
     suites = [load_suite(p) for p in paths]
     texts = " ".join(p.text.lower() for s in suites for p in s.prompts)
