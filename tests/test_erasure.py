@@ -303,16 +303,12 @@ def test_the_command_line_defaults_are_learn_erasures():
     """`steer features erase` writes its defaults into --help (so they are spelled out there, not imported with
     torch); each must be the keyword default of `learn_erasure`, or the CLI and the Python API fit different
     things from the same call."""
-    import argparse
     import inspect
 
     from steer.cli.main import build_parser
 
-    parser = build_parser()
-    features = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    erase = next(a for a in features.choices["features"]._subparsers._group_actions
-                 if isinstance(a, argparse._SubParsersAction)).choices["erase"]
-    cli = {a.dest: a.default for a in erase._actions}
+    # the required options only: every other value in the namespace is the CLI's default
+    cli = vars(build_parser().parse_args(["features", "erase", "--suite", "s.yaml", "-o", "out"]))
     api = {k: p.default for k, p in inspect.signature(learn_erasure).parameters.items()
            if p.default is not inspect.Parameter.empty}
     # keep, hold, neutral and init are read from files or names first, so their CLI forms differ by design

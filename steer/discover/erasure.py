@@ -233,7 +233,7 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
     ``rank`` eigenvectors of the mean projector ``Q Qᵀ`` over the last ``average_last`` steps (iterate averaging, as
     in stochastic weight averaging, done on projectors: the edit depends on ``Q Qᵀ`` only, so signs and rotations
     within the subspace cannot cancel). ``log(step, parts)`` is called after every step."""
-    if rank < 1 or steps < 0 or lr <= 0 or not 0 <= average_last <= max(steps, 0):
+    if rank < 1 or steps < 0 or lr <= 0 or not 0 <= average_last <= steps:
         raise SteerError(f"rank must be ≥ 1, steps ≥ 0, lr > 0 and 0 ≤ average_last ≤ steps; got rank={rank}, "
                          f"steps={steps}, lr={lr}, average_last={average_last}", where="erasure")
     width = hidden_size(model)
