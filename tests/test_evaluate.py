@@ -756,6 +756,48 @@ def test_bad_sweep_param_is_one_line_exit_2(saved, capsys, tmp_path, param, what
     assert not (tmp_path / "o").exists()
 
 
+MIXED = """
+edits:
+  - {project_out: gender/erasure.safetensors:u0, fraction: 1.0, site: writers}
+  - {scale: 3, factor: 0.5, site: resid_post.3}
+  - {scale: 7, factor: 0.5, site: resid_post.7}
+  - {clamp: 9, to: 2.0, site: resid_post.7}
+"""
+
+
+@pytest.mark.parametrize("path, amounts", [
+    ("edits[1:3].factor", [1.0, 0.25, 0.25, 2.0]),
+    ("edits[2:3].amount", [1.0, 0.5, 0.25, 2.0]),
+    ("edits[:1].fraction", [0.25, 0.5, 0.5, 2.0]),
+    ("edits[3:].to", [1.0, 0.5, 0.5, 0.25]),
+    ("edits[1].factor", [1.0, 0.25, 0.5, 2.0]),
+])
+def test_sweep_param_slices_set_only_the_edits_they_name(path, amounts):
+    """A mixed spec (a direction removed, then features scaled): ``edits[1:3]`` reaches the scaled features alone,
+    as Python's slice would (START included, STOP not)."""
+    from steer.evaluate.sweep import set_param
+    from steer.spec import load_spec_text
+
+    spec = load_spec_text(MIXED, base_dir="edits")
+    assert [e.amount for e in set_param(spec, path, 0.25).edits] == amounts
+    assert [e.amount for e in spec.edits] == [1.0, 0.5, 0.5, 2.0]  # the spec itself is not changed
+
+
+@pytest.mark.parametrize("path, what", [
+    ("edits[1:].factor", "edits[3] is clamp; its amount is `to`"),
+    ("edits[5:].factor", "edits[5:] selects no edit; the spec has 4"),
+    ("edits[2:1].factor", "selects no edit"),
+    ("edits[1:x].factor", "unknown parameter path"),
+])
+def test_bad_sweep_param_slice_says_what(path, what):
+    from steer.errors import SpecError
+    from steer.evaluate.sweep import set_param
+    from steer.spec import load_spec_text
+
+    with pytest.raises(SpecError, match=re.escape(what)):
+        set_param(load_spec_text(MIXED, base_dir="edits"), path, 0.25)
+
+
 def test_unknown_suite_name_lists_the_shipped_ones(saved, capsys):
     code, out, err = cli(capsys, "eval", str(spec_file(saved)), "--suite", "gender")
     assert code == 2 and "gender-occupation" in err and err.count("\n") == 1

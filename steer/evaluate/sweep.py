@@ -4,11 +4,14 @@ A parameter is a path into the spec, set on a copy with `dataclasses.replace`
 (specs are frozen and every replaced Edit is validated again):
 
     edits[0].factor  edits[1].strength  edits[*].fraction   the op's amount, by its YAML key (or `amount`)
+    edits[1:].factor  edits[2:5].amount                      a slice of the edits (Python's: START included, STOP not)
     edits[0].feature  edits[0].site  edits[0].scope  edits[0].units
     edits[0].when.above  edits[0].when.feature
     site  scope                                              the spec's defaults
 
-``edits[*]`` sets the field on every edit. Values: ``START:STOP:STEP`` (STOP
+``edits[*]`` sets the field on every edit, ``edits[START:STOP]`` on that slice
+(either end may be left out; e.g. ``edits[1:]`` every edit after a first one of
+another op, whose amount has another name). Values: ``START:STOP:STEP`` (STOP
 included when the steps land on it) or a comma list (``0.2,0.5,1`` or
 ``resid_post.8,resid_post.10``). The grid is the product of all parameters.
 
@@ -59,7 +62,7 @@ EDIT_FIELDS: tuple[str, ...] = ("amount", "feature", "site", "scope", "units", "
 SPEC_FIELDS: tuple[str, ...] = ("site", "scope")
 INT_FIELDS: tuple[str, ...] = ("feature", "when.feature")
 STR_FIELDS: tuple[str, ...] = ("site", "scope", "units")
-_PATH = re.compile(r"edits\[(?P<index>\*|[0-9]+)\]\.(?P<field>[a-z_]+(?:\.[a-z_]+)?)|(?P<top>[a-z_]+)")
+_PATH = re.compile(r"edits\[(?P<index>\*|[0-9]+|[0-9]*:[0-9]*)\]\.(?P<field>[a-z_]+(?:\.[a-z_]+)?)|(?P<top>[a-z_]+)")
 
 
 # -- parameters ----------------------------------------------------------------
@@ -126,15 +129,25 @@ def set_param(spec: Spec, path: str, value) -> Spec:
     where = f"--param {path}={value}"
     match = _PATH.fullmatch(path)
     if match is None:
-        raise SpecError(f"unknown parameter path; use edits[I].FIELD, edits[*].FIELD or one of {', '.join(SPEC_FIELDS)}",
+        raise SpecError(f"unknown parameter path; use edits[I].FIELD, edits[*].FIELD, edits[START:STOP].FIELD or one of {', '.join(SPEC_FIELDS)}",
                         where=where)
     if match["top"]:
         if match["top"] not in SPEC_FIELDS:
             raise SpecError(f"unknown spec field {match['top']!r}; a sweep can set {', '.join(SPEC_FIELDS)} "
                             "or edits[I].FIELD", where=where)
         return _replaced(where, lambda: dataclasses.replace(spec, **{match["top"]: _typed(match["top"], value, where)}))
-    indices = range(len(spec.edits)) if match["index"] == "*" else [int(match["index"])]
     edits = list(spec.edits)
+    index = match["index"]
+    if index == "*":
+        indices = range(len(edits))
+    elif ":" in index:
+        start, _, stop = index.partition(":")
+        indices = range(len(edits))[slice(int(start) if start else None, int(stop) if stop else None)]
+        if not indices:
+            raise SpecError(f"edits[{index}] selects no edit; the spec has {len(edits)} (edits[0]..edits[{len(edits) - 1}])",
+                            where=where)
+    else:
+        indices = [int(index)]
     for index in indices:
         if index >= len(edits):
             raise SpecError(f"the spec has {len(edits)} edit(s) (edits[0]..edits[{len(edits) - 1}])", where=where)
