@@ -287,3 +287,93 @@ def test_cli_attribute_ranks_across_sites_and_verifies(tmp_path, capsys):
     assert main(["features", "attribute", "--suite", str(bad), "--sae", paths[0], "--model", model_dir]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a logprob_gap suite" in err
+
+
+def merged_projection(model, u: torch.Tensor):
+    """A copy of ``model`` with ``u`` (unit) removed from every write to the residual stream, merged by hand: the
+    embedding rows and the o_proj / down_proj outputs multiplied by P = I − u uᵀ (tiny Llama: no biases)."""
+    import copy
+
+    merged = copy.deepcopy(model)
+    P = torch.eye(u.numel(), dtype=torch.float64) - torch.outer(u, u).double()
+    with torch.no_grad():
+        embed = merged.model.embed_tokens.weight
+        embed.copy_((embed.double() @ P).to(embed.dtype))
+        for layer in merged.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                assert linear.bias is None
+                linear.weight.copy_((P @ linear.weight.double()).to(linear.weight.dtype))
+    return merged
+
+
+def test_attribution_under_an_edit_equals_attribution_on_the_edited_weights(tiny, tmp_path):
+    """``under=`` a compiled project-out-of-every-writer: the metric, every attribution, contrast, cost and the
+    verified ablations equal those of a model with the projection merged into its weights by hand."""
+    from safetensors.torch import save_file
+
+    model, tokenizer = tiny
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(model.config.hidden_size, generator=g)
+    u = u / u.norm()
+    save_file({"u0": u}, str(tmp_path / "u.safetensors"))
+    spec = steer.parse_spec(f"project out direction {tmp_path / 'u.safetensors'}:u0 site writers")
+    plan = steer.compile(spec, model)
+    merged = merged_projection(model, u)
+    suite = load_suite_text(STEREOTYPE_SUITE, "t.yaml")
+    contrast = load_suite_text(EXPLICIT_SUITE, "e.yaml")
+    neutral = torch.randint(3, VOCAB, (4, 12), generator=g)
+    hooked = attribute(model, tokenizer, saes(), suite, split="all", contrast=contrast, neutral=neutral, under=plan)
+    reference = attribute(merged, tokenizer, saes(), suite, split="all", contrast=contrast, neutral=neutral)
+    plain = attribute(model, tokenizer, saes(), suite, split="all", contrast=contrast, neutral=neutral)
+    assert hooked.metric == pytest.approx(reference.metric, rel=1e-4, abs=1e-6)
+    assert hooked.contrast_metric == pytest.approx(reference.contrast_metric, rel=1e-4, abs=1e-6)
+    assert abs(plain.metric - reference.metric) > 1e-3  # the edit does change what is measured
+    got = {(r.site, r.feature): r for r in hooked.rows}
+    for r in reference.rows:
+        h = got[(r.site, r.feature)]
+        assert h.attribution == pytest.approx(r.attribution, rel=1e-3, abs=1e-5), (r.site, r.feature)
+        assert h.contrast == pytest.approx(r.contrast, rel=1e-3, abs=1e-5)
+        assert h.cost == pytest.approx(r.cost, rel=1e-3, abs=1e-6)
+        assert h.at_first == r.at_first
+    checked = verify_attribution(model, tokenizer, hooked, saes(), 3, under=plan)
+    expected = verify_attribution(merged, tokenizer, reference, saes(), 3)
+    by_key = {(v.row.site, v.row.feature): v for v in expected}
+    for v in checked:
+        e = by_key.get((v.row.site, v.row.feature))
+        if e is not None:  # the top 3 of both rankings hold the same features unless two tie to float noise
+            assert v.true == pytest.approx(e.true, rel=1e-3, abs=1e-5)
+            assert v.score_change == pytest.approx(e.score_change, rel=1e-3, abs=1e-5)
+    assert sum((v.row.site, v.row.feature) in by_key for v in checked) >= 2
+
+
+def test_cli_attribute_under_a_spec(tmp_path, capsys):
+    """`--under SPEC` ranks on the edited model: the JSON's rows are the Python API's under the compiled spec."""
+    from safetensors.torch import save_file
+
+    model, tokenizer, model_dir = save_tiny("llama", tmp_path / "model")
+    paths = [str(save_sae(dataclasses.replace(s, source=None), tmp_path / s.site.replace(".", "_"))) for s in saes()]
+    suite = tmp_path / "stereo.yaml"
+    suite.write_text(STEREOTYPE_SUITE)
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    save_file({"u0": u / u.norm()}, str(tmp_path / "u.safetensors"))
+    spec = tmp_path / "edit.yaml"
+    spec.write_text("edits:\n  - {project_out: u.safetensors:u0, fraction: 0.8, site: writers}\n")
+    assert main(["features", "attribute", "--suite", str(suite), "--sae", paths[0], "--sae", paths[1],
+                 "--model", model_dir, "--split", "all", "--top", "6", "--cost", "none", "--under", str(spec),
+                 "--json", str(tmp_path / "a.json")]) == 0
+    assert f"under {spec}" in capsys.readouterr().out
+    document = json.loads((tmp_path / "a.json").read_text())
+    expected = attribute(model, tokenizer, saes(), load_suite_text(STEREOTYPE_SUITE, "t.yaml"), split="all",
+                         under=steer.compile(str(spec), model))
+    assert document["under"] == str(spec)
+    assert document["metric"] == pytest.approx(expected.metric, rel=1e-5)
+    assert [(r["site"], r["feature"]) for r in document["rows"]] == [(r.site, r.feature) for r in expected.top(6)]
+    plain = attribute(model, tokenizer, saes(), load_suite_text(STEREOTYPE_SUITE, "t.yaml"), split="all")
+    assert plain.metric != pytest.approx(expected.metric, rel=1e-3)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("edits:\n  - {project_out: missing.safetensors:u0, fraction: 1.0, site: writers}\n")
+    assert main(["features", "attribute", "--suite", str(suite), "--sae", paths[0], "--model", model_dir,
+                 "--under", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.safetensors" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,45 @@ def test_choose_keeps_only_features_both_rankings_agree_on(tmp_path):
     assert yaml.safe_load(out.read_text())["edits"] == [{"scale": 1, "factor": 0.0, "site": "resid_post.3"}]
 
 
+def test_choose_needs_every_ranking_to_agree_and_puts_a_base_edit_first(tmp_path):
+    """Three rankings: a feature one of them does not keep is dropped. ``--base``: the base spec's edits come first,
+    its direction file re-pointed from the written spec's directory, its SAEs before the features' own."""
+    rankings = {"one": [row("resid_post.3", 1, 0.05, 0.0), row("resid_post.7", 2, 0.05, 0.0),
+                        row("resid_post.10", 3, 0.05, 0.0)],
+                "two": [row("resid_post.3", 1, 0.05, 0.0), row("resid_post.7", 2, 0.05, 0.0),
+                        row("resid_post.10", 3, 0.05, 0.0)],
+                "three": [row("resid_post.3", 1, 0.05, 0.0), row("resid_post.7", 2, 0.05, 0.04),  # not selective here
+                          row("resid_post.10", 3, 0.05, 0.0)]}
+    paths = []
+    for name, rows in rankings.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"contrast": "gender-explicit", "metric": 1.0, "rows": rows}))
+        paths.append(str(path))
+    (tmp_path / "base" / "dirs").mkdir(parents=True)
+    (tmp_path / "base" / "base.yaml").write_text(textwrap.dedent("""\
+        name: base-edit
+        description: Remove a direction.
+        sae: [default:resid_post.10]
+        site: writers
+        edits:
+          - {project_out: dirs/u.safetensors:u0, fraction: 0.5}
+        """))
+    out = tmp_path / "specs" / "spec.yaml"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, str(ROOT / "edits" / "gender" / "choose.py"), *paths, "--factor", "0.3",
+                           "--base", str(tmp_path / "base" / "base.yaml"), "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    spec = yaml.safe_load(out.read_text())
+    assert spec["edits"] == [{"project_out": "../base/dirs/u.safetensors:u0", "fraction": 0.5, "site": "writers"},
+                             {"scale": 1, "factor": 0.3, "site": "resid_post.3"},
+                             {"scale": 3, "factor": 0.3, "site": "resid_post.10"}]
+    assert spec["sae"] == ["default:resid_post.10", "default:resid_post.3"]
+    assert spec["description"].startswith("Remove a direction; then scale 2 attributed")
+    one = subprocess.run([sys.executable, str(ROOT / "edits" / "gender" / "choose.py"), paths[0], "-o", str(out)],
+                         capture_output=True, text=True)
+    assert one.returncode != 0 and "at least two rankings" in one.stderr
+
+
 # Prompts of our own: no occupation, subject or template here is in gender-occupation, gender-explicit or either
 # fitting set (the edit was fitted on the dev halves, the discovery set and the fit set only).
 OWN_MALE_TYPED = ("blacksmith", "stonemason", "lumberjack", "tow truck driver", "boilermaker")
@@ -107,7 +147,8 @@ OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Ever
 OWN_SUBJECTS = (("My stepmother", "female"), ("My stepfather", "male"), ("Lady Ashford", "female"),
                 ("Lord Ashford", "male"), ("Ms. Novak", "female"), ("Mr. Novak", "male"))
 OWN_EXPLICIT = ("{}, a {}, answered that", "{} works as a {}. Last week,")
-STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (e″): 2.49 → 1.19 nats (0.477 of base); stated gender wins 70.8% → 68.8%
+STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (f): 2.49 → 1.10 nats (0.443 of base); stated gender wins 70.8% → 72.9%
+# ((e″), the erasure alone: 0.477 of base, 68.8%)
 
 
 def test_shipped_edit_on_prompts_of_our_own(default_model):

@@ -113,6 +113,9 @@ def register(commands) -> None:
                            help="neutral text for each feature's side-effect estimate (the first-order change of the "
                                 "mean next-token loss if it were zeroed): calibration (steer's calibration text, the "
                                 "default; not the BBC text eval measures KL on), default, a corpus path, or none")
+    attribute.add_argument("--under", metavar="SPEC",
+                           help="measure on the model with this edit applied (its hooks): rank the features that carry "
+                                "what the edit leaves, to add to it; --verify ablates on top of it")
     attribute.add_argument("--json", metavar="OUT", help="also write the listed rows (and verification) as JSON")
     attribute.set_defaults(run=run_attribute)
 
@@ -365,21 +368,29 @@ def run_attribute(args) -> int:
     from steer.evaluate.suites import load_suite
     from steer.export.atomic import write_text_atomic
     from steer.models import load_model
+    from steer.plan import compile as compile_plan
+    from steer.spec import parse_spec
 
     for flag, value in (("--top", args.top), ("--verify", args.verify)):
         if value < 0:
             raise SteerError(f"must be ≥ 0, got {value}", where=flag)
     suite = load_suite(args.suite)  # bad files fail before any model work
     contrast = load_suite(args.contrast) if args.contrast else None
+    under = parse_spec(args.under) if args.under else None
     saes = [_load_sae(spec)[0] for spec in (args.sae or [None])]
     model, tokenizer = load_model(_model_name(args, saes[0]))
+    if under is not None:
+        under = compile_plan(under, model, tokenizer=tokenizer)
     neutral = None
     if args.cost != "none":
         from steer.evaluate.report import neutral_text
         neutral = neutral_text(tokenizer, args.cost, tokens=COST_TOKENS).rows
     result = attribute(model, tokenizer, saes, suite, split=args.split, contrast=contrast,
-                       include_first=args.include_first, neutral=neutral)
-    checked = verify_attribution(model, tokenizer, result, saes, min(args.verify, len(result.rows))) if args.verify else []
+                       include_first=args.include_first, neutral=neutral, under=under)
+    checked = (verify_attribution(model, tokenizer, result, saes, min(args.verify, len(result.rows)), under=under)
+               if args.verify else [])
+    if args.under:
+        print(f"under {args.under}: every number below is of the edited model")
     print(f"{suite.name} ({args.split} split), target = {result.suite.scoring.headline} in differentiable form: "
           f"m = {result.metric:.4g}" + (f"; contrast {contrast.name}: m = {result.contrast_metric:.4g}" if contrast else ""))
     print("attribution a = Σ activation × gradient: zeroing the feature changes m by about −a"
@@ -408,7 +419,7 @@ def run_attribute(args) -> int:
         for v in checked:
             print(f"{v.row.site:<16} {v.row.feature:>7} {v.estimate:>10.4g} {v.true:>10.4g} {v.score_change:>+13.4g}")
     if args.json:
-        document = {"suite": suite.name, "split": args.split, "metric": result.metric,
+        document = {"suite": suite.name, "split": args.split, "under": args.under, "metric": result.metric,
                     "contrast": contrast.name if contrast else None, "contrast_metric": result.contrast_metric,
                     "rows": [r.to_dict() for r in result.top(args.top)],
                     "verified": [{**v.row.to_dict(), "estimate": v.estimate, "true": v.true,

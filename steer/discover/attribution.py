@@ -55,6 +55,13 @@ it edits the sink too. Measured on the shipped SAEs: the 100 most selective
 stereotype features of a discovery set, ablated together, cost KL 4.4
 nats/token with the 17 that fire at a first token among them, and 0.10 without.
 
+**Under an edit** (``under=`` a compiled `Plan`, ``steer features attribute --under SPEC``): every pass runs
+with the edit's hooks in place, so the target, the features and their gradients are those of the edited model —
+what a second edit would be chosen on, to remove what the first one leaves. A feature edit of the ranking then
+adds to that edit (the worked example's row (f): a learned erasure, then the features that carry what it
+leaves). Tested against the same ranking on weights with the edit merged by hand. Verification ablates each
+feature on top of the edit (the ablation's hooks after the edit's at a shared site).
+
 **Side-effect estimate** (``neutral=`` token rows): the same patching on the mean
 next-token loss of neutral text gives each feature's ``cost``, the first-order
 change of that loss (nats/token) if it were zeroed: what editing it is likely to
@@ -178,10 +185,10 @@ def batch_gaps(model, ids, mask, positions, a: list[int], b: list[int]) -> torch
     return logp[:, a].logsumexp(-1) - logp[:, b].logsumexp(-1)                                       # (B,)
 
 
-def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size: int = BATCH) -> list[float]:
-    """The per-prompt gaps (no gradient), under ``plan`` if given."""
-    from contextlib import nullcontext
-
+def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size: int = BATCH,
+               under=None) -> list[float]:
+    """The per-prompt gaps (no gradient), under ``plan`` if given; with ``under`` too, ``plan``'s hooks run after
+    ``under``'s (an ablation on top of an edit)."""
     from steer.lower.hooks import applied
 
     a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
@@ -191,17 +198,21 @@ def suite_gaps(model, tokenizer, suite: Suite, prompts, plan=None, *, batch_size
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             ids, mask, positions = padded_batch(tokenizer, [p.text for p in prompts[start:start + batch_size]], suite.chat, device)
-            with applied(model, plan, prompt_length=ids.shape[1]) if plan is not None else nullcontext():
+            with ExitStack() as stack:
+                for each in (under, plan):
+                    if each is not None:
+                        stack.enter_context(applied(model, each, prompt_length=ids.shape[1]))
                 out += batch_gaps(model, ids, mask, positions, a, b).tolist()
     return out
 
 
 def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weights: list[float], *,
                       batch_size: int = BATCH, include_first: bool = False,
-                      first_firing: dict | None = None) -> dict[str, torch.Tensor]:
+                      first_firing: dict | None = None, under=None) -> dict[str, torch.Tensor]:
     """``{site: (d_sae,)}`` float64 attributions ``a_i`` of ``m = Σ w_p g_p`` (module docstring) for every SAE,
     summed over every real token but each prompt's first (the attention sink) unless ``include_first``. With
-    ``first_firing`` (site → bool ``(d_sae,)``), also marks there every feature that fires at a first token."""
+    ``first_firing`` (site → bool ``(d_sae,)``), also marks there every feature that fires at a first token; with
+    ``under`` (a Plan), on the edited model."""
     a = token_set_ids(tokenizer, suite.scoring.a, f"{suite.path}: scoring.a")
     b = token_set_ids(tokenizer, suite.scoring.b, f"{suite.path}: scoring.b")
     param, adapter_sites, here, totals = _prepared(model, saes)
@@ -211,7 +222,7 @@ def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weigh
         w = torch.tensor(weights[start:start + len(chunk)], dtype=torch.float64, device=param.device)
         valid = mask.bool() if include_first else mask.bool() & (positions > 0)
         features = _accumulate(model, here, adapter_sites, lambda: (w * batch_gaps(model, ids, mask, positions, a, b)).sum(),
-                               valid, totals)
+                               valid, totals, under=under, prompt_length=ids.shape[1])
         if first_firing is not None:
             first = (mask.bool() & (positions == 0))[..., None]
             for name, f in features.items():
@@ -220,7 +231,7 @@ def site_attributions(model, tokenizer, saes: dict, suite: Suite, prompts, weigh
     return totals
 
 
-def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8, under=None) -> dict[str, torch.Tensor]:
     """``{site: (d_sae,)}`` estimated change of the mean next-token loss (nats/token) on the token ``rows``
     ``(N, T)`` if each feature were zeroed: ``−Σ_t f_i(x_t) σ_t (d_i · ∂L/∂x_t)`` with ``L`` the mean loss, by
     the same attribution patching (each row's first position left out of the sum, as for the target)."""
@@ -235,7 +246,7 @@ def loss_costs(model, saes: dict, rows: torch.Tensor, *, batch_size: int = 8) ->
                                                      reduction="sum") / predictions
         valid = torch.ones_like(ids, dtype=torch.bool)
         valid[:, 0] = False
-        _accumulate(model, here, adapter_sites, loss, valid, totals)
+        _accumulate(model, here, adapter_sites, loss, valid, totals, under=under)
     return {name: -t for name, t in totals.items()}
 
 
@@ -248,10 +259,13 @@ def _prepared(model, saes: dict):
     return param, adapter_sites, here, totals
 
 
-def _accumulate(model, here: dict, adapter_sites: dict, objective, valid: torch.Tensor, totals: dict) -> dict:
+def _accumulate(model, here: dict, adapter_sites: dict, objective, valid: torch.Tensor, totals: dict, *,
+                under=None, prompt_length: int | None = None) -> dict:
     """One forward and backward pass of the scalar ``objective()`` with every site spliced (``x + z``, ``z`` a
     zero leaf); adds ``Σ_t f_i σ_t (d_i · ∂objective/∂x_t)`` over ``valid`` ``(B, T)`` positions into ``totals``
-    per site, and returns each site's features ``(B, T, d_sae)``."""
+    per site, and returns each site's features ``(B, T, d_sae)``. With ``under`` (a Plan), its hooks go in first:
+    at a site it shares, the splice (and the SAE) read the edited activation."""
+    from steer.lower.hooks import applied
     from steer.models.capture import rewritten
 
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -262,6 +276,8 @@ def _accumulate(model, here: dict, adapter_sites: dict, objective, valid: torch.
         return x + z
 
     with ExitStack() as stack, torch.enable_grad():
+        if under is not None:
+            stack.enter_context(applied(model, under, prompt_length=prompt_length))
         for name, site in adapter_sites.items():
             stack.enter_context(rewritten(model, site, lambda x, name=name: splice(x, name)))
         objective().backward()
@@ -288,33 +304,34 @@ def _parse_site(model, name: str):
 
 
 def attribute(model, tokenizer, saes, suite, *, split: str = "dev", contrast=None, batch_size: int = BATCH,
-              include_first: bool = False, neutral: torch.Tensor | None = None) -> Attribution:
+              include_first: bool = False, neutral: torch.Tensor | None = None, under=None) -> Attribution:
     """Attributions of ``suite``'s target on its ``split`` prompts to every feature of ``saes`` (a list of SAEs,
     each read at the site its config names, or a ``{site: SAE}`` mapping), ranked across sites; with
     ``contrast`` (a suite), ranked by selectivity against that suite's target. Each prompt's first token (the
     attention sink, module docstring) counts only with ``include_first``; without it, features that fire at a
     first token rank after all others. With ``neutral`` (token rows ``(N, T)``), each row also carries its
-    `loss_costs` estimate."""
+    `loss_costs` estimate. With ``under`` (a compiled `Plan`), everything is measured on the edited model (module
+    docstring)."""
     saes = _by_site(saes)
     suite = load_suite(suite)
     prompts = suite.select(split)
-    gaps = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size)
+    gaps = suite_gaps(model, tokenizer, suite, prompts, under, batch_size=batch_size)
     weights = target_weights(suite, prompts, gaps)
     metric = sum(w * g for w, g in zip(weights, gaps))
     first_firing: dict = {}
     scores = site_attributions(model, tokenizer, saes, suite, prompts, weights, batch_size=batch_size,
-                               include_first=include_first, first_firing=first_firing)
+                               include_first=include_first, first_firing=first_firing, under=under)
     other, other_metric, other_scores = None, None, None
     if contrast is not None:
         other = load_suite(contrast)
         other_prompts = other.select(split)
-        other_gaps = suite_gaps(model, tokenizer, other, other_prompts, batch_size=batch_size)
+        other_gaps = suite_gaps(model, tokenizer, other, other_prompts, under, batch_size=batch_size)
         other_weights = target_weights(other, other_prompts, other_gaps)
         other_metric = sum(w * g for w, g in zip(other_weights, other_gaps))
         other_scores = site_attributions(model, tokenizer, saes, other, other_prompts, other_weights,
                                          batch_size=batch_size, include_first=include_first,
-                                         first_firing=first_firing)
-    costs = loss_costs(model, saes, neutral) if neutral is not None else None
+                                         first_firing=first_firing, under=under)
+    costs = loss_costs(model, saes, neutral, under=under) if neutral is not None else None
     rows = []
     for site, values in scores.items():
         sink = first_firing[site].tolist()
@@ -363,22 +380,23 @@ class Verified:
 
 
 def verify_attribution(model, tokenizer, attribution: Attribution, saes, n: int, *,
-                       batch_size: int = BATCH) -> list[Verified]:
-    """Ablate each of the top ``n`` features alone (``scale`` by 0 at its site, error term kept) and measure."""
+                       batch_size: int = BATCH, under=None) -> list[Verified]:
+    """Ablate each of the top ``n`` features alone (``scale`` by 0 at its site, error term kept) and measure; with
+    ``under`` (the Plan the attribution was taken under), on top of that edit."""
     from steer.plan import compile as compile_plan
     from steer.spec import parse_spec
 
     saes = _by_site(saes)
     suite = attribution.suite
     prompts = suite.select(attribution.split)
-    clean = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size)
+    clean = suite_gaps(model, tokenizer, suite, prompts, batch_size=batch_size, under=under)
     weights = target_weights(suite, prompts, clean)
     clean_score, _ = logprob_scores(suite.scoring, prompts, clean)
     out = []
     for row in attribution.top(n):
         spec = parse_spec(f"ablate feature {row.feature} site {row.site}")
         plan = compile_plan(spec, model, saes[row.site])
-        gaps = suite_gaps(model, tokenizer, suite, prompts, plan, batch_size=batch_size)
+        gaps = suite_gaps(model, tokenizer, suite, prompts, plan, batch_size=batch_size, under=under)
         score, _ = logprob_scores(suite.scoring, prompts, gaps)
         true = sum(w * (g - g0) for w, g, g0 in zip(weights, gaps, clean))
         out.append(Verified(row, -row.attribution, true, score - clean_score))
