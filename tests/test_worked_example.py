@@ -122,6 +122,7 @@ def test_choose_needs_every_ranking_to_agree_and_puts_a_base_edit_first(tmp_path
         site: writers
         edits:
           - {project_out: dirs/u.safetensors:u0, fraction: 0.5}
+          - {scale: 3, factor: 0.5, site: resid_post.10}
         """))
     out = tmp_path / "specs" / "spec.yaml"
     out.parent.mkdir()
@@ -129,11 +130,13 @@ def test_choose_needs_every_ranking_to_agree_and_puts_a_base_edit_first(tmp_path
                            "--base", str(tmp_path / "base" / "base.yaml"), "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     spec = yaml.safe_load(out.read_text())
+    # feature 3 at resid_post.10 is chosen again but the base already scales it: left out (deltas at a site add)
     assert spec["edits"] == [{"project_out": "../base/dirs/u.safetensors:u0", "fraction": 0.5, "site": "writers"},
-                             {"scale": 1, "factor": 0.3, "site": "resid_post.3"},
-                             {"scale": 3, "factor": 0.3, "site": "resid_post.10"}]
+                             {"scale": 3, "factor": 0.5, "site": "resid_post.10"},
+                             {"scale": 1, "factor": 0.3, "site": "resid_post.3"}]
     assert spec["sae"] == ["default:resid_post.10", "default:resid_post.3"]
-    assert spec["description"].startswith("Remove a direction; then scale 2 attributed")
+    assert spec["description"].startswith("Remove a direction; then scale 1 attributed")
+    assert "left out 1 features the base already edits" in done.stdout
     one = subprocess.run([sys.executable, str(ROOT / "edits" / "gender" / "choose.py"), paths[0], "-o", str(out)],
                          capture_output=True, text=True)
     assert one.returncode != 0 and "at least two rankings" in one.stderr

@@ -40,7 +40,8 @@ def kept(rows: list[dict], q: float) -> dict[tuple[str, int], dict]:
 
 def with_base(spec: dict, base_path: str, out_dir: Path) -> dict:
     """``spec`` with the edits of the spec file ``base_path`` first; their direction files re-pointed from the
-    written spec's directory, its SAEs after the base's own."""
+    written spec's directory, its SAEs after the base's own. A feature the base already edits at the same site is
+    left out: edits at one site add their deltas, so a second ``scale`` of it would not set its factor."""
     from steer.spec.yaml_io import edit_to_dict, load_spec_file
 
     base = load_spec_file(base_path)
@@ -57,6 +58,14 @@ def with_base(spec: dict, base_path: str, out_dir: Path) -> dict:
             entry[edit.op] = f"{Path(where).as_posix()}:{key}"
         edits.append(entry)
     saes = list(base.sae) + [s for s in spec["sae"] if s not in base.sae]
+    edited = {(e.site, e.feature) for e in base.edits if e.feature is not None}
+    added = [e for e in spec["edits"] if (e["site"], e["scale"]) not in edited]
+    if len(added) < len(spec["edits"]):
+        print(f"left out {len(spec['edits']) - len(added)} features the base already edits")
+    if not added:
+        raise SystemExit("every chosen feature is already edited by the base spec: nothing to add")
+    spec = {**spec, "description": f"Scale {len(added)} attributed stereotype features to one factor.",
+            "edits": added}
     return {**spec,
             "description": f"{(base.description or base.name or 'the base edit').rstrip('.')}; then {spec['description'][0].lower()}{spec['description'][1:]}",
             "sae": saes, "edits": edits + spec["edits"]}

@@ -16,11 +16,13 @@ of the `age` and `capability` suites as side-effect checks (a fit or choice may 
 (d) LEACE (EleutherAI's `concept-erasure`, `pip install concept-erasure --no-deps`) at one site, fitted on
     the dev prompts' last-token activations with the occupation's typing as the concept, applied at every
     position by a forward hook (an affine map: no steer artifact);
-(e) a learned erasure (`--erasure`, repeatable: a spec `steer features erase` wrote, or the shipped
-    `edits/gender-occupation.yaml`): directions fitted by gradient descent so that removing them from every
+(e) a learned erasure (`--erasure`, repeatable: a spec `steer features erase` wrote, or
+    `edits/gender/erasure.yaml`, row (e'')): directions fitted by gradient descent so that removing them from every
     write makes each template's pronoun gap the same for every occupation of the fitting sets (the dev half,
     the discovery set, `edits/gender/fit-occupations.yaml`), keeping the dev gender-explicit margins and, with
-    `--hold`, the dev halves of age and capability (exact in weights).
+    `--hold`, the dev halves of age and capability (exact in weights);
+(f) an erasure plus SAE features attributed on what it leaves (`--combined`: `choose.py --base` wrote it; the
+    shipped `edits/gender-occupation.yaml`; exact as hooks and as a pack).
 
 Prints one markdown table. Run: ``python edits/gender/methods.py [--spec FILE] [--single FILE] [--site L]``
 (about 10 minutes on 2 cores). Writes the fitted directions to ``--out`` (default out/gender-methods/).
@@ -110,12 +112,15 @@ def main(argv=None) -> int:
     args.add_argument("--single", help="(a): a one-feature spec")
     args.add_argument("--erasure", action="append", default=[],
                       help="(e): a learned-erasure spec (steer features erase wrote it); repeat for several rows")
+    args.add_argument("--combined", action="append", default=[],
+                      help="(f): an erasure plus the features attributed on what it leaves (choose.py --base wrote "
+                           "it; the shipped edits/gender-occupation.yaml); repeatable")
     args.add_argument("--site", default="resid_post.10", help="where (c), (c⊥) and (d) read their directions")
     args.add_argument("--split", default="held_out")
     args.add_argument("--out", default="out/gender-methods")
-    args.add_argument("--methods", default="a,b,c,c⊥,d,e", help="which rows to measure (default all: a,b,c,c⊥,d,e)")
+    args.add_argument("--methods", default="a,b,c,c⊥,d,e,f", help="which rows to measure (default all: a,b,c,c⊥,d,e,f)")
     args = args.parse_args(argv)
-    for path in filter(None, [args.single, args.spec, *args.erasure]):
+    for path in filter(None, [args.single, args.spec, *args.erasure, *args.combined]):
         steer.parse_spec(path)  # every spec is read before minutes of measuring, so a bad one fails at once
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +153,9 @@ def main(argv=None) -> int:
     directions = out / "directions.safetensors"
     wanted = set(args.methods.split(","))
     for key, label, spec in (("a", "(a) one SAE feature", args.single), ("b", "(b) attributed multi-site SAE edit", args.spec),
-                             *(("e", f"(e) learned erasure, out of all writers: {path}", path) for path in args.erasure)):
+                             *(("e", f"(e) learned erasure, out of all writers: {path}", path) for path in args.erasure),
+                             *(("f", f"(f) erasure + features attributed on what it leaves: {path}", path)
+                               for path in args.combined)):
         if spec and key in wanted:
             run(label, steer.compile(steer.parse_spec(spec), model, tokenizer=tokenizer))
     if "c" in wanted:
