@@ -19,8 +19,8 @@ ranked on the dev half alone lost most of its effect on held-out prompts (−45%
 Writes a spec that scales every kept feature by one ``--factor``, to be swept on dev (`steer sweep --param
 edits[*].factor=...`) under the constraints. Run: ``python edits/gender/choose.py DISCOVERY.json DEV.json -o
 SPEC.yaml`` (more rankings after the first two: each must agree too). The rankings may be taken on an edited
-model (``steer features attribute --model`` an exported merged-weights directory): the features then carry what
-that edit leaves, and the written spec's edits add to it.
+model (``steer features attribute --under SPEC``, or ``--model`` its exported merged weights): the features then
+carry what that edit leaves, and ``--base SPEC`` writes them after that edit's own (README, step 7).
 """
 
 from __future__ import annotations
@@ -58,17 +58,15 @@ def with_base(spec: dict, base_path: str, out_dir: Path) -> dict:
             entry[edit.op] = f"{Path(where).as_posix()}:{key}"
         edits.append(entry)
     saes = list(base.sae) + [s for s in spec["sae"] if s not in base.sae]
-    edited = {(e.site, e.feature) for e in base.edits if e.feature is not None}
+    edited = {(e.site or base.site, e.feature) for e in base.edits if e.feature is not None}
     added = [e for e in spec["edits"] if (e["site"], e["scale"]) not in edited]
     if len(added) < len(spec["edits"]):
         print(f"left out {len(spec['edits']) - len(added)} features the base already edits")
     if not added:
         raise SystemExit("every chosen feature is already edited by the base spec: nothing to add")
-    spec = {**spec, "description": f"Scale {len(added)} attributed stereotype features to one factor.",
-            "edits": added}
-    return {**spec,
-            "description": f"{(base.description or base.name or 'the base edit').rstrip('.')}; then {spec['description'][0].lower()}{spec['description'][1:]}",
-            "sae": saes, "edits": edits + spec["edits"]}
+    first = (base.description or base.name or "the base edit").rstrip(".")
+    return {**spec, "description": f"{first}; then scale {len(added)} attributed stereotype features to one factor.",
+            "sae": saes, "edits": edits + added}
 
 
 def main(argv=None) -> int:
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
                       help="keep |a_guard| < this × a in every ranking (default %(default)s)")
     args.add_argument("--factor", type=float, default=0.0, help="the scale factor written (default %(default)s)")
     args.add_argument("--base", metavar="SPEC",
-                      help="an edit the rankings were taken under (e.g. on its merged weights): its edits come first "
+                      help="the edit the rankings were taken under (attribute --under SPEC): its edits come first "
                            "in the written spec, the features' after (sweep them with edits[N:].factor)")
     args.add_argument("-o", "--output", required=True, help="the spec to write (YAML)")
     args = args.parse_args(argv)
