@@ -115,6 +115,7 @@ def test_choose_needs_every_ranking_to_agree_and_puts_a_base_edit_first(tmp_path
         path.write_text(json.dumps({"contrast": "gender-explicit", "metric": 1.0, "rows": rows}))
         paths.append(str(path))
     (tmp_path / "base" / "dirs").mkdir(parents=True)
+    (tmp_path / "base" / "dirs" / "u.safetensors").write_bytes(b"")  # only its path matters here
     (tmp_path / "base" / "base.yaml").write_text(textwrap.dedent("""\
         name: base-edit
         description: Remove a direction.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import yaml
@@ -42,9 +41,10 @@ def with_base(spec: dict, base_path: str, out_dir: Path) -> dict:
     """``spec`` with the edits of the spec file ``base_path`` first; their direction files re-pointed from the
     written spec's directory, its SAEs after the base's own. A feature the base already edits at the same site is
     left out: edits at one site add their deltas, so a second ``scale`` of it would not set its factor."""
+    from steer.evaluate.tune import relocate
     from steer.spec.yaml_io import edit_to_dict, load_spec_file
 
-    base = load_spec_file(base_path)
+    base = relocate(load_spec_file(base_path), out_dir)  # its local files, re-pointed from the written spec
     edits = []
     for edit in base.edits:
         entry = edit_to_dict(edit)
@@ -52,10 +52,6 @@ def with_base(spec: dict, base_path: str, out_dir: Path) -> dict:
             entry["site"] = base.site
         if base.scope_of(edit) != "all":
             entry["scope"] = base.scope_of(edit)
-        if edit.direction is not None:
-            file, _, key = edit.direction.rpartition(":")
-            where = os.path.relpath(os.path.join(base.base_dir, file), os.path.abspath(out_dir))
-            entry[edit.op] = f"{Path(where).as_posix()}:{key}"
         edits.append(entry)
     saes = list(base.sae) + [s for s in spec["sae"] if s not in base.sae]
     edited = {(e.site or base.site, e.feature) for e in base.edits if e.feature is not None}
