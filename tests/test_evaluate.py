@@ -798,6 +798,31 @@ def test_bad_sweep_param_slice_says_what(path, what):
         set_param(load_spec_text(MIXED, base_dir="edits"), path, 0.25)
 
 
+@pytest.mark.parametrize("paths, clash", [
+    (["edits[*].factor", "edits[1:].factor"], "edits[1].factor"),      # the first edit a second one reaches
+    (["edits[1:3].amount", "edits[2].factor"], "edits[2].factor"),     # an amount's key and `amount` are one field
+    (["edits[:2].fraction", "edits[0].amount"], "edits[0].amount"),
+])
+def test_sweep_params_that_set_one_field_twice_are_refused(paths, clash):
+    """Two parameters reaching the same edit's field would each overwrite the other at every grid point."""
+    from steer.errors import SpecError
+    from steer.evaluate.sweep import Param, check_disjoint
+    from steer.spec import load_spec_text
+
+    spec = load_spec_text(MIXED, base_dir="edits")
+    with pytest.raises(SpecError, match=re.escape(f"both set {clash}")):
+        check_disjoint(spec, [Param(p, (0.25,)) for p in paths])
+    check_disjoint(spec, [Param("edits[0].site", ("writers",)), Param("edits[1:3].factor", (0.25,)),
+                          Param("edits[3].to", (1.0,)), Param("edits[*].scope", ("all",))])  # disjoint: accepted
+
+
+def test_overlapping_sweep_params_stop_the_cli_before_anything_is_written(saved, capsys, tmp_path):
+    code, out, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[*].factor=0.5,1",
+                         "--param", "edits[0:].factor=0,0.5", "--suite", "age", "-o", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "both set edits[0].factor" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_suite_name_lists_the_shipped_ones(saved, capsys):
     code, out, err = cli(capsys, "eval", str(spec_file(saved)), "--suite", "gender")
     assert code == 2 and "gender-occupation" in err and err.count("\n") == 1

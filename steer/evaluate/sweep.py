@@ -137,22 +137,44 @@ def set_param(spec: Spec, path: str, value) -> Spec:
                             "or edits[I].FIELD", where=where)
         return _replaced(where, lambda: dataclasses.replace(spec, **{match["top"]: _typed(match["top"], value, where)}))
     edits = list(spec.edits)
-    index = match["index"]
-    if index == "*":
-        indices = range(len(edits))
-    elif ":" in index:
-        start, _, stop = index.partition(":")
-        indices = range(len(edits))[slice(int(start) if start else None, int(stop) if stop else None)]
-        if not indices:
-            raise SpecError(f"edits[{index}] selects no edit; the spec has {len(edits)} (edits[0]..edits[{len(edits) - 1}])",
-                            where=where)
-    else:
-        indices = [int(index)]
-    for index in indices:
-        if index >= len(edits):
-            raise SpecError(f"the spec has {len(edits)} edit(s) (edits[0]..edits[{len(edits) - 1}])", where=where)
+    for index in _indices(match["index"], len(edits), where):
         edits[index] = _set_edit_field(edits[index], index, match["field"], value, where)
     return dataclasses.replace(spec, edits=tuple(edits))
+
+
+def _indices(index: str, count: int, where: str) -> range | list[int]:
+    """The edits ``edits[INDEX]`` names (``*``, ``I`` or ``START:STOP``) in a spec of ``count`` edits."""
+    if index == "*":
+        return range(count)
+    if ":" in index:
+        start, _, stop = index.partition(":")
+        indices = range(count)[slice(int(start) if start else None, int(stop) if stop else None)]
+        if not indices:
+            raise SpecError(f"edits[{index}] selects no edit; the spec has {count} (edits[0]..edits[{count - 1}])",
+                            where=where)
+        return indices
+    if int(index) >= count:
+        raise SpecError(f"the spec has {count} edit(s) (edits[0]..edits[{count - 1}])", where=where)
+    return [int(index)]
+
+
+def check_disjoint(spec: Spec, params: list[Param]) -> None:
+    """Refuse two parameters that set the same field of the same edit (``edits[*].factor`` and
+    ``edits[1:].factor``): one would silently overwrite the other at every grid point. An amount's own key
+    (``factor``, ``strength``...) and ``amount`` are the same field."""
+    amount_keys = {op.amount_key for op in OPERATIONS.values()} | {"amount"}
+    owner: dict[tuple[int, str], str] = {}
+    for param in params:
+        match = _PATH.fullmatch(param.path)
+        if match is None or match["top"]:
+            continue  # set_param names a bad path; spec-level fields are checked by grid's duplicate test
+        field = "amount" if match["field"] in amount_keys else match["field"]
+        for index in _indices(match["index"], len(spec.edits), f"--param {param.path}"):
+            if (index, field) in owner:
+                raise SpecError(f"--param {owner[index, field]} and --param {param.path} both set edits[{index}]."
+                                f"{match['field']}; give each edit's field in one parameter (e.g. edits[0].FIELD "
+                                "and edits[1:].FIELD)", where="--param")
+            owner[index, field] = param.path
 
 
 def _set_edit_field(edit, index: int, name: str, value, where: str):
@@ -284,6 +306,7 @@ def run_sweep(spec: Spec, model, tokenizer, params: list[Param], suites, *, targ
         raise SteerError(f"the target {target!r} is not one of the suites ({', '.join(names)})", where="--target")
     constraints = resolve(constraints, suites, "--keep")
     points = grid(params)
+    check_disjoint(spec, params)
     specs = [apply_values(spec, p) for p in points]  # every bad value fails here, before any model work
     for s in suites:
         s.select(split)
