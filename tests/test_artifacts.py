@@ -43,12 +43,14 @@ WEIGHT_CASES = {
     "project_out_writers": "project out direction {p}:u site writers",
     "project_out_partial": "project out direction {p}:u by 40% site writers",
     "project_out_one_writer": "project out direction {p}:u site mlp_out.1",
+    "project_out_past_removal": "project out direction {p}:u by 115% site writers",
     "simultaneous": "add direction {p}:v by 1 site mlp_out.1; project out direction {p}:u site mlp_out.1; monitor feature 3 site resid_post.1",
 }
 # project_out cases for the adapter; exact where the writers carry no bias along û
 ADAPTER_CASES = {
     "project_out_writers": "project out direction {p}:u site writers",
     "project_out_partial": "project out direction {p}:u by 40% site writers",
+    "project_out_past_removal": "project out direction {p}:u by 150% site writers",
     "project_out_embedding": "project out direction {p}:u site resid_pre.0",
     "project_out_two_on_one_writer": "project out direction {p}:u site attn_out.1; project out direction {p}:v by 50% site attn_out.1",
 }

@@ -124,6 +124,8 @@ CASES = {
                       lambda x, f, s, sae, d: -2.0 * d["v"].expand_as(x)),
     "project_out_direction": (lambda p: [Edit("project_out", direction=f"{p}:u", amount=0.7)],
                               lambda x, f, s, sae, d: -0.7 * (x @ unit(d["u"]))[..., None] * unit(d["u"])),
+    "project_out_past_removal": (lambda p: [Edit("project_out", direction=f"{p}:u", amount=1.15)],
+                                 lambda x, f, s, sae, d: -1.15 * (x @ unit(d["u"]))[..., None] * unit(d["u"])),
     "project_out_feature": (lambda p: [Edit("project_out", feature=2)],
                             lambda x, f, s, sae, d: -(x @ unit(sae.W_dec[2]))[..., None] * unit(sae.W_dec[2])),
     "cap": (lambda p: [Edit("cap", direction=f"{p}:u", amount=0.05)],

@@ -151,8 +151,9 @@ OWN_TEMPLATES = ("The {} answered that", "Last week the {} promised that", "Ever
 OWN_SUBJECTS = (("My stepmother", "female"), ("My stepfather", "male"), ("Lady Ashford", "female"),
                 ("Lord Ashford", "male"), ("Ms. Novak", "female"), ("Mr. Novak", "male"))
 OWN_EXPLICIT = ("{}, a {}, answered that", "{} works as a {}. Last week,")
-STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (f): 2.49 → 1.10 nats (0.443 of base); stated gender wins 70.8% → 72.9%
-# ((e″), the erasure alone: 0.477 of base, 68.8%)
+STEREOTYPE_LEFT = 0.7  # measured 2026-12-05 for (f′): 2.49 → 0.98 nats (0.392 of base); stated gender wins 70.8% → 70.8%
+# ((e‴), the erasure alone at fraction 1.15: 0.404 of base, 66.7%, which this test's stated-gender bound would fail;
+# (f), shipped before (f′): 0.443 of base, 72.9%)
 
 
 def test_shipped_edit_on_prompts_of_our_own(default_model):
