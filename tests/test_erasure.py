@@ -45,16 +45,18 @@ def spread_by_hand(suite, gaps: list[float]) -> float:
     return float(np.mean([np.var(v) for v in by_template.values() if len(v) > 1]))
 
 
-def test_the_removal_is_the_writers_project_out_that_the_spec_and_the_merged_weights_do(tiny, tmp_path):
+@pytest.mark.parametrize("fraction", [1.0, 1.15])
+def test_the_removal_is_the_writers_project_out_that_the_spec_and_the_merged_weights_do(tiny, tmp_path, fraction):
     model, tokenizer = tiny
     q = orthonormal(2)
     save_file({"u0": q[:, 0].contiguous(), "u1": q[:, 1].contiguous()}, str(tmp_path / "e.safetensors"))
-    spec = f"project out direction {tmp_path}/e.safetensors:u0 site writers; " \
-           f"project out direction {tmp_path}/e.safetensors:u1 site writers"
+    by = f" by {fraction * 100:g}%"
+    spec = f"project out direction {tmp_path}/e.safetensors:u0{by} site writers; " \
+           f"project out direction {tmp_path}/e.safetensors:u1{by} site writers"
     ids = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 7]])
     with torch.no_grad():
         base = model(ids).logits
-        with removed(model, q):
+        with removed(model, q, fraction):
             ours = model(ids).logits
         with steer.applied(model, steer.compile(spec, model)):
             hooks = model(ids).logits
@@ -284,7 +286,7 @@ def test_the_output_records_every_setting_the_fit_was_run_with(tmp_path, capsys)
     (tmp_path / "explicit.yaml").write_text(EXPLICIT_SUITE)
     given = {"--lr": "0.05", "--keep-weight": "2.5", "--kl-weight": "7.0", "--hold-weight": "3.0",
              "--lean-weight": "0.5", "--groups-per-step": "2", "--keep-per-step": "5", "--hold-per-step": "6",
-             "--seed": "9", "--average-last": "2"}
+             "--seed": "9", "--average-last": "2", "--fraction": "1.5"}
     argv = ["features", "erase", "--suite", str(tmp_path / "stereo.yaml"), "--keep", str(tmp_path / "explicit.yaml"),
             "--split", "all", "--model", model_dir, "--steps", "2", "--neutral", "none", "-o", str(tmp_path / "out"),
             *[x for pair in given.items() for x in pair]]
@@ -297,6 +299,28 @@ def test_the_output_records_every_setting_the_fit_was_run_with(tmp_path, capsys)
         assert metadata[key] == value, (key, metadata)
         assert f"{key} {value}" in " ".join(header) or key == "seed", header
     assert metadata["neutral"] == "none" and "seed 9" in header[0]
+    written = steer.parse_spec(str(tmp_path / "out" / "erasure.yaml"))
+    assert [(e.op, e.amount) for e in written.edits] == [("project_out", 1.5)]  # the spec removes what was fitted
+
+
+def test_a_fit_at_a_fraction_measures_its_objective_with_that_much_removed(tiny, tmp_path):
+    """``fraction=1.5``: the first step's spread is the fill's variance with 150% of the starting direction's
+    component taken out of every write, as steer's compiled ``project out ... by 150%`` spec gives it (scored here
+    by hand), not with 100% taken out."""
+    model, tokenizer = tiny
+    suite = load_suite_text(STEREOTYPE_SUITE)
+    u = orthonormal(1, seed=5)
+    save_file({"u0": u[:, 0].contiguous()}, str(tmp_path / "u.safetensors"))
+    spreads = {}
+    for fraction in (1.0, 1.5):
+        fit = learn_erasure(model, tokenizer, [suite], split="all", steps=1, lr=1e-9, groups_per_step=8,
+                            init=u, fraction=fraction)
+        spreads[fraction] = fit.history[0]["spread"]
+        plan = steer.compile(f"project out direction {tmp_path}/u.safetensors:u0 by {fraction * 100:g}% site writers",
+                             model)
+        by_hand = spread_by_hand(suite, suite_gaps(model, tokenizer, suite, suite.select("all"), plan))
+        assert spreads[fraction] == pytest.approx(by_hand, rel=1e-4), fraction
+    assert abs(spreads[1.5] - spreads[1.0]) > 1e-3 * spreads[1.0]  # the fraction changes what is measured
 
 
 def test_the_command_line_defaults_are_learn_erasures():
@@ -315,7 +339,7 @@ def test_the_command_line_defaults_are_learn_erasures():
     shared = sorted(set(cli) & set(api) - {"keep", "hold", "neutral", "init"})
     assert shared == sorted({"rank", "steps", "lr", "keep_weight", "kl_weight", "hold_weight", "lean_weight",
                              "seed", "groups_per_step", "keep_per_step", "hold_per_step", "split",
-                             "average_last"}), shared
+                             "average_last", "fraction"}), shared
     assert {k: cli[k] for k in shared} == {k: api[k] for k in shared}
 
 

@@ -160,6 +160,9 @@ def register(commands) -> None:
     erase.add_argument("--average-last", type=int, default=0, metavar="N",
                        help="return the mean subspace of the last N steps (top eigenvectors of the mean projector) "
                             "instead of the last step's (default %(default)s: the last step's)")
+    erase.add_argument("--fraction", type=float, default=1.0, metavar="P",
+                       help="the share of the component removed, while fitting and in the written spec (default "
+                            "%(default)s; above 1 the component is removed and part of it reversed)")
     erase.add_argument("--init", metavar="FILE", help="start from a previous fit's erasure.safetensors (its u0, u1, "
                        "...; at most --rank of them): continue a fit, or widen it to a higher rank")
     erase.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
@@ -449,9 +452,9 @@ def run_erase(args) -> int:
     per_step = (args.groups_per_step, args.keep_per_step, args.hold_per_step)
     if args.rank < 1 or args.steps < 1 or args.lr <= 0 or min(per_step) < 1 \
             or min(args.keep_weight, args.kl_weight, args.hold_weight, args.lean_weight) < 0 \
-            or not 0 <= args.average_last <= args.steps:
+            or not 0 <= args.average_last <= args.steps or not 0 < args.fraction < float("inf"):
         raise SteerError("--rank, --steps and the --*-per-step sizes must be ≥ 1, --lr > 0, the weights ≥ 0, "
-                         "0 ≤ --average-last ≤ --steps", where="steer features erase")
+                         "0 ≤ --average-last ≤ --steps, --fraction > 0", where="steer features erase")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SteerError("exists and is not an empty directory; pass --overwrite to replace it", where=str(out))
@@ -477,19 +480,20 @@ def run_erase(args) -> int:
                            kl_weight=args.kl_weight, hold_weight=args.hold_weight, lean_weight=args.lean_weight,
                            groups_per_step=args.groups_per_step, keep_per_step=args.keep_per_step,
                            hold_per_step=args.hold_per_step, seed=args.seed, init=init,
-                           average_last=args.average_last, log=log)
+                           average_last=args.average_last, fraction=args.fraction, log=log)
     print(f"headline scores on the {args.split} split, without → with the erasure:")
     for name, before in result.before.items():
         print(f"  {name:<32} {before:.4f} → {result.after[name]:.4f}")
     fitted = ", ".join(s.name for s in suites) + (f"; keep {', '.join(s.name for s in keep)}" if keep else "") + \
         (f"; hold {', '.join(s.name for s in hold)}" if hold else "")
-    edits = "; ".join(f"project out direction {ERASURE_FILE}:{key} site writers" for key in result.tensors())
+    by = "" if args.fraction == 1 else f" by {args.fraction * 100:g}%"
+    edits = "; ".join(f"project out direction {ERASURE_FILE}:{key}{by} site writers" for key in result.tensors())
     spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,
                                description=f"Remove {args.rank} learned direction(s) from every write to the stream.")
     settings = {"lr": args.lr, "keep_weight": args.keep_weight, "kl_weight": args.kl_weight,
                 "hold_weight": args.hold_weight, "lean_weight": args.lean_weight, "neutral": args.neutral,
                 "groups_per_step": args.groups_per_step, "keep_per_step": args.keep_per_step,
-                "hold_per_step": args.hold_per_step, "average_last": args.average_last}
+                "hold_per_step": args.hold_per_step, "average_last": args.average_last, "fraction": args.fraction}
     spec = (f"# Made by: steer features erase ({args.split} split of {fitted}; rank {args.rank}, {args.steps} steps, "
             f"seed {args.seed}{f', from {args.init}' if args.init else ''}).\n# Settings: "
             + ", ".join(f"{k} {v}" for k, v in settings.items()) + "\n" + dump_spec(spec))

@@ -8,9 +8,10 @@ the residual stream acts on every token, and a mean difference is the wrong one
 (it removes stated gender with the stereotype: README, rows (c) and (c⊥)). This
 module *fits* the direction: an orthonormal ``Q`` (``d × r``) such that the edit
 
-    every write w (the embedding output, attn_out.L and mlp_out.L of every layer):  w ← w − Q Qᵀ w
+    every write w (the embedding output, attn_out.L and mlp_out.L of every layer):  w ← w − p·Q Qᵀ w
 
-— exactly ``project_out`` of each column of ``Q`` at site ``writers``, which
+(``p`` = ``fraction``, 1 by default; above 1 past full removal) — exactly ``project_out`` of
+each column of ``Q``, fraction ``p``, at site ``writers``, which
 lowers into merged weights and rank-1 adapters — minimises, by gradient descent
 through the model (Adam on an unconstrained ``W``, ``Q`` its QR factor):
 
@@ -145,12 +146,13 @@ def shortfall(edited: torch.Tensor, base: torch.Tensor, cap: float = KEEP_CAP) -
 
 
 @contextmanager
-def removed(model, q: torch.Tensor):
-    """Inside the block, every write to the stream loses its component in span(q) (``q`` orthonormal ``(d, r)``;
-    gradients flow to ``q``)."""
+def removed(model, q: torch.Tensor, fraction: float = 1.0):
+    """Inside the block, every write to the stream loses ``fraction`` of its component in span(q) (``q``
+    orthonormal ``(d, r)``; gradients flow to ``q``): ``project_out``'s ``−p·(x·û)·û`` per column, past full
+    removal when ``fraction`` > 1."""
     def project(x):
         basis = q.to(x.dtype)
-        return x - (x @ basis) @ basis.T
+        return x - fraction * ((x @ basis) @ basis.T)
 
     with ExitStack() as stack:
         for site in adapter_for(model).writer_sites(model):
@@ -223,7 +225,7 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
                   keep_weight: float = 1.0, kl_weight: float = 20.0, hold_weight: float = 20.0, lean_weight: float = 0.0,
                   groups_per_step: int = 4, keep_per_step: int = 48, hold_per_step: int = 32,
                   neutral_per_step: int = 2, seed: int = 0, init: torch.Tensor | None = None, average_last: int = 0,
-                  log=None) -> Erasure:
+                  fraction: float = 1.0, log=None) -> Erasure:
     """Fit the erasure (module docstring) on the ``split`` prompts of ``targets`` (suites or names, each with a
     ``correlate`` field), of ``keep`` (accuracy-headline suites or names, or one; optional) and of ``hold`` (suites of any rule
     whose next-token distribution at each prompt's end must not move: the mean ``KL(base ‖ edited)`` there,
@@ -232,10 +234,13 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
     (a previous fit's ``directions``). ``average_last`` > 0 returns, instead of the last step's ``Q``, the top
     ``rank`` eigenvectors of the mean projector ``Q Qᵀ`` over the last ``average_last`` steps (iterate averaging, as
     in stochastic weight averaging, done on projectors: the edit depends on ``Q Qᵀ`` only, so signs and rotations
-    within the subspace cannot cancel). ``log(step, parts)`` is called after every step."""
-    if rank < 1 or steps < 0 or lr <= 0 or not 0 <= average_last <= steps:
-        raise SteerError(f"rank must be ≥ 1, steps ≥ 0, lr > 0 and 0 ≤ average_last ≤ steps; got rank={rank}, "
-                         f"steps={steps}, lr={lr}, average_last={average_last}", where="erasure")
+    within the subspace cannot cancel). ``fraction`` (> 0, default 1) is the share of the component removed while
+    fitting, as the spec's ``project_out`` fraction will apply it: fit at the fraction the edit ships at (above 1
+    the component is removed and part of it reversed). ``log(step, parts)`` is called after every step."""
+    if rank < 1 or steps < 0 or lr <= 0 or not 0 <= average_last <= steps or not 0 < fraction < float("inf"):
+        raise SteerError(f"rank must be ≥ 1, steps ≥ 0, lr > 0, 0 ≤ average_last ≤ steps and fraction > 0 (finite); got "
+                         f"rank={rank}, steps={steps}, lr={lr}, average_last={average_last}, fraction={fraction}",
+                         where="erasure")
     width = hidden_size(model)
     if init is not None and (init.ndim != 2 or init.shape[0] != width or not 1 <= init.shape[1] <= rank
                              or not torch.isfinite(init).all() or bool((init.norm(dim=0) == 0).any())):
@@ -256,7 +261,7 @@ def learn_erasure(model, tokenizer, targets, *, keep=(), hold=(), split: str = "
     held = [(suite, p) for suite in map(load_suite, hold) for p in suite.select(split)]
     settings = _Settings(rank, steps, lr, keep_weight, kl_weight, hold_weight, lean_weight, groups_per_step,
                          keep_per_step, hold_per_step, neutral_per_step, seed, None if init is None else init.float().cpu(),
-                         average_last)
+                         average_last, fraction)
     params = list(model.parameters())
     frozen = [p.requires_grad for p in params]
     for p in params:
@@ -284,6 +289,7 @@ class _Settings:
     seed: int
     init: torch.Tensor | None
     average_last: int
+    fraction: float
 
 
 def mean_subspace(projector: torch.Tensor, rank: int, like: torch.Tensor) -> torch.Tensor:
@@ -362,7 +368,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     for step in range(settings.steps):
         q = torch.linalg.qr(weights)[0]
         parts = {}
-        with removed(model, q):
+        with removed(model, q, settings.fraction):
             chosen = rng.sample(pool, min(settings.groups_per_step, len(pool)))
             gaps = [target.gaps(model, tokenizer, group) for target, group in chosen]
             parts["spread"] = spread(gaps)
@@ -386,7 +392,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             pairs = rng.sample(held, min(settings.hold_per_step, len(held)))
             with torch.no_grad():
                 base = _end_logprobs(model, tokenizer, pairs)
-            with removed(model, q):
+            with removed(model, q, settings.fraction):
                 edited = _end_logprobs(model, tokenizer, pairs)
             parts["hold"] = _kl(base, edited)
             loss = loss + settings.hold_weight * parts["hold"]
@@ -399,7 +405,7 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
             rows = rows.to(next(model.parameters()).device)
             with torch.no_grad():
                 base = torch.log_softmax(model(input_ids=rows).logits.double(), -1)
-            with removed(model, q):
+            with removed(model, q, settings.fraction):
                 edited = torch.log_softmax(model(input_ids=rows).logits.double(), -1)
             parts["kl"] = _kl(base, edited).cpu()
             loss = loss + settings.kl_weight * parts["kl"]
@@ -416,6 +422,6 @@ def _fit(model, tokenizer, targets, pool, kept, held, neutral, settings: _Settin
     q = torch.linalg.qr(weights.detach())[0].float()
     if projector is not None:
         q = mean_subspace(projector / settings.average_last, settings.rank, like=q)
-    with torch.no_grad(), removed(model, q):
+    with torch.no_grad(), removed(model, q, settings.fraction):
         after = {name: t.score(model, tokenizer) for name, t in zip(names, targets + kept)}
     return Erasure(directions=q, history=tuple(history), before=before, after=after)
