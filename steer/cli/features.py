@@ -489,7 +489,8 @@ def run_erase(args) -> int:
     by = "" if args.fraction == 1 else f" by {args.fraction * 100:g}%"
     edits = "; ".join(f"project out direction {ERASURE_FILE}:{key}{by} site writers" for key in result.tensors())
     spec = dataclasses.replace(parse_spec(edits), name=f"erase-{suites[0].name}", model=model_name,
-                               description=f"Remove {args.rank} learned direction(s) from every write to the stream.")
+                               description=f"Remove {args.rank} learned direction(s) from every write to the stream"
+                               + ("." if args.fraction == 1 else f", {args.fraction:g} of the component."))
     settings = {"lr": args.lr, "keep_weight": args.keep_weight, "kl_weight": args.kl_weight,
                 "hold_weight": args.hold_weight, "lean_weight": args.lean_weight, "neutral": args.neutral,
                 "groups_per_step": args.groups_per_step, "keep_per_step": args.keep_per_step,
