@@ -393,6 +393,14 @@ def test_edit_card_carries_model_card_metadata_the_hub_reads(llama_base, dirs, t
         assert front["base_model"] == "someone/tiny-llama" and front["license"] == "mit"
         assert front["base_model_relation"] == relation and front["library_name"] == library
         assert "steer" in front["tags"] and f"steer-{target}" in front["tags"]
+    # a pack (and a control vector) is applied on the unchanged base: the Hub's "adapter"; no library it knows loads it
     export(plan, model, tokenizer, "pack", tmp_path / "pack", base=str(base))
     front = yaml.safe_load((tmp_path / "pack" / "README.md").read_text().split("---\n")[1])
-    assert "base_model_relation" not in front  # a pack is not a model
+    assert front["base_model"] == "someone/tiny-llama" and front["license"] == "mit"
+    assert front["base_model_relation"] == "adapter" and "library_name" not in front
+    assert "steer-pack" in front["tags"]
+    cvec_plan = compile_case("add direction {p}:v by 2 site resid_post.1", model, tokenizer, dirs)
+    export(cvec_plan, model, tokenizer, "cvec", tmp_path / "cvec", base=str(base))
+    front = yaml.safe_load((tmp_path / "cvec" / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == "someone/tiny-llama" and front["base_model_relation"] == "adapter"
+    assert "library_name" not in front and "steer-cvec" in front["tags"]

@@ -120,6 +120,8 @@ def model_card_metadata(writer, base: str, base_dir: Path | None) -> dict:
 
     entry = REGISTRY.get(base)
     meta = {"base_model": entry.hub_id if entry else None, "license": entry.license if entry else None}
+    if base_dir is None and Path(base).is_dir():  # a target that never reads the base's weights: its card still may
+        base_dir = Path(base)
     if base_dir is not None and (entry is None or not entry.license):
         card = _front_matter(base_dir / "README.md")
         meta["license"] = meta["license"] or card.get("license")
@@ -127,7 +129,7 @@ def model_card_metadata(writer, base: str, base_dir: Path | None) -> dict:
     elif meta["base_model"] is None:
         meta["base_model"] = _hub_id(base)
     meta["base_model_relation"] = writer.hub_relation
-    meta["library_name"] = {"finetune": "transformers", "adapter": "peft"}.get(writer.hub_relation or "")
+    meta["library_name"] = writer.hub_library
     meta["tags"] = ["steer", "model-editing", "sparse-autoencoder", f"steer-{writer.name}"]
     return {k: v for k, v in meta.items() if v}
 

@@ -229,6 +229,7 @@ class AdapterTarget(Target):
     help = "a PEFT LoRA (transformers + PEFT, vLLM --enable-lora)"
     reads_base_files = True
     hub_relation = "adapter"
+    hub_library = "peft"
     writes_unchanged = False
 
     def check(self, se: SiteEdit, site: Site, config: dict) -> Outcome:

@@ -97,6 +97,7 @@ FILE = "control_vector.gguf"
 class ControlVectorTarget(Target):
     name = "cvec"
     help = "a llama.cpp control vector (GGUF)"
+    hub_relation = "adapter"  # applied on the base at load time (llama.cpp --control-vector), as a LoRA GGUF is
     manifest_keys = ("llamacpp_fidelity",)
     writes_unchanged = False
 

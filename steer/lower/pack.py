@@ -126,6 +126,7 @@ def load_pack(directory) -> Plan:
 class PackTarget(Target):
     name = "pack"
     help = "the plan + the SAE rows it uses, for hooks elsewhere (steer.load_pack)"
+    hub_relation = "adapter"  # the SAE rows and the plan, applied as hooks on the unchanged base
     verify_needs_model = False
 
     def check(self, se: SiteEdit, site, config: dict) -> Outcome:

@@ -143,7 +143,11 @@ class Target:
     reads_base_files: ClassVar[bool] = False
     """The artifact is made from (and must be checked against) the base checkpoint's files."""
     hub_relation: ClassVar[str | None] = None
-    """The model card's ``base_model_relation`` (the Hub's adapter / merge / quantized / finetune), if it is a model."""
+    """The model card's ``base_model_relation``: one of the four the Hub knows (adapter / merge / quantized /
+    finetune). Set it: a card that names a ``base_model`` but no relation is filed by the Hub under a relation it
+    infers from the files, which for anything that is not a plain checkpoint is "finetune", and wrong."""
+    hub_library: ClassVar[str | None] = None
+    """The model card's ``library_name``: the library that loads the artifact (None: none the Hub knows)."""
     verify_needs_model: ClassVar[bool] = True
     """`verify` compares against the hooked base model (False: the file hashes are the whole check)."""
     manifest_keys: ClassVar[tuple[str, ...]] = ()

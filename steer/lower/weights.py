@@ -282,6 +282,7 @@ class WeightsTarget(Target):
     help = "a merged HF checkpoint (transformers, vLLM)"
     reads_base_files = True
     hub_relation = "finetune"
+    hub_library = "transformers"
     manifest_keys = ("rounding",)
     approximate_kl = 0.05
     """A graft's mean KL on the tiny models' calibration text (the matrix checks it)."""
