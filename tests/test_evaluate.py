@@ -630,6 +630,24 @@ def test_tune_runs_trials_and_writes_a_spec_that_parses(saved, capsys, tmp_path)
     assert trials[best]["score"] == min(t["score"] for t in trials)  # max-kl 10: the lowest score wins
 
 
+def test_tune_searches_project_out_past_full_removal_and_scale_within_zero_to_one():
+    """`steer tune`'s default ranges: a projection's fraction may pass 1 (the component removed, then partly
+    reversed: the worked example ships 1.15), up to 1.5 or the spec's own fraction; a scale factor stays in [0, 1]."""
+    from steer.evaluate.tune import default_ranges
+    from steer.spec.yaml_io import load_spec_text
+
+    spec = load_spec_text(textwrap.dedent("""\
+        model: tiny
+        sae: some-sae
+        edits:
+          - {project_out: d.safetensors:u, fraction: 1.0, site: writers}
+          - {project_out: d.safetensors:u, fraction: 1.8, site: writers}
+          - {scale: 3, factor: 0.5, site: resid_post.1}
+        """), "spec.yaml", base_dir=".")
+    ranges = {r.path: (r.low, r.high) for r in default_ranges(spec)}
+    assert ranges == {"edits[0].amount": (0.0, 1.5), "edits[1].amount": (0.0, 1.8), "edits[2].amount": (0.0, 1.0)}
+
+
 def test_sweep_and_tune_draw_the_front_under_keep_constraints(saved, capsys, tmp_path):
     """--keep SUITE>=P% / kl<=X: sweep marks the points that miss a bound and draws the front among the rest;
     tune scores the kept suite every trial and chooses only a trial that meets every bound. Feasibility is

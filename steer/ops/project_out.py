@@ -21,6 +21,8 @@ PROJECT_OUT = register(Operation(
     default=1.0,
     nonnegative=True,
     directions=True,
-    tune_range=lambda _amount: (0.0, 1.0),
+    # past 1 the component is removed and part of it reversed (the worked example ships 1.15): searched up to 1.5,
+    # or the spec's own fraction if it is larger
+    tune_range=lambda amount: (0.0, max(1.5, amount)),
     linear=True,
 ))
