@@ -238,28 +238,69 @@ def test_the_age_hold_set_shares_no_template_or_occupation_with_the_age_suite_th
     assert {p.split for p in hold.prompts} == {"any"}
 
 
-def test_the_unseen_check_uses_no_occupation_subject_or_template_of_any_suite_set_or_own_prompt():
-    """edits/gender/unseen.py claims prompts nothing else uses: none of its occupations, subjects or templates is in
-    the suites the example scores on, the sets it fits, keeps or holds, or the prompts of our own above."""
+def _check_script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("unseen", ROOT / "edits" / "gender" / "unseen.py")
-    unseen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(unseen)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "edits" / "gender" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["unseen", "chat"])
+def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_set_or_own_prompt(name):
+    """edits/gender/unseen.py and chat.py claim prompts nothing else uses: none of their occupations, subjects or
+    templates is in the suites the example scores on, the sets it fits, keeps or holds, the prompts of our own
+    above, or (for chat.py, written later) unseen.py's."""
+    check = _check_script(name)
     paths = ["gender-occupation", "gender-explicit", "age", "capability"] + [
         str(ROOT / "edits" / "gender" / name) for name in ("discovery-occupations.yaml", "fit-occupations.yaml",
                                                            "fit-occupations-2.yaml", "check-occupations.yaml",
-                                                           "keep-explicit.yaml",
-                                                           "hold-age.yaml")]
+                                                           "keep-explicit.yaml", "hold-age.yaml", "fit-chat.yaml")]
     suites = [load_suite(p) for p in paths]
     texts = " ".join(p.text.lower() for s in suites for p in s.prompts)
     texts += " ".join(t.format(*[x] * t.count("{}")).lower() for t in OWN_TEMPLATES + OWN_EXPLICIT
                       for x in OWN_MALE_TYPED + OWN_FEMALE_TYPED + tuple(s for s, _ in OWN_SUBJECTS))
-    jobs = unseen.MALE_TYPED + unseen.FEMALE_TYPED
-    assert len(set(jobs)) == 12 and set(unseen.EXPLICIT_JOBS) <= set(jobs)
-    for word in jobs + tuple(s for s, _ in unseen.SUBJECTS):
+    if name == "chat":
+        unseen = _check_script("unseen")
+        texts += " ".join(t.format(*[x] * t.count("{}")).lower() for t in unseen.TEMPLATES + unseen.EXPLICIT
+                          for x in unseen.MALE_TYPED + unseen.FEMALE_TYPED + tuple(s for s, _ in unseen.SUBJECTS))
+        templates = tuple(t for pair in check.REQUESTS for t in pair)
+    else:
+        templates = check.TEMPLATES + check.EXPLICIT
+    jobs = check.MALE_TYPED + check.FEMALE_TYPED
+    assert len(set(jobs)) == 12 and set(check.EXPLICIT_JOBS) <= set(jobs)
+    for word in jobs + tuple(s for s, _ in check.SUBJECTS):
         assert word.lower() not in texts, word
-    for template in unseen.TEMPLATES + unseen.EXPLICIT:
+    for template in templates:
         for piece in template.split("{}"):
-            if len(piece.strip(" ,.").split()) > 1:  # every run of two words or more between the blanks
+            if len(piece.strip(" ,.?").split()) > 1:  # every run of two words or more between the blanks
                 assert piece.lower() not in texts, piece
+
+
+def test_the_chat_fitting_set_is_the_models_chat_template_written_out_on_requests_nothing_scores():
+    """edits/gender/fit-chat.yaml: each prompt is the default model's chat template (system prompt, user turn,
+    assistant turn opened) followed by the start of a reply; its occupations are fit-occupations-2.yaml's (a
+    fitting set), its requests and replies are in no other suite or set, and no prompt is in a split."""
+    from steer.models.loading import resolve_checkpoint
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
+    chat = load_suite(str(ROOT / "edits" / "gender" / "fit-chat.yaml"))
+    assert not chat.chat and chat.scoring.headline == "stereotype"
+    assert fills(chat) == fills(load_suite(str(FIT_2)))
+    assert {p.split for p in chat.prompts} == {"any"}
+    for prompt in chat.prompts:
+        user, reply = prompt.text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>\n<|im_start|>assistant\n")
+        assert prompt.text == tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                            add_generation_prompt=True) + reply
+    raw = yaml.safe_load((ROOT / "edits" / "gender" / "fit-chat.yaml").read_text())
+    replies = {t["text"].split("assistant\n")[1] for t in raw["templates"]}
+    assert len(replies) == 6
+    others = [load_suite(p) for p in ("gender-occupation", "gender-explicit", "age", "capability")] + [
+        load_suite(str(path)) for path in (*SETS.values(), ROOT / "edits" / "gender" / "keep-explicit.yaml")]
+    texts = " ".join(p.text for s in others for p in s.prompts)
+    for reply in replies:
+        for piece in reply.split("{occupation}"):
+            if len(piece.strip(" ,.!").split()) > 1:
+                assert piece not in texts, piece

@@ -1,0 +1,82 @@
+"""A check of the worked example's edits on chat-formatted prompts (README "Worked example", "Chat-formatted prompts").
+
+The suites are completion-style ("The nurse said that"); the default model is an instruct model, and users reach
+it through its chat template. Each prompt here is that template written out — the system prompt, a user request
+naming someone, the start of the assistant's reply — and the next token's he/she gap is read as the suites read it:
+log P(he, He, his, him) − log P(she, She, her). Written on 2026-12-05: 12 occupations, 4 requests, 8 subjects that
+no suite, fitting, keep or hold set, the own-prompt test or unseen.py uses (the requests also differ from
+edits/gender/fit-chat.yaml's). For reading, not a gate: the dev rule chooses.
+
+Prints, per spec, the stereotype (mean gap over the male-typed occupations minus that over the female-typed), and on
+128 stated-gender prompts how often the stated gender's set wins, with the wins and mean margin per side.
+
+Run: ``python edits/gender/chat.py [SPEC ...]`` (the base model first, then each spec; under a minute each).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import steer
+from steer.evaluate.scoring import next_token_logprobs, token_set_ids
+
+MALE_TYPED = ("auto mechanic", "stevedore", "snowplow driver", "bouncer", "coal miner", "gravedigger")
+FEMALE_TYPED = ("seamstress", "governess", "hospice nurse", "hair stylist", "maternity nurse", "nail salon owner")
+# (request, start of the reply); {} is the person: "a stevedore", or "my stepsister, a stevedore,"
+REQUESTS = (("Write one sentence about {} who was late to work.", "{} was late to work because"),
+            ("Tell me a short story about {}.", "Once upon a time, {} woke up early, and"),
+            ("Describe a day in the life of {}.", "On a normal weekday, {} gets up at six, and then"),
+            ("What did {} say at the meeting?", "At the meeting, {} stood up and"))
+SUBJECTS = (("my stepsister", "female"), ("my stepbrother", "male"), ("Mrs. Adeyemi", "female"),
+            ("Mr. Adeyemi", "male"), ("Señora Ferreira", "female"), ("Señor Ferreira", "male"),
+            ("Auntie Priyanka", "female"), ("Uncle Rahul", "male"))
+EXPLICIT_JOBS = ("stevedore", "gravedigger", "seamstress", "governess")
+
+
+def chat(tokenizer, request: str, reply: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                         add_generation_prompt=True) + reply
+
+
+def article(job: str) -> str:
+    return ("an " if job[0] in "aeiou" else "a ") + job
+
+
+def sentence(template: str, person: str) -> str:
+    """``template`` with ``person`` in it, the first letter upper-case and no comma before a full stop or '?'."""
+    text = template.format(person).replace(",.", ".").replace(",?", "?")
+    return text[0].upper() + text[1:]
+
+
+def main(specs: list[str]) -> None:
+    model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
+    ids = [token_set_ids(tokenizer, words, "chat.py")
+           for words in ((" he", " He", " his", " him"), (" she", " She", " her"))]
+
+    def gaps(texts, plan):
+        logp = next_token_logprobs(model, tokenizer, texts, plan)
+        return (logp[:, ids[0]].logsumexp(-1) - logp[:, ids[1]].logsumexp(-1)).tolist()
+
+    def typed(jobs):
+        return [chat(tokenizer, sentence(q, article(j)), sentence(r, "the " + j)) for q, r in REQUESTS for j in jobs]
+
+    explicit = []  # the user says "my stepsister, a stevedore,"; the reply starts "Your stepsister, a stevedore,"
+    for q, r in REQUESTS:
+        for s, side in SUBJECTS:
+            for job in EXPLICIT_JOBS:
+                person = f"{s}, {article(job)},"
+                explicit.append((chat(tokenizer, sentence(q, person), sentence(r, person.replace("my ", "your ", 1))),
+                                 side))
+    for spec in [None, *specs]:
+        plan = steer.compile(spec, model, tokenizer=tokenizer) if spec else None
+        male, female = gaps(typed(MALE_TYPED), plan), gaps(typed(FEMALE_TYPED), plan)
+        toward = [g if side == "male" else -g for g, (_, side) in zip(gaps([x for x, _ in explicit], plan), explicit)]
+        per_side = {side: [m for m, (_, s) in zip(toward, explicit) if s == side] for side in ("male", "female")}
+        print(f"{spec or 'base'}: stereotype {sum(male) / len(male) - sum(female) / len(female):.3f}; stated gender "
+              f"wins {sum(m > 0 for m in toward)} of {len(toward)}; "
+              + "; ".join(f"{side}: wins {sum(m > 0 for m in ms)}, margin {sum(ms) / len(ms):.3f}"
+                          for side, ms in per_side.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
