@@ -144,8 +144,8 @@ class Target:
     """The artifact is made from (and must be checked against) the base checkpoint's files."""
     hub_relation: ClassVar[str | None] = None
     """The model card's ``base_model_relation``: one of the four the Hub knows (adapter / merge / quantized /
-    finetune). Set it: a card that names a ``base_model`` but no relation is filed by the Hub under a relation it
-    infers from the files, which for anything that is not a plain checkpoint is "finetune", and wrong."""
+    finetune). Set it: for a card that names a ``base_model`` but no relation the Hub infers one from the repo's
+    files, and a repo it cannot place is listed as a finetune."""
     hub_library: ClassVar[str | None] = None
     """The model card's ``library_name``: the library that loads the artifact (None: none the Hub knows)."""
     verify_needs_model: ClassVar[bool] = True
