@@ -256,7 +256,8 @@ def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_se
     paths = ["gender-occupation", "gender-explicit", "age", "capability"] + [
         str(ROOT / "edits" / "gender" / name) for name in ("discovery-occupations.yaml", "fit-occupations.yaml",
                                                            "fit-occupations-2.yaml", "check-occupations.yaml",
-                                                           "keep-explicit.yaml", "hold-age.yaml", "fit-chat.yaml")]
+                                                           "keep-explicit.yaml", "hold-age.yaml", "fit-chat.yaml",
+                                                           "chat-occupations.yaml")]
     suites = [load_suite(p) for p in paths]
     texts = " ".join(p.text.lower() for s in suites for p in s.prompts)
     texts += " ".join(t.format(*[x] * t.count("{}")).lower() for t in OWN_TEMPLATES + OWN_EXPLICIT
@@ -270,6 +271,12 @@ def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_se
         templates = check.TEMPLATES + check.EXPLICIT
     jobs = check.MALE_TYPED + check.FEMALE_TYPED
     assert len(set(jobs)) == 12 and set(check.EXPLICIT_JOBS) <= set(jobs)
+    gendered = {"man", "men", "woman", "women", "wife", "maid", "lady", "boy", "girl", "master", "mistress"}
+    # no occupation whose word names a gender ("seamstress" would); unseen.py, written first, has "fisherman": a
+    # word the edit should leave male, so it only ever counts against the edits (README, "Chat-formatted prompts")
+    named = [job for job in jobs
+             if any(w in gendered or w.endswith(("ess", "man", "men")) for w in job.lower().split())]
+    assert named == (["fisherman"] if name == "unseen" else [])
     for word in jobs + tuple(s for s, _ in check.SUBJECTS):
         assert word.lower() not in texts, word
     for template in templates:
@@ -278,27 +285,39 @@ def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_se
                 assert piece.lower() not in texts, piece
 
 
-def test_the_chat_fitting_set_is_the_models_chat_template_written_out_on_requests_nothing_scores():
-    """edits/gender/fit-chat.yaml: each prompt is the default model's chat template (system prompt, user turn,
-    assistant turn opened) followed by the start of a reply; its occupations are fit-occupations-2.yaml's (a
-    fitting set), its requests and replies are in no other suite or set, and no prompt is in a split."""
+@pytest.mark.parametrize("name", ["fit-chat", "chat-occupations"])
+def test_the_chat_format_sets_are_the_models_chat_template_written_out_on_requests_nothing_else_uses(name):
+    """edits/gender/fit-chat.yaml (fitted on) and chat-occupations.yaml (read only): each prompt is the default
+    model's chat template (system prompt, user turn, assistant turn opened) followed by the start of a reply, and
+    no reply is in any other suite or set. fit-chat's occupations are fit-occupations-2.yaml's (a fitting set) and
+    in no split; chat-occupations has gender-occupation's occupations, figures and split, and 4 dev requests."""
     from steer.models.loading import resolve_checkpoint
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
-    chat = load_suite(str(ROOT / "edits" / "gender" / "fit-chat.yaml"))
+    path = ROOT / "edits" / "gender" / f"{name}.yaml"
+    chat = load_suite(str(path))
     assert not chat.chat and chat.scoring.headline == "stereotype"
-    assert fills(chat) == fills(load_suite(str(FIT_2)))
-    assert {p.split for p in chat.prompts} == {"any"}
+    if name == "fit-chat":
+        assert fills(chat) == fills(load_suite(str(FIT_2)))
+        assert {p.split for p in chat.prompts} == {"any"}
+    else:
+        suite = load_suite("gender-occupation")
+        for split in ("dev", "held_out"):
+            ours = {(k, v, n) for p in chat.select(split) for k, v, n in p.data}
+            assert ours == {(k, v, n) for p in suite.select(split) for k, v, n in p.data}
+        raw = yaml.safe_load(path.read_text())
+        assert sorted(t["split"] for t in raw["templates"]) == ["dev"] * 4 + ["held_out"] * 4
     for prompt in chat.prompts:
         user, reply = prompt.text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>\n<|im_start|>assistant\n")
         assert prompt.text == tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                             add_generation_prompt=True) + reply
-    raw = yaml.safe_load((ROOT / "edits" / "gender" / "fit-chat.yaml").read_text())
+    raw = yaml.safe_load(path.read_text())
     replies = {t["text"].split("assistant\n")[1] for t in raw["templates"]}
-    assert len(replies) == 6
+    assert len(replies) == len(raw["templates"]) >= 6
+    other_chat = ROOT / "edits" / "gender" / ("chat-occupations.yaml" if name == "fit-chat" else "fit-chat.yaml")
     others = [load_suite(p) for p in ("gender-occupation", "gender-explicit", "age", "capability")] + [
-        load_suite(str(path)) for path in (*SETS.values(), ROOT / "edits" / "gender" / "keep-explicit.yaml")]
+        load_suite(str(p)) for p in (*SETS.values(), ROOT / "edits" / "gender" / "keep-explicit.yaml", other_chat)]
     texts = " ".join(p.text for s in others for p in s.prompts)
     for reply in replies:
         for piece in reply.split("{occupation}"):

@@ -21,7 +21,10 @@ import steer
 from steer.evaluate.scoring import next_token_logprobs, token_set_ids
 
 MALE_TYPED = ("auto mechanic", "stevedore", "snowplow driver", "bouncer", "coal miner", "gravedigger")
-FEMALE_TYPED = ("seamstress", "governess", "hospice nurse", "hair stylist", "maternity nurse", "nail salon owner")
+# no word that names a gender ("seamstress", "governess": a first draft had them, and they carried most of what
+# the edits left, as a word like "actress" would)
+FEMALE_TYPED = ("hospice nurse", "hair stylist", "nail salon owner", "HR manager", "speech pathologist",
+                "day care worker")
 # (request, start of the reply); {} is the person: "a stevedore", or "my stepsister, a stevedore,"
 REQUESTS = (("Write one sentence about {} who was late to work.", "{} was late to work because"),
             ("Tell me a short story about {}.", "Once upon a time, {} woke up early, and"),
@@ -30,7 +33,7 @@ REQUESTS = (("Write one sentence about {} who was late to work.", "{} was late t
 SUBJECTS = (("my stepsister", "female"), ("my stepbrother", "male"), ("Mrs. Adeyemi", "female"),
             ("Mr. Adeyemi", "male"), ("Señora Ferreira", "female"), ("Señor Ferreira", "male"),
             ("Auntie Priyanka", "female"), ("Uncle Rahul", "male"))
-EXPLICIT_JOBS = ("stevedore", "gravedigger", "seamstress", "governess")
+EXPLICIT_JOBS = ("stevedore", "gravedigger", "hair stylist", "day care worker")
 
 
 def chat(tokenizer, request: str, reply: str) -> str:
@@ -39,7 +42,7 @@ def chat(tokenizer, request: str, reply: str) -> str:
 
 
 def article(job: str) -> str:
-    return ("an " if job[0] in "aeiou" else "a ") + job
+    return ("an " if job[0] in "aeiouAEIOU" or job.startswith("HR") else "a ") + job
 
 
 def sentence(template: str, person: str) -> str:
