@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 
 import steer
-from steer.evaluate.scoring import next_token_logprobs, token_set_ids
 
 MALE_TYPED = ("auto mechanic", "stevedore", "snowplow driver", "bouncer", "coal miner", "gravedigger")
 # no word that names a gender ("seamstress", "governess": a first draft had them, and they carried most of what
@@ -52,13 +51,9 @@ def sentence(template: str, person: str) -> str:
 
 
 def main(specs: list[str]) -> None:
-    model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
-    ids = [token_set_ids(tokenizer, words, "chat.py")
-           for words in ((" he", " He", " his", " him"), (" she", " She", " her"))]
+    from unseen import report  # edits/gender/unseen.py: run as a script, this folder is on the path
 
-    def gaps(texts, plan):
-        logp = next_token_logprobs(model, tokenizer, texts, plan)
-        return (logp[:, ids[0]].logsumexp(-1) - logp[:, ids[1]].logsumexp(-1)).tolist()
+    model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
 
     def typed(jobs):
         return [chat(tokenizer, sentence(q, article(j)), sentence(r, "the " + j)) for q, r in REQUESTS for j in jobs]
@@ -70,16 +65,7 @@ def main(specs: list[str]) -> None:
                 person = f"{s}, {article(job)},"
                 explicit.append((chat(tokenizer, sentence(q, person), sentence(r, person.replace("my ", "your ", 1))),
                                  side))
-    for spec in [None, *specs]:
-        plan = steer.compile(spec, model, tokenizer=tokenizer) if spec else None
-        male, female = gaps(typed(MALE_TYPED), plan), gaps(typed(FEMALE_TYPED), plan)
-        toward = [g if side == "male" else -g for g, (_, side) in zip(gaps([x for x, _ in explicit], plan), explicit)]
-        per_side = {side: [m for m, (_, s) in zip(toward, explicit) if s == side] for side in ("male", "female")}
-        print(f"{spec or 'base'}: stereotype {sum(male) / len(male) - sum(female) / len(female):.3f}; stated gender "
-              f"wins {sum(m > 0 for m in toward)} of {len(toward)}; "
-              + "; ".join(f"{side}: wins {sum(m > 0 for m in ms)}, margin {sum(ms) / len(ms):.3f}"
-                          for side, ms in per_side.items()), flush=True)
-
+    report(model, tokenizer, specs, typed(MALE_TYPED), typed(FEMALE_TYPED), explicit)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -28,27 +28,34 @@ EXPLICIT = ("{}, the local {}, promised that", "{} has been a {} since 2010, and
 EXPLICIT_JOBS = ("scaffolder", "tree surgeon", "nursery teacher", "beauty therapist")
 
 
-def main(specs: list[str]) -> None:
-    model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
-    ids = [token_set_ids(tokenizer, words, "unseen.py")
+def report(model, tokenizer, specs: list[str], male: list[str], female: list[str],
+           explicit: list[tuple[str, str]]) -> None:
+    """Print, for the base model and then each spec, the stereotype over the ``male`` and ``female``-typed prompts
+    and, on the ``explicit`` (prompt, stated side) pairs, the stated gender's wins and per side wins and margin.
+    edits/gender/chat.py reports through this too."""
+    ids = [token_set_ids(tokenizer, words, "the worked example's checks")
            for words in ((" he", " He", " his", " him"), (" she", " She", " her"))]
 
     def gaps(texts, plan):
         logp = next_token_logprobs(model, tokenizer, texts, plan)
         return (logp[:, ids[0]].logsumexp(-1) - logp[:, ids[1]].logsumexp(-1)).tolist()
 
-    explicit = [(t.format(s, job), side) for t in EXPLICIT for s, side in SUBJECTS for job in EXPLICIT_JOBS]
     for spec in [None, *specs]:
         plan = steer.compile(spec, model, tokenizer=tokenizer) if spec else None
-        male = gaps([t.format(o) for t in TEMPLATES for o in MALE_TYPED], plan)
-        female = gaps([t.format(o) for t in TEMPLATES for o in FEMALE_TYPED], plan)
+        m, f = gaps(male, plan), gaps(female, plan)
         toward = [g if side == "male" else -g for g, (_, side) in zip(gaps([x for x, _ in explicit], plan), explicit)]
-        per_side = {side: [m for m, (_, s) in zip(toward, explicit) if s == side] for side in ("male", "female")}
-        print(f"{spec or 'base'}: stereotype {sum(male) / len(male) - sum(female) / len(female):.3f}; stated gender "
-              f"wins {sum(m > 0 for m in toward)} of {len(toward)}; "
-              + "; ".join(f"{side}: wins {sum(m > 0 for m in ms)}, margin {sum(ms) / len(ms):.3f}"
-                          for side, ms in per_side.items()), flush=True)
+        per_side = {side: [t for t, (_, s) in zip(toward, explicit) if s == side] for side in ("male", "female")}
+        print(f"{spec or 'base'}: stereotype {sum(m) / len(m) - sum(f) / len(f):.3f}; stated gender "
+              f"wins {sum(t > 0 for t in toward)} of {len(toward)}; "
+              + "; ".join(f"{side}: wins {sum(t > 0 for t in ts)}, margin {sum(ts) / len(ts):.3f}"
+                          for side, ts in per_side.items()), flush=True)
 
+
+def main(specs: list[str]) -> None:
+    model, tokenizer = steer.load_model("smollm2-135m-instruct")[:2]
+    explicit = [(t.format(s, job), side) for t in EXPLICIT for s, side in SUBJECTS for job in EXPLICIT_JOBS]
+    report(model, tokenizer, specs, [t.format(o) for t in TEMPLATES for o in MALE_TYPED],
+           [t.format(o) for t in TEMPLATES for o in FEMALE_TYPED], explicit)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
