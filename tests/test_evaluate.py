@@ -230,9 +230,39 @@ def test_constraints_parse_and_judge_reports_by_their_formula(tiny):
     assert kl.violation(report) == pytest.approx(max(0.0, report.neutral.kl_mean - 0.001))
     ppl = parse_constraint("ppl≤3%")
     assert ppl.violation(report) == pytest.approx(max(0.0, report.neutral.ppl_change_pct - 3))
-    for bad in ("kl>=0.1", "gender", "x>=abc", "ppl>=2%"):
+    # SUITE:KEY bounds one secondary number (accuracy_female is checked against each prompt alone above)
+    base_f, steered_f = (r.extras["accuracy_female"] for r in (report.suite("tiny-explicit").base,
+                                                               report.suite("tiny-explicit").steered))
+    side = parse_constraint("tiny-explicit:accuracy_female>=95%")
+    assert (side.name, side.key, side.relative) == ("tiny-explicit", "accuracy_female", True)
+    assert side.bound(report) == pytest.approx(0.95 * base_f)
+    assert side.violation(report) == pytest.approx(max(0.0, 0.95 * base_f - steered_f))
+    lean = parse_constraint("tiny-explicit:signed<=-0.5")
+    assert lean.violation(report) == pytest.approx(max(0.0, report.suite("tiny-explicit").steered.extras["signed"] + 0.5))
+    assert str(side) == "tiny-explicit:accuracy_female>=95%"
+    for bad in ("kl>=0.1", "gender", "x>=abc", "ppl>=2%", "kl:x<=1", ":margin>=1", "tiny-explicit:>=1"):
         with pytest.raises(steer.SteerError):
             parse_constraint(bad)
+
+
+def test_secondary_number_bounds_name_keys_the_suite_reports(tiny):
+    """`extra_names` lists exactly the secondary numbers a scored suite carries, for each headline; a bound on a key
+    the suite does not report is one error naming the ones it does, before anything is evaluated."""
+    from steer.evaluate.constraints import parse_constraint, resolve
+    from steer.evaluate.scoring import extra_names
+
+    model, tokenizer = tiny
+    texts = {"mean_abs": GAP_SUITE, "accuracy": EXPLICIT_SUITE,
+             "stereotype": GAP_SUITE.replace("  correlate: share\n", "  correlate: share\n  headline: stereotype\n"
+                                             "  midpoint: 40\n")}
+    for headline, text in texts.items():
+        suite = load_suite_text(text, f"{headline}.yaml")
+        assert set(extra_names(suite)) == set(score_suite(model, tokenizer, suite).extras), headline
+    explicit = load_suite_text(EXPLICIT_SUITE, "tiny-explicit.yaml")
+    assert resolve([parse_constraint("tiny-explicit.yaml:accuracy_male>=90%")], [explicit], "--keep")[0].name == \
+        "tiny-explicit"
+    with pytest.raises(steer.SteerError, match="no secondary number 'stereotype'.*accuracy_female"):
+        resolve([parse_constraint("tiny-explicit:stereotype<=1")], [explicit], "--keep")
 
 
 def test_splits_hold_out_templates_and_fill_values_together(tiny):

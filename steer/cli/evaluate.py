@@ -10,7 +10,8 @@ from steer.errors import SteerError
 
 HELP_SUITE = ("a shipped suite (gender-occupation, gender-explicit, age, capability) or a suite file (.yaml); repeat for several")
 HELP_KEEP = ("a constraint the Pareto front is drawn under, repeatable: SUITE>=95%% (of base), SUITE>=0.9, "
-             "SUITE<=0.1, kl<=0.05 (nats/token), ppl<=3%% (perplexity change)")
+             "SUITE<=0.1, kl<=0.05 (nats/token), ppl<=3%% (perplexity change), SUITE:KEY>=95%% (a secondary "
+             "number, e.g. gender-explicit:accuracy_female)")
 HELP_SPLIT = "which prompts: dev, held_out or all (a suite without split marks uses all of them for every split)"
 HELP_BATCH_ROWS = ("rows per forward pass when {what} run together as rows of one batch (prompts × {what}, through "
                    "per-row plans; a 128-token neutral-text row counts as 32): the memory budget (default "

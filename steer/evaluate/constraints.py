@@ -7,6 +7,11 @@ Written as ``NAME OP VALUE`` (spaces optional), repeatable as ``--keep``:
     age<=0.5                 ... ≤ 0.5
     kl<=0.05                 mean KL(base‖steered) on neutral text, nats/token
     ppl<=3%                  perplexity change on neutral text, in % (a % here is the change itself)
+    gender-explicit:accuracy_female>=95%
+                             one of a suite's secondary numbers (``SUITE:KEY``; the keys are
+                             `steer.evaluate.scoring.extra_names`): each stated gender's own
+                             accuracy, the lean (``signed``), the margin ... — relative to its base
+                             value with a %, else absolute
 
 ``OP`` is ``>=`` or ``<=`` (``≥``/``≤`` too). A point or trial is *feasible*
 when every constraint holds; sweeps and tuning draw the Pareto front, and
@@ -35,14 +40,17 @@ class Constraint:
     value: float
     relative: bool = False
     """A suite bound given in % of the base score."""
+    key: str | None = None
+    """A secondary number of the suite (``SUITE:KEY``) instead of its headline score."""
 
     def __str__(self) -> str:
-        return f"{self.name}{self.op}{self.value:g}{'%' if self.relative or self.name == 'ppl' else ''}"
+        name = f"{self.name}:{self.key}" if self.key else self.name
+        return f"{name}{self.op}{self.value:g}{'%' if self.relative or self.name == 'ppl' else ''}"
 
     def bound(self, report) -> float:
         """The limit on the measured value, for ``report``'s base."""
         if self.relative:
-            return self.value / 100.0 * report.suite(self.name).base.score
+            return self.value / 100.0 * self._suite_number(report.suite(self.name).base)
         return self.value
 
     def measured(self, report) -> float:
@@ -50,7 +58,15 @@ class Constraint:
             return report.neutral.kl_mean
         if self.name == "ppl":
             return report.neutral.ppl_change_pct
-        return report.suite(self.name).steered.score
+        return self._suite_number(report.suite(self.name).steered)
+
+    def _suite_number(self, result) -> float:
+        if self.key is None:
+            return result.score
+        value = result.extras.get(self.key)
+        if value is None:  # a label with no prompts in this split, or a correlation of constant values
+            raise SteerError(f"{result.suite} has no {self.key} on its {result.split} prompts", where=f"--keep {self}")
+        return value
 
     def violation(self, report) -> float:
         """0 when the constraint holds, else by how much it misses (in the measured value's units)."""
@@ -76,7 +92,11 @@ def parse_constraint(text: str) -> Constraint:
         raise SteerError("kl takes an upper bound in nats/token, e.g. kl<=0.05", where=f"--keep {text}")
     if name == "ppl" and op != "<=":
         raise SteerError("ppl takes an upper bound on the perplexity change in %, e.g. ppl<=3%", where=f"--keep {text}")
-    return Constraint(name, op, value, relative=pct and name not in SIDE_EFFECTS)
+    name, colon, key = name.rpartition(":") if ":" in name else (name, "", None)
+    if colon and (not name or not key or name in SIDE_EFFECTS):
+        raise SteerError("write SUITE:KEY for one of a suite's secondary numbers, e.g. gender-explicit:accuracy_female"
+                         ">=95%", where=f"--keep {text}")
+    return Constraint(name, op, value, relative=pct and name not in SIDE_EFFECTS, key=key)
 
 
 def constraint_suites(constraints) -> list[str]:
@@ -89,16 +109,22 @@ def resolve(constraints, suites, where: str) -> tuple[Constraint, ...]:
     by the file it was loaded from; one that names no suite in ``suites`` is an error."""
     import dataclasses
 
-    by_key = {key: s.name for s in suites for key in (s.name, s.path)}
+    from steer.evaluate.scoring import extra_names
+
+    by_key = {key: s for s in suites for key in (s.name, s.path)}
     out = []
     for c in constraints:
         if c.name in SIDE_EFFECTS:
             out.append(c)
-        elif c.name in by_key:
-            out.append(dataclasses.replace(c, name=by_key[c.name]))
-        else:
+            continue
+        suite = by_key.get(c.name)
+        if suite is None:
             raise SteerError(f"the constraint names suite {c.name!r}, which is not evaluated here "
                              f"({', '.join(s.name for s in suites)}); add it with --suite", where=where)
+        if c.key is not None and c.key not in (names := extra_names(suite)):
+            raise SteerError(f"{suite.name} has no secondary number {c.key!r}; it has "
+                             f"{', '.join(names) or 'none'}", where=f"--keep {c}")
+        out.append(dataclasses.replace(c, name=suite.name))
     return tuple(out)
 
 

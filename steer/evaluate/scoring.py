@@ -164,6 +164,22 @@ def _result(suite: Suite, split: str, prompts: tuple[Prompt, ...], gaps: list[fl
                        outputs=outputs, headline=suite.scoring.headline if rule == "logprob_gap" else "")
 
 
+def extra_names(suite: Suite) -> tuple[str, ...]:
+    """The secondary numbers `logprob_scores` reports for ``suite`` (what a ``SUITE:KEY`` ``--keep`` bound may name):
+    by headline, ``accuracy``: margin, accuracy_<label> per label, signed; ``stereotype``: stereotype,
+    slope_<field>, signed, mean_abs, r_<field>; ``mean_abs``: signed (and r_<field> with `correlate`). Other rules
+    have none."""
+    scoring = suite.scoring
+    if scoring.rule != "logprob_gap":
+        return ()
+    field_name = scoring.correlate
+    if scoring.headline == "accuracy":
+        return ("margin", *(f"accuracy_{label}" for label in scoring.labels), "signed")
+    if scoring.headline == "stereotype":
+        return ("stereotype", f"slope_{field_name}", "signed", "mean_abs", f"r_{field_name}")
+    return ("signed", *((f"r_{field_name}",) if field_name else ()))
+
+
 def logprob_scores(scoring: Scoring, prompts: tuple[Prompt, ...], gaps: list[float]) -> tuple[float, dict]:
     """``(score, extras)`` of a logprob_gap suite from its per-prompt signed gaps, by the scoring's headline
     (the formulas are in `steer.evaluate.suites`)."""
