@@ -257,7 +257,7 @@ def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_se
         str(ROOT / "edits" / "gender" / name) for name in ("discovery-occupations.yaml", "fit-occupations.yaml",
                                                            "fit-occupations-2.yaml", "check-occupations.yaml",
                                                            "keep-explicit.yaml", "hold-age.yaml", "fit-chat.yaml",
-                                                           "chat-occupations.yaml")]
+                                                           "chat-occupations.yaml", "chat-explicit.yaml")]
     suites = [load_suite(p) for p in paths]
     texts = " ".join(p.text.lower() for s in suites for p in s.prompts)
     texts += " ".join(t.format(*[x] * t.count("{}")).lower() for t in OWN_TEMPLATES + OWN_EXPLICIT
@@ -285,39 +285,53 @@ def test_the_unseen_checks_use_no_occupation_subject_or_template_of_any_suite_se
                 assert piece.lower() not in texts, piece
 
 
-@pytest.mark.parametrize("name", ["fit-chat", "chat-occupations"])
+@pytest.mark.parametrize("name", ["fit-chat", "chat-occupations", "chat-explicit"])
 def test_the_chat_format_sets_are_the_models_chat_template_written_out_on_requests_nothing_else_uses(name):
-    """edits/gender/fit-chat.yaml (fitted on) and chat-occupations.yaml (read only): each prompt is the default
-    model's chat template (system prompt, user turn, assistant turn opened) followed by the start of a reply, and
-    no reply is in any other suite or set. fit-chat's occupations are fit-occupations-2.yaml's (a fitting set) and
-    in no split; chat-occupations has gender-occupation's occupations, figures and split, and 4 dev requests."""
+    """edits/gender/fit-chat.yaml (fitted on), chat-occupations.yaml and chat-explicit.yaml (scored only): each
+    prompt is the default model's chat template (system prompt, user turn, assistant turn opened) followed by the
+    start of a reply, and no reply is in any other suite or set. fit-chat's occupations are fit-occupations-2.yaml's
+    (a fitting set) and in no split; chat-occupations has gender-occupation's occupations, figures and split, and 4
+    dev requests; chat-explicit has gender-explicit's subjects (with their stated gender), occupations and split, 4
+    dev requests, and a reply that never names the subject (the pronoun must come from the user's turn)."""
     from steer.models.loading import resolve_checkpoint
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint("smollm2-135m-instruct"))
     path = ROOT / "edits" / "gender" / f"{name}.yaml"
     chat = load_suite(str(path))
-    assert not chat.chat and chat.scoring.headline == "stereotype"
+    assert not chat.chat and chat.scoring.headline == ("accuracy" if name == "chat-explicit" else "stereotype")
+    raw = yaml.safe_load(path.read_text())
     if name == "fit-chat":
         assert fills(chat) == fills(load_suite(str(FIT_2)))
         assert {p.split for p in chat.prompts} == {"any"}
     else:
-        suite = load_suite("gender-occupation")
+        suite = load_suite("gender-explicit" if name == "chat-explicit" else "gender-occupation")
+        assert (chat.scoring.a, chat.scoring.b, chat.scoring.labels) == (suite.scoring.a, suite.scoring.b,
+                                                                         suite.scoring.labels)
         for split in ("dev", "held_out"):
-            ours = {(k, v, n) for p in chat.select(split) for k, v, n in p.data}
-            assert ours == {(k, v, n) for p in suite.select(split) for k, v, n in p.data}
-        raw = yaml.safe_load(path.read_text())
+            if name == "chat-explicit":  # the same (subject, occupation) pairs, each with its stated gender
+                ours = {(p.fill, p.expect) for p in chat.select(split)}
+                assert ours == {(p.fill, p.expect) for p in suite.select(split)} and len(ours) == 132
+            else:
+                ours = {(k, v, n) for p in chat.select(split) for k, v, n in p.data}
+                assert ours == {(k, v, n) for p in suite.select(split) for k, v, n in p.data}
         assert sorted(t["split"] for t in raw["templates"]) == ["dev"] * 4 + ["held_out"] * 4
+    if name == "chat-explicit":
+        subjects = {v for p in chat.prompts for k, v in p.fill if k == "subject"}
+        for prompt in chat.prompts:
+            reply = prompt.text.split("<|im_start|>assistant\n")[1]
+            assert not any(word in reply.split() for s in subjects for word in s.split() if word not in ("My", "Mr.")), reply
+            assert "{subject}" not in reply
     for prompt in chat.prompts:
         user, reply = prompt.text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>\n<|im_start|>assistant\n")
         assert prompt.text == tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                             add_generation_prompt=True) + reply
-    raw = yaml.safe_load(path.read_text())
     replies = {t["text"].split("assistant\n")[1] for t in raw["templates"]}
     assert len(replies) == len(raw["templates"]) >= 6
-    other_chat = ROOT / "edits" / "gender" / ("chat-occupations.yaml" if name == "fit-chat" else "fit-chat.yaml")
+    other_chats = [ROOT / "edits" / "gender" / f"{other}.yaml" for other in
+                   ("fit-chat", "chat-occupations", "chat-explicit") if other != name]
     others = [load_suite(p) for p in ("gender-occupation", "gender-explicit", "age", "capability")] + [
-        load_suite(str(p)) for p in (*SETS.values(), ROOT / "edits" / "gender" / "keep-explicit.yaml", other_chat)]
+        load_suite(str(p)) for p in (*SETS.values(), ROOT / "edits" / "gender" / "keep-explicit.yaml", *other_chats)]
     texts = " ".join(p.text for s in others for p in s.prompts)
     for reply in replies:
         for piece in reply.split("{occupation}"):
