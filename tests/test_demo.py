@@ -312,7 +312,21 @@ def test_sixteen_concurrent_clients_each_get_the_output_they_get_alone(demo_serv
     assert len({steered for _, steered, _, _ in alone}) >= 12  # (nearly) all different, so a leaked edit would show
     assert len({unsteered for unsteered, _, _, _ in alone}) == 1
     for edit, mine, reference in zip(edits, together, alone):
-        assert mine == reference, edit
+        assert same_output(mine, reference), edit
+
+
+def same_output(mine, reference) -> bool:
+    """Texts, tokens and labels exactly; numbers (per-token KL, monitor confidences) as float32 allows: interleaved
+    requests share batches, and a CPU's matmul kernels may round a row differently in another batch (seen up to
+    2e-4 relative on an AMX Xeon). A leaked edit moves them by orders of magnitude more, and changes the texts."""
+    if isinstance(mine, float) or isinstance(reference, float):
+        return isinstance(mine, (int, float)) and mine == pytest.approx(reference, rel=1e-3, abs=1e-5)
+    if isinstance(mine, (list, tuple)):
+        return (type(mine) is type(reference) and len(mine) == len(reference)
+                and all(same_output(a, b) for a, b in zip(mine, reference)))
+    if isinstance(mine, dict):
+        return mine.keys() == reference.keys() and all(same_output(mine[k], reference[k]) for k in mine)
+    return mine == reference
 
 
 @pytest.mark.default_model
