@@ -730,6 +730,36 @@ def test_sweep_and_tune_draw_the_front_under_keep_constraints(saved, capsys, tmp
         assert chosen in feasible and chosen["score"] == min(t["score"] for t in feasible)
     assert "kept: tiny-explicit base" in stdout
 
+    # a bound on one of the suite's secondary numbers (here its lean, an absolute bound between the first sweep's
+    # values, so some rows meet it and some do not): the rows carry that number, and feasibility follows it
+    leans = sorted(r["tiny-explicit.signed"] for r in document["rows"])
+    bound = (leans[len(leans) // 2 - 1] + leans[len(leans) // 2]) / 2
+    assert leans[0] < bound < leans[-1]
+    code, stdout, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[0].factor=0:1:0.25",
+                            "--param", "edits[0].feature=3,7", "--suite", str(gap), "--suite", str(explicit),
+                            "--keep", f"tiny-explicit:signed<={bound!r}", "--neutral", "calibration",
+                            "--neutral-tokens", "256", "-o", str(tmp_path / "s3"), "--no-progress")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s3" / "sweep.json").read_text())["rows"]
+    assert [r["feasible"] for r in rows] == [int(r["tiny-explicit.signed"] <= bound) for r in rows]
+    assert 0 < sum(r["feasible"] for r in rows) < len(rows)
+    assert f"misses tiny-explicit:signed<={bound:g}" in stdout
+    code, stdout, err = cli(capsys, "tune", str(spec_file(saved)), "--suite", str(gap), "--trials", "6",
+                            "--param", "edits[0].factor=0:1", "--keep", f"{explicit}:signed<={bound!r}",
+                            "--max-kl", "10", "--neutral", "calibration", "--neutral-tokens", "256",
+                            "--json", str(tmp_path / "t2.json"), "--no-progress")
+    assert code == 0, err
+    tuning = json.loads((tmp_path / "t2.json").read_text())
+    assert tuning["base_kept"] == {"tiny-explicit:signed": pytest.approx(document["base"]["tiny-explicit"]["signed"])}
+    for t in tuning["trials"]:
+        assert t["feasible"] == (t["kept"]["tiny-explicit:signed"] <= bound and t["kl"] <= 10)
+    assert "kept: tiny-explicit:signed base" in stdout
+    code, stdout, err = cli(capsys, "sweep", str(spec_file(saved)), "--param", "edits[0].factor=0,1",
+                            "--suite", str(explicit), "--keep", "tiny-explicit:lean<=0", "--neutral", "calibration",
+                            "--neutral-tokens", "256", "-o", str(tmp_path / "s4"), "--no-progress")
+    assert code == 2 and "no secondary number 'lean'" in err and err.count("\n") == 1
+    assert not (tmp_path / "s4").exists()
+
 
 def test_tune_combines_candidates_across_sites(saved, capsys, tmp_path):
     """Two SAEs at two depths, one candidate group each: trials may include features of both sites in one edit,

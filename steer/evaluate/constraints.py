@@ -43,14 +43,18 @@ class Constraint:
     key: str | None = None
     """A secondary number of the suite (``SUITE:KEY``) instead of its headline score."""
 
+    @property
+    def label(self) -> str:
+        """What is bounded: the suite (its headline), ``SUITE:KEY``, ``kl`` or ``ppl``."""
+        return f"{self.name}:{self.key}" if self.key else self.name
+
     def __str__(self) -> str:
-        name = f"{self.name}:{self.key}" if self.key else self.name
-        return f"{name}{self.op}{self.value:g}{'%' if self.relative or self.name == 'ppl' else ''}"
+        return f"{self.label}{self.op}{self.value:g}{'%' if self.relative or self.name == 'ppl' else ''}"
 
     def bound(self, report) -> float:
         """The limit on the measured value, for ``report``'s base."""
         if self.relative:
-            return self.value / 100.0 * self._suite_number(report.suite(self.name).base)
+            return self.value / 100.0 * self.number(report.suite(self.name).base)
         return self.value
 
     def measured(self, report) -> float:
@@ -58,9 +62,10 @@ class Constraint:
             return report.neutral.kl_mean
         if self.name == "ppl":
             return report.neutral.ppl_change_pct
-        return self._suite_number(report.suite(self.name).steered)
+        return self.number(report.suite(self.name).steered)
 
-    def _suite_number(self, result) -> float:
+    def number(self, result) -> float:
+        """The bounded number of one `SuiteResult` (base or steered): its headline score or secondary number."""
         if self.key is None:
             return result.score
         value = result.extras.get(self.key)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steer.errors import SpecError, SteerError
-from steer.evaluate.constraints import Constraint, binding, constraint_suites, resolve
+from steer.evaluate.constraints import SIDE_EFFECTS, Constraint, binding, constraint_suites, resolve
 from steer.evaluate.report import NEUTRAL_TOKENS, Report, evaluate, evaluate_many, measure_baseline
 from steer.evaluate.scoring import BATCH_ROWS
 from steer.evaluate.suites import load_suite, load_suites
@@ -129,7 +129,7 @@ class Trial:
     violations: tuple[float, ...] = ()
     """Per constraint of the tuning, by how much this trial misses it (0: holds)."""
     kept: dict | None = None
-    """The constrained suites' steered scores, by name."""
+    """What each suite bound reads, steered, by `Constraint.label` (a suite's score, or ``SUITE:KEY``)."""
 
     @property
     def feasible(self) -> bool:
@@ -147,7 +147,7 @@ class Tuning:
     constraints: tuple[Constraint, ...] = ()
     """``--keep`` bounds besides ``max_kl``; a trial is feasible when it meets them and KL ≤ max_kl."""
     base_kept: dict | None = None
-    """The constrained suites' base scores, by name."""
+    """The same for the base model."""
 
     def meets(self, t: Trial) -> bool:
         return t.kl <= self.max_kl and t.feasible
@@ -218,7 +218,9 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
     suites = [suite, *kept]
     baseline = measure_baseline(model, tokenizer, suites, neutral=neutral, neutral_tokens=neutral_tokens, split=split)
     base = baseline.suite(model, tokenizer, suite, split)
-    base_kept = {k.name: baseline.suite(model, tokenizer, k, split).score for k in kept}
+    bounded = [c for c in constraints if c.name not in SIDE_EFFECTS]  # shown per trial: what each bound reads
+    base_results = {k.name: baseline.suite(model, tokenizer, k, split) for k in kept}
+    base_kept = {c.label: c.number(base_results[c.name]) for c in bounded}
     better = suite.scoring.better
     done: list[Trial] = []
     bar = tqdm(total=trials, desc="tune", unit="trial", disable=not progress)
@@ -249,7 +251,7 @@ def tune(spec: Spec, model, tokenizer, suite, *, trials: int, ranges: list[Range
             result = Trial(trial.number, dict(trial.params), trial_spec, report.suites[0].steered.score,
                            report.neutral.kl_mean, report.neutral.ppl_change_pct, report,
                            tuple(c.violation(report) for c in constraints),
-                           {s.name: s.steered.score for s in report.suites[1:]})
+                           {c.label: c.number(report.suite(c.name).steered) for c in bounded})
         bounds = {str(c): v for c, v in zip(constraints, result.violations)}
         bounds[f"kl<={max_kl:g}"] = result.kl - max_kl  # ≤ 0: met (Optuna's convention)
         if hasattr(trial, "set_constraint"):  # Optuna ≥ 5
