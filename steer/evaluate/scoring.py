@@ -165,19 +165,11 @@ def _result(suite: Suite, split: str, prompts: tuple[Prompt, ...], gaps: list[fl
 
 
 def extra_names(suite: Suite) -> tuple[str, ...]:
-    """The secondary numbers `logprob_scores` reports for ``suite`` (what a ``SUITE:KEY`` ``--keep`` bound may name):
-    by headline, ``accuracy``: margin, accuracy_<label> per label, signed; ``stereotype``: stereotype,
-    slope_<field>, signed, mean_abs, r_<field>; ``mean_abs``: signed (and r_<field> with `correlate`). Other rules
-    have none."""
-    scoring = suite.scoring
-    if scoring.rule != "logprob_gap":
+    """The secondary numbers `logprob_scores` reports for ``suite`` (what a ``SUITE:KEY`` ``--keep`` bound may name),
+    read off `logprob_scores` itself on placeholder gaps; other rules have none."""
+    if suite.scoring.rule != "logprob_gap" or not suite.prompts:
         return ()
-    field_name = scoring.correlate
-    if scoring.headline == "accuracy":
-        return ("margin", *(f"accuracy_{label}" for label in scoring.labels), "signed")
-    if scoring.headline == "stereotype":
-        return ("stereotype", f"slope_{field_name}", "signed", "mean_abs", f"r_{field_name}")
-    return ("signed", *((f"r_{field_name}",) if field_name else ()))
+    return tuple(logprob_scores(suite.scoring, suite.prompts, [0.0] * len(suite.prompts))[1])
 
 
 def logprob_scores(scoring: Scoring, prompts: tuple[Prompt, ...], gaps: list[float]) -> tuple[float, dict]:
